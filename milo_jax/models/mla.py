@@ -25,32 +25,19 @@ Weights follow the project convention y = x @ W, W [in, out] (HF's nn.Linear wei
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from milo_jax.models import rope_yarn
 
-try:  # the core's linear (handles QuantizedTensor); fallback only until the core lands
-    from milo_jax.models.linear import linear as _core_linear
-except ImportError:  # pragma: no cover
-    _core_linear = None
+from milo_jax.models.linear import Linear, linear, materialize
+from milo_jax.models.norm import RMSNorm, rms_norm
+from milo_jax.models.registry import register_attention
 
 NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
-
-
-def linear(x, w, bias=None):
-    if _core_linear is not None:
-        return _core_linear(x, w, bias) if bias is not None else _core_linear(x, w)
-    wd = w.dequantize(x.dtype) if hasattr(w, "dequantize") else w
-    y = x @ wd.astype(x.dtype)
-    return y if bias is None else y + bias.astype(y.dtype)
-
-
-def dense_weight(w, dtype) -> jnp.ndarray:
-    """W as a dense array (dequantized if it is a QuantizedTensor)."""
-    return w.dequantize(dtype) if hasattr(w, "dequantize") else jnp.asarray(w, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,25 +85,14 @@ class MLASpec:
         return s
 
 
-class MLACache(NamedTuple):
-    """Per-layer MLA cache. latent [B, T, C] (after kv_a_layernorm), k_rope [B, T, dr] (roped)."""
-
-    latent: jnp.ndarray
-    k_rope: jnp.ndarray
-
-
-def init_mla_cache(spec: MLASpec, batch: int, max_len: int, dtype=jnp.float32) -> MLACache:
-    return MLACache(
-        latent=jnp.zeros((batch, max_len, spec.kv_lora_rank), dtype),
-        k_rope=jnp.zeros((batch, max_len, spec.qk_rope_head_dim), dtype),
-    )
+def init_mla_cache(spec: MLASpec, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """Per-layer MLA cache: latent [B, T, C] (after kv_a_layernorm), k_rope [B, T, dr] (roped)."""
+    return {"latent": jnp.zeros((batch, max_len, spec.kv_lora_rank), dtype),
+            "k_rope": jnp.zeros((batch, max_len, spec.qk_rope_head_dim), dtype)}
 
 
-def rms_norm(x, weight, eps=NORM_EPS):
-    """transformers' RMSNorm: normalize in float32, cast back, then scale."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * xf.astype(x.dtype)
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _write_cache(cache_arr, new, positions):
@@ -127,8 +103,8 @@ def _write_cache(cache_arr, new, positions):
 
 def mla_attention(
     params: Mapping[str, Any], x: jnp.ndarray, positions: jnp.ndarray, spec: MLASpec,
-    cache: Optional[MLACache] = None,
-) -> tuple[jnp.ndarray, Optional[MLACache]]:
+    cache: Optional[dict] = None,
+) -> tuple[jnp.ndarray, Optional[dict]]:
     """x [B, S, D], positions [B, S] int -> (out [B, S, D], new cache or None).
 
     Without a cache, attention is causal within x (query s sees keys t <= s). With a cache, the new
@@ -143,13 +119,13 @@ def mla_attention(
     if spec.q_lora_rank is None:
         q = linear(x, params["q_proj"])
     else:
-        q = linear(rms_norm(linear(x, params["q_a_proj"], get_b("q_a_proj_bias")), params["q_a_norm"]),
-                   params["q_b_proj"])
+        q_lat = linear(x, params["q_a_proj"], get_b("q_a_proj_bias"))
+        q = linear(rms_norm(q_lat, params["q_a_norm"], NORM_EPS), params["q_b_proj"])
     q = q.reshape(B, S, H, dn + dr)
     q_nope, q_rope = q[..., :dn], q[..., dn:]
 
     ckv = linear(x, params["kv_a_proj"], get_b("kv_a_proj_bias"))
-    latent = rms_norm(ckv[..., :C], params["kv_a_norm"])          # [B, S, C]
+    latent = rms_norm(ckv[..., :C], params["kv_a_norm"], NORM_EPS)          # [B, S, C]
     k_rope = ckv[..., C:][:, :, None, :]                            # [B, S, 1, dr]
 
     cos, sin = rope_yarn.rope_cos_sin(spec.rope, positions)
@@ -157,9 +133,9 @@ def mla_attention(
     k_rope = rope_yarn.apply_rope(k_rope, cos, sin, spec.rope.interleaved)[:, :, 0, :]  # [B, S, dr]
 
     if cache is not None:
-        cache = MLACache(_write_cache(cache.latent, latent, positions),
-                         _write_cache(cache.k_rope, k_rope, positions))
-        all_latent, all_k_rope = cache.latent.astype(dtype), cache.k_rope.astype(dtype)
+        cache = {"latent": _write_cache(cache["latent"], latent, positions),
+                 "k_rope": _write_cache(cache["k_rope"], k_rope, positions)}
+        all_latent, all_k_rope = cache["latent"].astype(dtype), cache["k_rope"].astype(dtype)
         T = all_latent.shape[1]
         mask = jnp.arange(T)[None, None, :] <= positions[:, :, None]        # [B, S, T]
     else:
@@ -169,25 +145,91 @@ def mla_attention(
 
     absorb = spec.absorb == "always" or (spec.absorb == "decode" and cache is not None and S == 1)
     scale = spec.softmax_scale
-    f32 = jnp.float32
+    f32, prec = jnp.float32, _precision(dtype)
     if absorb:
-        w_kv = dense_weight(params["kv_b_proj"], dtype).reshape(C, H, dn + dv)
+        w_kv = materialize(params["kv_b_proj"], dtype).reshape(C, H, dn + dv)
         w_uk, w_uv = w_kv[..., :dn], w_kv[..., dn:]
-        q_lat = jnp.einsum("bshd,chd->bshc", q_nope, w_uk)
-        scores = (jnp.einsum("bshc,btc->bhst", q_lat, all_latent, preferred_element_type=f32)
-                  + jnp.einsum("bshr,btr->bhst", q_rope, all_k_rope, preferred_element_type=f32))
+        q_lat = jnp.einsum("bshd,chd->bshc", q_nope, w_uk, precision=prec)
+        scores = (jnp.einsum("bshc,btc->bhst", q_lat, all_latent, preferred_element_type=f32, precision=prec)
+                  + jnp.einsum("bshr,btr->bhst", q_rope, all_k_rope, preferred_element_type=f32, precision=prec))
     else:
         kv = linear(all_latent, params["kv_b_proj"]).reshape(B, T, H, dn + dv)
         k_nope, v = kv[..., :dn], kv[..., dn:]
-        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=f32)
-                  + jnp.einsum("bshr,btr->bhst", q_rope, all_k_rope, preferred_element_type=f32))
+        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=f32, precision=prec)
+                  + jnp.einsum("bshr,btr->bhst", q_rope, all_k_rope, preferred_element_type=f32, precision=prec))
     scores = scores * scale
     scores = jnp.where(mask[:, None, :, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     if absorb:
-        o_lat = jnp.einsum("bhst,btc->bshc", probs, all_latent)
-        o = jnp.einsum("bshc,chv->bshv", o_lat, w_uv)
+        o_lat = jnp.einsum("bhst,btc->bshc", probs, all_latent, precision=prec)
+        o = jnp.einsum("bshc,chv->bshv", o_lat, w_uv, precision=prec)
     else:
-        o = jnp.einsum("bhst,bthv->bshv", probs, v)
+        o = jnp.einsum("bhst,bthv->bshv", probs, v, precision=prec)
     out = linear(o.reshape(B, S, H * dv), params["o_proj"], get_b("o_proj_bias"))
     return out, cache
+
+
+def mla_spec_from_config(config, absorb: str = "decode") -> MLASpec:
+    """MLASpec from a ModelConfig whose `extra` holds the MLA sizes (see converters.arch_deepseek)."""
+    e = config.extra_get
+    rope = rope_yarn.rope_spec_from_config(
+        config.rope_scaling, dim=e("qk_rope_head_dim"), theta=config.rope_theta,
+        max_position_embeddings=config.max_position_embeddings,
+        interleaved=bool(e("rope_interleave", True)), source=f"{config.model_type} config")
+    return MLASpec(
+        hidden_size=config.hidden_size, num_heads=config.num_attention_heads,
+        q_lora_rank=e("q_lora_rank"), kv_lora_rank=e("kv_lora_rank"),
+        qk_nope_head_dim=e("qk_nope_head_dim"), qk_rope_head_dim=e("qk_rope_head_dim"),
+        v_head_dim=e("v_head_dim"), rope=rope, attention_bias=config.qkv_bias,
+        absorb=e("mla_absorb", absorb))
+
+
+class MLAttention(nnx.Module):
+    """NNX holder of the MLA weights; registered as attention kind "mla".
+
+    Submodules (HF name in brackets): q_proj [q_proj] or q_a_proj, q_a_norm, q_b_proj
+    [q_a_proj, q_a_layernorm, q_b_proj]; kv_a_proj [kv_a_proj_with_mqa], kv_a_norm [kv_a_layernorm],
+    kv_b_proj, o_proj. Cache: {"latent": [B, T, C], "k_rope": [B, T, dr]}.
+    """
+
+    def __init__(self, config, layer_idx: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.spec = mla_spec_from_config(config)
+        sp, D = self.spec, config.hidden_size
+        bias = sp.attention_bias
+        H = sp.num_heads
+        if sp.q_lora_rank is None:
+            self.q_proj = Linear(D, H * sp.qk_head_dim, dtype=dtype, rngs=rngs)
+        else:
+            self.q_a_proj = Linear(D, sp.q_lora_rank, use_bias=bias, dtype=dtype, rngs=rngs)
+            self.q_a_norm = RMSNorm(sp.q_lora_rank, NORM_EPS, dtype=dtype)
+            self.q_b_proj = Linear(sp.q_lora_rank, H * sp.qk_head_dim, dtype=dtype, rngs=rngs)
+        self.kv_a_proj = Linear(D, sp.kv_lora_rank + sp.qk_rope_head_dim, use_bias=bias, dtype=dtype,
+                                rngs=rngs)
+        self.kv_a_norm = RMSNorm(sp.kv_lora_rank, NORM_EPS, dtype=dtype)
+        self.kv_b_proj = Linear(sp.kv_lora_rank, H * (sp.qk_nope_head_dim + sp.v_head_dim),
+                                dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(H * sp.v_head_dim, D, use_bias=bias, dtype=dtype, rngs=rngs)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype) -> dict:
+        return init_mla_cache(self.spec, batch_size, max_len, dtype)
+
+    def _params(self) -> dict:
+        p = {}
+        for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj"):
+            mod = getattr(self, name, None)
+            if mod is None:
+                continue
+            p[name] = mod.kernel.get_value()
+            if mod.bias is not None:
+                p[name + "_bias"] = mod.bias.get_value()
+        for name in ("q_a_norm", "kv_a_norm"):
+            mod = getattr(self, name, None)
+            if mod is not None:
+                p[name] = mod.scale.get_value()
+        return p
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None = None):
+        return mla_attention(self._params(), x, positions, self.spec, cache)
+
+
+register_attention("mla", MLAttention)
