@@ -1,6 +1,8 @@
 """milo-jax: 3-bit (and mixed-precision) Mixture-of-Experts models in JAX."""
 
 from milo_jax.quant import QuantizedTensor, quantize_tensor
+from milo_jax.serve import generate
+from milo_jax.eval import perplexity
 
 __version__ = "0.1.0"
-__all__ = ["QuantizedTensor", "quantize_tensor", "__version__"]
+__all__ = ["QuantizedTensor", "quantize_tensor", "generate", "perplexity", "__version__"]

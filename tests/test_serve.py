@@ -9,6 +9,7 @@ import pytest
 
 from milo_jax.serve import ByteTokenizer, generate, load_tokenizer, select_next_token, top_p_mask
 import milo_jax.serve.generation as gen_mod
+import milo_jax.serve.model_jit as model_jit
 from tests.test_serve_standin_model import make_standin
 
 VOCAB = 64
@@ -53,11 +54,11 @@ def test_greedy_matches_naive_loop_for_ragged_batch(model, prompts):
 
 def test_decode_step_compiles_once(model, prompts):
     generate(model, prompts, max_new_tokens=5, stop_tokens=[])
-    steps, _ = gen_mod.compiled_steps(model)
-    compiled = steps.decode_step._cache_size()
+    step, _ = model_jit._CACHE[model]["serve.decode_step"][1], None
+    compiled = step._cache_size()
     generate(model, prompts[::-1], max_new_tokens=9, stop_tokens=[3])
-    again, _ = gen_mod.compiled_steps(model)
-    assert again is steps and steps.decode_step._cache_size() == compiled
+    assert model_jit._CACHE[model]["serve.decode_step"][1] is step
+    assert step._cache_size() == compiled
 
 
 def test_stop_tokens_end_rows_and_exclude_what_follows(model, prompts):
@@ -83,14 +84,14 @@ def test_loop_ends_early_when_all_rows_stop(model, prompts, monkeypatch):
         return real_step(*args, **kw)
 
     monkeypatch.setattr(gen_mod, "_decode_step", counting_step)
-    gen_mod._COMPILED.pop(model, None)  # recompile with the counting step
+    model_jit.forget(model)  # recompile with the counting step
     result = generate(model, prompts, max_new_tokens=6, stop_tokens=list(range(VOCAB)))
     assert all(len(t) == 1 for t in result.tokens)
     assert result.finish_reasons == ["stop"] * len(prompts)
     assert calls == []
     assert generate(model, prompts, max_new_tokens=3, stop_tokens=[]).tokens  # decode runs here
     assert calls  # the counter does see decode steps
-    gen_mod._COMPILED.pop(model, None)
+    model_jit.forget(model)
     # Config eos is the default stop token.
     assert generate(model, prompts, max_new_tokens=6).tokens == generate(
         model, prompts, max_new_tokens=6, stop_tokens=[model.config.eos_token_id]

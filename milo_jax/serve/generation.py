@@ -1,9 +1,9 @@
 """Batched autoregressive generation: one jit-compiled prefill, one jit-compiled decode step.
 
 The model is split once (`nnx.split`) into a static graphdef and a state pytree; prefill and decode
-are pure functions of (graphdef, state, cache, ...) compiled with `jax.jit` (graphdef static), so
-every decode step reuses one executable and a second `generate` call on the same model and shapes
-compiles nothing. The KV cache is preallocated by `model.init_cache(batch, max_len)` and donated to
+are pure functions of (graphdef, state, cache, ...) compiled with `jax.jit` (graphdef bound by
+`serve.model_jit`), so every decode step reuses one executable and a second `generate` call on the
+same model and shapes compiles nothing. The KV cache is preallocated by `model.init_cache(batch, max_len)` and donated to
 each step, so it is updated in place on accelerators.
 
 Batching: prompts of different lengths are right-padded to a common length P; every row uses
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
-from functools import partial
 from typing import Sequence, Union
 
 import jax
@@ -26,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from milo_jax.serve.model_jit import model_jit
 from milo_jax.serve.sampling import select_next_token
 from milo_jax.serve.tokenizer import Tokenizer
 
@@ -74,46 +73,6 @@ def _decode_step(graphdef, state, cache, tokens, positions, done, stop_ids, key,
     logits, cache = _model_step(graphdef, state, cache, tokens[:, None], positions[:, None])
     next_token = select_next_token(logits[:, 0], key, temperature, top_p, greedy=greedy)
     return next_token, done | jnp.isin(next_token, stop_ids), cache
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledSteps:
-    """jit-compiled prefill and decode step for one model structure (graphdef closed over).
-
-    The graphdef is closed over rather than passed as a static argument because a model's graphdef
-    holds its config, whose hf_config dict makes it unhashable.
-    """
-
-    graphdef: object
-    prefill: object
-    decode_step: object
-
-
-# model -> CompiledSteps; weak keys so a deleted model frees its executables.
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def compiled_steps(model) -> tuple[CompiledSteps, object]:
-    """(CompiledSteps, state) for `model`, reusing the executables of an earlier call when the model's
-    structure (graphdef) is unchanged."""
-    graphdef, state = nnx.split(model)
-    steps = _COMPILED.get(model)
-    same = False
-    if steps is not None:
-        try:
-            same = bool(steps.graphdef == graphdef)
-        except Exception:  # noqa: BLE001 - an uncomparable graphdef just means "recompile"
-            same = False
-    if not same:
-        steps = CompiledSteps(
-            graphdef=graphdef,
-            prefill=jax.jit(partial(_prefill, graphdef), static_argnames=("greedy",), donate_argnames=("cache",)),
-            decode_step=jax.jit(
-                partial(_decode_step, graphdef), static_argnames=("greedy",), donate_argnames=("cache",)
-            ),
-        )
-        _COMPILED[model] = steps
-    return steps, state
 
 
 def _as_token_lists(prompts, tokenizer: Tokenizer | None) -> list[list[int]]:
@@ -221,7 +180,12 @@ def generate(
     for b, ids in enumerate(prompt_ids):
         tokens[b, : len(ids)] = ids
 
-    steps, state = compiled_steps(model)
+    prefill, state = model_jit(
+        model, "serve.prefill", _prefill, static_argnames=("greedy",), donate_argnames=("cache",)
+    )
+    decode_step, _ = model_jit(
+        model, "serve.decode_step", _decode_step, static_argnames=("greedy",), donate_argnames=("cache",)
+    )
     greedy = temperature == 0.0
     temperature_arr = jnp.float32(temperature if not greedy else 1.0)
     top_p_arr = jnp.float32(top_p)
@@ -230,7 +194,7 @@ def generate(
     lengths_arr = jnp.asarray(lengths, dtype=jnp.int32)
 
     cache = model.init_cache(batch, int(max_len))
-    next_token, done, cache = steps.prefill(
+    next_token, done, cache = prefill(
         state, cache, jnp.asarray(tokens), lengths_arr, stop_arr,
         jax.random.fold_in(base_key, 0), temperature_arr, top_p_arr, greedy=greedy,
     )
@@ -240,7 +204,7 @@ def generate(
         if bool(jnp.all(done)):
             break
         positions = lengths_arr + (step - 1)  # position of the token being fed
-        next_token, done, cache = steps.decode_step(
+        next_token, done, cache = decode_step(
             state, cache, next_token, positions, done, stop_arr,
             jax.random.fold_in(base_key, step), temperature_arr, top_p_arr, greedy=greedy,
         )
