@@ -1,0 +1,97 @@
+"""`matmul(x, qt)`: y = x @ W_hat (+ (x @ u) @ v) for a quantized weight, picking the backend.
+
+- On an sm90 (Hopper) GPU: the Mosaic GPU kernel (mgpu_sm90.py) for M <= `prefill_threshold`
+  tokens; above it the weight is dequantized to bf16 once and a bf16 jnp.dot runs (the product
+  is compute-bound there, and XLA's GEMM beats re-dequantizing every tile per token block).
+- Elsewhere (CPU, other GPUs): the plain-jnp reference (reference.py).
+- interpret=True runs the Mosaic GPU kernel in GPU interpret mode on CPU (tests, tiny shapes).
+
+`qt` is a planar QuantizedTensor [K, N] or, better, a `KernelWeights` from `prepare(qt)` (repack
+once at load time: an unprepared tensor is repacked inside every call).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from milo_jax.quant.tensor import QuantizedTensor
+from pallas_kernels.quant_matmul import layout, mgpu_sm90, reference
+
+PREFILL_THRESHOLD = 64
+
+
+def _on_sm90() -> bool:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if dev.platform != "gpu":
+        return False
+    cc = getattr(dev, "compute_capability", None)
+    return cc is not None and str(cc).startswith("9")
+
+
+def dequantize_kernel_weights(kw: layout.KernelWeights) -> jax.Array:
+    """W_hat [K, N] bf16 (no compensator) from the kernel layout."""
+    from milo_jax.quant import packing
+    codes = packing.unpack(kw.codes.T, kw.bits, kw.k_pad, kw.slab).astype(jnp.float32)
+    rows = kw.group_rows
+    s = kw.scales.astype(jnp.float32)
+    z = kw.zeros.astype(jnp.float32)
+    g = codes.reshape(kw.k_pad // rows, rows, kw.n)
+    w = (s[:, None, :] * (g - z[:, None, :])).reshape(kw.k_pad, kw.n)[:kw.k]
+    return w.astype(jnp.bfloat16)
+
+
+def _dequant_dot(x, kw: layout.KernelWeights):
+    xb = x.astype(jnp.bfloat16)
+    y = jnp.dot(xb, dequantize_kernel_weights(kw), preferred_element_type=jnp.float32)
+    if kw.u is not None:
+        xu = jnp.dot(xb, kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        y = y + jnp.dot(xu.astype(jnp.bfloat16), kw.v_t[:, :kw.rank].T, preferred_element_type=jnp.float32)
+    return y.astype(jnp.bfloat16)
+
+
+def matmul(x: jax.Array, qt, *, interpret: bool | None = None, impl: str | None = None,
+           config: mgpu_sm90.Config | None = None) -> jax.Array:
+    """x [..., M, K] @ W_hat [K, N] (+ compensator) -> bf16 [..., M, N], float32 accumulation.
+
+    impl: None (auto), "kernel" (Mosaic GPU, native or interpreted), "dequant_dot", "reference".
+    Raises ValueError for weights the kernel cannot take (N not a multiple of 64, rank > 128,
+    non-planar layout) when impl="kernel" is forced; auto mode falls back to the reference.
+    """
+    if not isinstance(qt, (QuantizedTensor, layout.KernelWeights)):
+        raise ValueError(f"quant_matmul.matmul: expected a QuantizedTensor or KernelWeights, got {type(qt)}")
+    k = qt.k
+    if x.shape[-1] != k:
+        raise ValueError(f"quant_matmul.matmul: x {tuple(x.shape)} does not match weight K={k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if impl is None:
+        if interpret:
+            impl = "kernel"
+        elif _on_sm90():
+            impl = "kernel" if m <= PREFILL_THRESHOLD else "dequant_dot"
+        else:
+            impl = "reference"
+    if impl == "reference":
+        if isinstance(qt, layout.KernelWeights):
+            y = _dequant_dot(x2, qt)
+        else:
+            y = reference.matmul_reference(x2, qt)
+    elif impl in ("kernel", "dequant_dot"):
+        try:
+            kw = layout.prepare(qt)
+        except ValueError:
+            if impl == "kernel" or isinstance(qt, layout.KernelWeights):
+                raise
+            return reference.matmul_reference(x2, qt).reshape(*lead, qt.n)
+        if impl == "kernel":
+            y = mgpu_sm90.matmul_mgpu(x2, kw, config=config, interpret=bool(interpret))
+        else:
+            y = _dequant_dot(x2, kw)
+    else:
+        raise ValueError(f"quant_matmul.matmul: unknown impl {impl!r}")
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,211 @@
+"""Hopper (sm90) Mosaic GPU kernel: y = x @ W_hat + (x @ u) @ v with W_hat dequantized in-kernel.
+
+Orientation (as in shared/design/mgpu_gemv_probe.md): each CTA owns BN output columns and one
+block of MB tokens and computes the transposed product
+    acc[BN, MB] += A[BN, BK] @ x_tile^T[BK, MB]      (wgmma, f32 accumulator)
+where A is the dequantized weight tile, written by the warpgroup into swizzled shared memory
+from N-major planar codes (layout.py). The K loop is an `emit_pipeline` over planar tiles
+(per * slab rows each); inside a step the slots are dequantized in chunks into two alternating
+A buffers, so the (asynchronous) wgmma of one chunk overlaps the unpack of the next.
+Epilogue: acc += v_t[BN, Rp] @ xu^T[Rp, MB] (one more wgmma; xu = x @ u comes in as bf16), then
+bf16 out through shared memory and TMA into out_t [N, M_pad]. The wrapper transposes back.
+
+Weight bytes are read once per token block; for M <= MB (decode) that is once in total.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from milo_jax.quant import packing
+from pallas_kernels.quant_matmul.layout import KernelWeights
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_n: int = 64          # output columns per CTA (A rows); 64 or 128
+    block_m: int = 16          # tokens per CTA (wgmma N); multiple of 8, <= 128
+    chunk_slots: int = 4       # slots dequantized per wgmma (chunk = chunk_slots * slab K rows)
+    stages: int = 2            # pipeline depth (max_concurrent_steps)
+    overlap: bool = True       # double-buffered A + wgmma_wait(1); False: wait after every chunk
+
+
+def default_config(m: int, kw: KernelWeights) -> Config:
+    mb = min(128, max(8, -(-m // 8) * 8)) if m <= 64 else 64
+    per = packing.slots_per_tile(kw.bits)
+    chunk = max(1, min(per, 128 // kw.slab))
+    stages = 2
+    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=stages)
+
+
+def _unpack_slot(planes, bits: int, j: int):
+    """Slot j of one planar tile, planes = [BN, slab] uint32 arrays (3 for 3-bit, else 1)."""
+    mask = jnp.uint32(2**bits - 1)
+    if bits != 3:
+        w = planes[0]
+        return (w if j == 0 else (w >> jnp.uint32(bits * j))) & mask
+    if j < 30:
+        w = planes[j // 10]
+        sh = 3 * (j % 10)
+        return (w if sh == 0 else (w >> jnp.uint32(sh))) & mask
+    low = planes[j - 30] >> jnp.uint32(30)
+    high = (planes[2] >> jnp.uint32(j)) & jnp.uint32(1)
+    return low | (high << jnp.uint32(2))
+
+
+def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool):
+    """acc_ref[P, Q] += a_ref[P, R] @ b_ref[Q, R]^T (b is K-major: read transposed).
+
+    On the GPU this is one asynchronous wgmma into a register accumulator. GPU interpret mode
+    (jax 0.10.2) takes neither a transposed wgmma operand nor reads of a REGS accumulator, so
+    there the accumulator is an f32 shared-memory tile and the same product runs as a jnp dot
+    on the shared-memory operand tiles (everything else in the kernel runs as written).
+    """
+    if interpret:
+        acc_ref[...] = acc_ref[...] + lax.dot_general(
+            a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    else:
+        plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
+
+
+def _swizzle_transforms(cols: int):
+    """Tiling + swizzle for a bf16 tile whose K slices are `cols` wide (cols * 2 bytes swizzle)."""
+    return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(2 * cols))
+
+
+@functools.lru_cache(maxsize=None)
+def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
+          cfg: Config, interpret: bool):
+    """Return f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [m_pad, Rp], v_t [N, Rp]]) -> [N, m_pad]."""
+    per = packing.slots_per_tile(bits)
+    wps = packing.words_per_slab_row(bits)
+    tile_rows = per * slab
+    steps = k_pad // tile_rows
+    bn, mb, chunk = cfg.block_n, cfg.block_m, cfg.chunk_slots
+    if per % chunk:
+        raise ValueError(f"chunk_slots={chunk} must divide the {per} slots of a {bits}-bit tile")
+    nchunks = per // chunk
+    if n % bn or m_pad % mb or k_pad % tile_rows:
+        raise ValueError(f"shape N={n}, M={m_pad}, K={k_pad} not tiled by BN={bn}, MB={mb}, tile={tile_rows}")
+    if group_rows >= tile_rows:
+        if group_rows % tile_rows and group_rows != k_pad:
+            raise ValueError(f"group of {group_rows} rows does not align with tiles of {tile_rows}")
+        g_block = 1
+        scale_index = (lambda s: (s * tile_rows) // group_rows) if group_rows != k_pad else (lambda s: 0 * s)
+    else:
+        g_block = tile_rows // group_rows
+        scale_index = lambda s: s
+    comp = rank_pad > 0
+    tr = _swizzle_transforms(slab)
+    tr_r = _swizzle_transforms(64)
+    # Two alternating A buffers let wgmma of chunk c run while chunk c + 1 is unpacked. The
+    # buffer parity must not repeat across a step boundary, so an odd chunk count waits at the end.
+    overlap = cfg.overlap and nchunks % 2 == 0
+    nbuf = 2 if overlap else 1
+    wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+    def kernel(*refs):
+        if comp:
+            codes, scales, zeros, x, xu, v_t, out, a_buf, o_smem, xu_smem, v_smem, bar = refs
+        else:
+            codes, scales, zeros, x, out, a_buf, o_smem = refs
+        ni = lax.axis_index("n")
+        mi = lax.axis_index("m")
+        if comp:  # compensator operands arrive while the main loop runs
+            plgpu.copy_gmem_to_smem(xu.at[pl.ds(mi * mb, mb)], xu_smem, bar)
+            plgpu.copy_gmem_to_smem(v_t.at[pl.ds(ni * bn, bn)], v_smem, bar)
+
+        def body(_, *step_refs):
+            plane_refs = step_refs[:wps]
+            s_ref, z_ref, x_ref = step_refs[wps:]
+            planes = [r[...] for r in plane_refs]                       # [BN, slab] uint32
+            for c in range(nchunks):
+                buf = a_buf.at[c % nbuf]
+                for jj in range(chunk):
+                    j = c * chunk + jj
+                    g = (j * slab) // group_rows if g_block > 1 else 0
+                    sc = s_ref[g, :].astype(jnp.float32)                # [BN]
+                    bc = -(z_ref[g, :].astype(jnp.float32) * sc)
+                    q = _unpack_slot(planes, bits, j).astype(jnp.int32).astype(jnp.float32)
+                    d = q * lax.broadcast_in_dim(sc, (bn, slab), (0,)) + lax.broadcast_in_dim(bc, (bn, slab), (0,))
+                    buf[:, pl.ds(jj * slab, slab)] = d.astype(jnp.bfloat16)
+                plgpu.commit_smem()
+                _mma_xt(acc, buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
+                plgpu.wgmma_wait(1 if overlap else 0)
+
+        code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (ni, wps * s + p))) for p in range(wps)]
+        in_specs = code_specs + [
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s), ni)),
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s), ni)),
+            plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s), transforms=tr,
+                            delay_release=1 if overlap else 0),
+        ]
+        def compute(acc_ref):
+            nonlocal acc
+            acc = acc_ref
+            plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs,
+                                max_concurrent_steps=max(cfg.stages, 2 if overlap else 1))(
+                *([codes] * wps), scales, zeros, x)
+            plgpu.wgmma_wait(0)
+            if comp:
+                plgpu.barrier_wait(bar)
+                _mma_xt(acc_ref, v_smem, xu_smem, interpret)
+                plgpu.wgmma_wait(0)
+            return acc_ref[...]
+
+        acc = None
+        # The accumulator lives in its own scope: GPU interpret mode cannot mix REGS and SMEM scratch.
+        if interpret:
+            def compute_interpret(acc_ref):
+                acc_ref[...] = jnp.zeros((bn, mb), jnp.float32)
+                return compute(acc_ref)
+            res = pl.run_scoped(compute_interpret, plgpu.SMEM((bn, mb), jnp.float32))
+        else:
+            res = pl.run_scoped(compute, plgpu.ACC((bn, mb), jnp.float32))
+        o_smem[...] = res.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ni * bn, bn), pl.ds(mi * mb, mb)])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [plgpu.SMEM((nbuf, bn, chunk * slab), jnp.bfloat16, transforms=tr),
+               plgpu.SMEM((bn, mb), jnp.bfloat16)]
+    if comp:
+        scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
+                    plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
+                    plgpu.Barrier(num_arrivals=2)]
+    extra = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        extra = dict(interpret=InterpretGPUParams())
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((n, m_pad), jnp.bfloat16),
+                        grid=(n // bn, m_pad // mb), grid_names=("n", "m"), compiler_params=wg,
+                        scratch_types=scratch, **extra)
+
+
+def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None,
+                interpret: bool = False) -> jax.Array:
+    """x [M, K] -> bf16 [M, N] through the Mosaic GPU kernel (weights in the kernel layout)."""
+    m, k = x.shape
+    if k != kw.k:
+        raise ValueError(f"quant_matmul: x {tuple(x.shape)} does not match K={kw.k}")
+    cfg = config or default_config(m, kw)
+    m_pad = -(-m // cfg.block_m) * cfg.block_m
+    xb = x.astype(jnp.bfloat16)
+    xp = jnp.pad(xb, ((0, m_pad - m), (0, kw.k_pad - k)))
+    args = [kw.codes, kw.scales, kw.zeros, xp]
+    rank_pad = 0
+    if kw.u is not None:
+        rank_pad = kw.v_t.shape[1]
+        xu = jnp.dot(xb, kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, m_pad - m), (0, rank_pad - kw.rank)))
+        args += [xu, kw.v_t]
+    f = build(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg, bool(interpret))
+    out_t = f(*args)                                                   # [N, m_pad]
+    return out_t[:, :m].T
