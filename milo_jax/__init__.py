@@ -3,6 +3,8 @@
 from milo_jax.quant import QuantizedTensor, quantize_tensor
 from milo_jax.serve import generate
 from milo_jax.eval import perplexity
+from converters.hf import load_hf
+from converters.export import export_hf
 
 __version__ = "0.1.0"
-__all__ = ["QuantizedTensor", "quantize_tensor", "generate", "perplexity", "__version__"]
+__all__ = ["QuantizedTensor", "quantize_tensor", "generate", "perplexity", "load_hf", "export_hf", "__version__"]

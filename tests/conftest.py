@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random Hugging Face MoE models (torch, CPU) for parity tests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+TINY = dict(vocab_size=160, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=128)
+
+
+def _hf_classes(arch: str):
+    import transformers as tf
+    return {
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM,
+                    dict(intermediate_size=48, num_local_experts=4)),
+        "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM,
+                      dict(intermediate_size=40, moe_intermediate_size=24, num_experts=8,
+                           shared_expert_intermediate_size=40, norm_topk_prob=False)),
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
+                      dict(intermediate_size=40, moe_intermediate_size=24, num_experts=8,
+                           norm_topk_prob=True, head_dim=16)),
+        "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM,
+                  dict(intermediate_size=24, num_experts=8, eos_token_id=1, pad_token_id=0)),
+    }[arch]
+
+
+def make_hf_model(arch: str, seed: int = 0, **overrides):
+    """A tiny random transformers model in eval mode, float32, with O(1) logits.
+
+    HF's default init (std 0.02) gives nearly tied logits and routing; we redraw every matrix with
+    std 1/sqrt(fan_in) (embeddings std 1) and norm scales around 1 so that greedy tokens and top-k
+    routing are well separated and a parity failure is a real difference.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    config_cls, model_cls, extra = _hf_classes(arch)
+    kw = dict(TINY, **extra)
+    kw.update(overrides)
+    model = model_cls(config_cls(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+    return model
+
+
+@pytest.fixture
+def hf_model_factory():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return make_hf_model
