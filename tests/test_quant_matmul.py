@@ -175,10 +175,10 @@ def test_dequant_dot_path():
 def test_kernel_native_gpu(bits, group_size):
     rng = _rng()
     k, n = 1408, 512
-    for rank in (0, 32):
+    for rank, ms in ((0, (1, 64)), (32, (3, 16, 256))):
         qt = make_weight(k, n, bits, group_size, rank, rng)
         kw = layout.prepare(qt)
-        for m in (1, 3, 16, 64, 256):
+        for m in ms:
             x = make_x(m, k, rng)
             y = api.matmul(x, kw, impl="kernel")
-            assert rel_err(y, ref64(x, qt)) < TOL
+            assert rel_err(y, ref64(x, qt)) < TOL, (m, rank)

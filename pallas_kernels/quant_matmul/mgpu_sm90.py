@@ -31,7 +31,7 @@ from pallas_kernels.quant_matmul.layout import KernelWeights
 @dataclasses.dataclass(frozen=True)
 class Config:
     block_n: int = 64          # output columns per CTA (A rows); 64 or 128
-    block_m: int = 16          # tokens per CTA (wgmma N); multiple of 8, <= 128
+    block_m: int = 0           # tokens per CTA (wgmma N); multiple of 8, <= 128; 0 = from M
     chunk_slots: int = 4       # slots dequantized per wgmma (chunk = chunk_slots * slab K rows)
     stages: int = 2            # pipeline depth (max_concurrent_steps)
     overlap: bool = True       # double-buffered A + wgmma_wait(1); False: wait after every chunk
@@ -196,6 +196,11 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
     if k != kw.k:
         raise ValueError(f"quant_matmul: x {tuple(x.shape)} does not match K={kw.k}")
     cfg = config or default_config(m, kw)
+    if cfg.block_m == 0:
+        cfg = dataclasses.replace(cfg, block_m=default_config(m, kw).block_m)
+    per = packing.slots_per_tile(kw.bits)
+    if per % cfg.chunk_slots:
+        cfg = dataclasses.replace(cfg, chunk_slots=per)
     m_pad = -(-m // cfg.block_m) * cfg.block_m
     xb = x.astype(jnp.bfloat16)
     xp = jnp.pad(xb, ((0, m_pad - m), (0, kw.k_pad - k)))

@@ -1,0 +1,302 @@
+"""Benchmark: quantized matmul y = x @ deq(Q) (+ (x @ U) @ V) on the GPU, against the copy ceiling,
+bf16 jnp.dot and torch's bf16 matmul, all measured in the same run.
+
+    python -m benchmarks.quant_matmul --out benchmarks/results/quant_matmul.json
+    python -m benchmarks.quant_matmul --tune --out /tmp/tune.json     # kernel config sweep
+
+Timing: CUPTI kernel time (jax.experimental.mosaic.gpu.profiler.measure) of one jit that runs the
+op over R separate weight buffers (a static Python loop, R buffers > 120 MB so L2 cannot serve
+them), median over iterations, divided by R. Torch: CUDA events around the same rotation.
+Bytes that must move: codes + scales + zeros (+ u + v) at their logical (unpadded) size, x and y.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from milo_jax.quant import packing
+from pallas_kernels.quant_matmul import api, layout, mgpu_sm90
+
+SHAPES = [(4096, 14336), (14336, 4096), (2048, 1408), (1408, 2048), (4096, 4096)]
+MS = [1, 4, 16, 64, 256, 4096]
+ROTATE_BYTES = 160e6
+RESULTS = []
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---------------------------------------------------------------------------------------- data
+def random_kernel_weights(key, k, n, bits, group_size, rank):
+    """Random codes (uniform), scales ~ U(0.005, 0.02), zeros ~ U(0, 2^bits - 1) in the kernel layout."""
+    slab = layout.kernel_slab(bits)
+    tile = packing.slots_per_tile(bits) * slab
+    k_pad = -(-k // tile) * tile
+    g = group_size or k
+    rows = k_pad if g >= k else g
+    kc, ks, kz, ku, kv = jax.random.split(key, 5)
+    codes = jax.random.bits(kc, (n, k_pad * bits // 32), jnp.uint32)
+    # Padded K rows (k_pad > k) keep random codes: x is zero there, so they add exactly 0.
+    gp = k_pad // rows
+    scales = jax.random.uniform(ks, (gp, n), jnp.float32, 0.005, 0.02).astype(jnp.float16)
+    zeros = jax.random.uniform(kz, (gp, n), jnp.float32, 0, 2**bits - 1).astype(jnp.float16)
+    if g < k and k_pad != k:
+        valid = k // g
+        scales = scales.at[valid:].set(0)
+        zeros = zeros.at[valid:].set(0)
+    u = v_t = None
+    if rank:
+        u = (jax.random.normal(ku, (k, rank), jnp.float32) * 0.02).astype(jnp.bfloat16)
+        rp = 64 if rank <= 64 else 128
+        v_t = jnp.pad((jax.random.normal(kv, (n, rank), jnp.float32) * 0.02).astype(jnp.bfloat16),
+                      ((0, 0), (0, rp - rank)))
+    return layout.KernelWeights(codes=codes, scales=scales, zeros=zeros, u=u, v_t=v_t, bits=bits,
+                                group_size=group_size or k, k=k, n=n, k_pad=k_pad, slab=slab)
+
+
+def logical_weight_bytes(k, n, bits, group_size, rank):
+    g = group_size or k
+    return k * n * bits / 8 + 2 * 2 * n * math.ceil(k / g) + rank * (k + n) * 2
+
+
+# -------------------------------------------------------------------------------------- timing
+def cupti_us(fn, args, reps, iterations=10):
+    from jax.experimental.mosaic.gpu import profiler
+    jax.block_until_ready(fn(*args))
+    _, ts = profiler.measure(fn, iterations=iterations)(*args)
+    return statistics.median(ts) * 1e3 / reps
+
+
+def record(**kw):
+    RESULTS.append(kw)
+    keys = ("impl", "shape", "m", "bits", "group_size", "rank", "time_us", "tbps", "frac_copy", "speedup_vs_bf16", "relerr")
+    log("RESULT", json.dumps({k: kw[k] for k in keys if k in kw}))
+
+
+def torch_ceilings():
+    out = {}
+    try:
+        import torch
+        dev = torch.device("cuda")
+        src = torch.randn(1 << 28, device=dev)
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(5):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(10):
+                dst.copy_(src)
+            e1.record()
+            torch.cuda.synchronize()
+            ts.append(e0.elapsed_time(e1) / 10 * 1e-3)
+        out["copy_tbps_torch"] = 2 * src.numel() * 4 / statistics.median(ts) / 1e12
+        del src, dst
+        torch.cuda.empty_cache()
+    except Exception as e:  # torch missing or no GPU
+        log("torch copy failed:", e)
+    return out
+
+
+def torch_bf16_us(k, n, m, reps):
+    import torch
+    dev = torch.device("cuda")
+    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(reps)]
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    def run():
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(5):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(5):
+            run()
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / 5 / reps * 1e3)
+    del ws
+    torch.cuda.empty_cache()
+    return statistics.median(ts)
+
+
+def jax_copy_tbps():
+    a = jax.random.normal(jax.random.key(0), (1 << 28,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    us = cupti_us(f, (a,), 1)
+    return 2 * a.size * 4 / (us * 1e-6) / 1e12
+
+
+# ----------------------------------------------------------------------------------- the cases
+def check_kernel(kw, x, y):
+    """Relative error of y against dequantize -> float32 HIGHEST dot (on the GPU)."""
+    w = api.dequantize_kernel_weights(kw).astype(jnp.float32)
+    ref = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    if kw.u is not None:
+        xu = jnp.dot(x.astype(jnp.float32), kw.u.astype(jnp.float32), precision="highest")
+        ref = ref + jnp.dot(xu, kw.v_t[:, :kw.rank].T.astype(jnp.float32), precision="highest")
+    y = y.astype(jnp.float32)
+    return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)), bool(jnp.all(jnp.isfinite(y)))
+
+
+def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=None):
+    wbytes = logical_weight_bytes(k, n, bits, group_size, rank)
+    reps = max(2, min(64, math.ceil(ROTATE_BYTES / wbytes)))
+    keys = jax.random.split(jax.random.key(k * 7 + n + bits), reps)
+    kws = [random_kernel_weights(kk, k, n, bits, group_size, rank) for kk in keys]
+    jax.block_until_ready(kws)
+    for m in ms:
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+        byts = wbytes + m * k * 2 + m * n * 2
+        for impl in impls:
+            cfg_list = configs if (impl == "mgpu" and configs) else [None]
+            for cfg in cfg_list:
+                name = impl if cfg is None else f"mgpu {cfg}"
+                if impl == "mgpu" and m > 512:
+                    continue
+                try:
+                    one = lambda x, kw: api.matmul(x, kw, impl="kernel" if impl == "mgpu" else impl, config=cfg)
+                    y = jax.jit(one)(x, kws[0])
+                    err, fin = check_kernel(kws[0], x, y)
+                    fn = jax.jit(lambda x, *ws: [one(x, w) for w in ws])
+                    us = cupti_us(fn, (x, *kws), reps)
+                    bf = bf16_us.get(m)
+                    record(op="quant_matmul", impl=name, shape=[k, n], m=m, bits=bits,
+                           group_size=group_size or "channel", rank=rank, time_us=us,
+                           tbps=byts / (us * 1e-6) / 1e12, frac_copy=byts / (us * 1e-6) / 1e12 / ceil,
+                           tflops=2 * m * k * n / (us * 1e-6) / 1e12,
+                           speedup_vs_bf16=(bf / us) if bf else None, relerr=err, finite=fin,
+                           config=None if cfg is None else str(cfg), rotated=reps)
+                except Exception as e:
+                    msg = " | ".join(str(e).strip().split("\n")[:3])[:500]
+                    record(op="quant_matmul", impl=name, shape=[k, n], m=m, bits=bits,
+                           group_size=group_size or "channel", rank=rank, error=f"{type(e).__name__}: {msg}")
+                    traceback.print_exc(limit=2)
+    del kws
+
+
+def bench_bf16(k, n, ms, ceil, use_torch):
+    wbytes = k * n * 2
+    reps = max(2, min(16, math.ceil(ROTATE_BYTES / wbytes)))
+    ws = [jax.random.normal(kk, (k, n), jnp.float32).astype(jnp.bfloat16)
+          for kk in jax.random.split(jax.random.key(n), reps)]
+    out = {}
+    for m in ms:
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+        byts = wbytes + m * k * 2 + m * n * 2
+        fn = jax.jit(lambda x, *ws: [jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16) for w in ws])
+        us = cupti_us(fn, (x, *ws), reps)
+        out[m] = us
+        record(op="matmul", impl="bf16_jnp_dot", shape=[k, n], m=m, bits=16, group_size=None, rank=0,
+               time_us=us, tbps=byts / (us * 1e-6) / 1e12, frac_copy=byts / (us * 1e-6) / 1e12 / ceil,
+               tflops=2 * m * k * n / (us * 1e-6) / 1e12, speedup_vs_bf16=1.0, rotated=reps)
+        if use_torch:
+            try:
+                tus = torch_bf16_us(k, n, m, reps)
+                record(op="matmul", impl="torch_bf16", shape=[k, n], m=m, bits=16, group_size=None, rank=0,
+                       time_us=tus, tbps=byts / (tus * 1e-6) / 1e12, frac_copy=byts / (tus * 1e-6) / 1e12 / ceil,
+                       tflops=2 * m * k * n / (tus * 1e-6) / 1e12, speedup_vs_bf16=us / tus, rotated=reps)
+            except Exception as e:
+                log("torch bf16 failed:", e)
+    del ws
+    return out
+
+
+def write_markdown(path, meta):
+    lines = [f"# quant_matmul on {meta['device']} ({meta['date']}, jax {meta['jax']})", "",
+             f"Command: `{meta['command']}`", "",
+             f"Copy ceiling: {meta['ceilings'].get('copy_tbps', float('nan')):.2f} TB/s "
+             f"(torch {meta['ceilings'].get('copy_tbps_torch', float('nan')):.2f}, jax {meta['ceilings'].get('copy_tbps_jax', float('nan')):.2f}).",
+             "", "| impl | K x N | M | bits | g | rank | us | TB/s | frac copy | TFLOP/s | vs bf16 | relerr |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in meta["records"]:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['shape'][0]}x{r['shape'][1]} | {r['m']} | {r['bits']} | {r['group_size']} | {r['rank']} | FAILED: {r['error'][:80]} |||||| ")
+            continue
+        f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
+        lines.append(f"| {r['impl']} | {r['shape'][0]}x{r['shape'][1]} | {r['m']} | {r['bits']} | {r['group_size']} | "
+                     f"{r['rank']} | {f(r['time_us'], 1)} | {f(r['tbps'])} | {f(r['frac_copy'])} | {f(r['tflops'], 1)} | "
+                     f"{f(r.get('speedup_vs_bf16'))} | {'' if r.get('relerr') is None else format(r['relerr'], '.1e')} |")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/quant_matmul.json")
+    ap.add_argument("--shapes", default=None, help="e.g. 4096x14336,2048x1408")
+    ap.add_argument("--ms", default=None, help="e.g. 1,16,4096")
+    ap.add_argument("--bits", default="3")
+    ap.add_argument("--group", default="64")
+    ap.add_argument("--ranks", default="0,32")
+    ap.add_argument("--impls", default="mgpu,dequant_dot")
+    ap.add_argument("--tune", action="store_true", help="sweep kernel configs (first shape only)")
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args(argv)
+    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = MS if not args.ms else [int(v) for v in args.ms.split(",")]
+    dev = jax.devices()[0]
+    log("jax", jax.__version__, dev.device_kind)
+    ceil = torch_ceilings() if not args.no_torch else {}
+    ceil["copy_tbps_jax"] = jax_copy_tbps()
+    ceil["copy_tbps"] = max(ceil.get("copy_tbps_torch", 0), ceil["copy_tbps_jax"])
+    log("ceilings", ceil)
+    configs = None
+    if args.tune:
+        configs = []
+        for bn in (64, 128):
+            for chunk in (4, 8, 16):
+                for stages in (2, 3, 4):
+                    configs.append(mgpu_sm90.Config(block_n=bn, block_m=0, chunk_slots=chunk, stages=stages))
+        configs.append(mgpu_sm90.Config(block_n=64, block_m=0, chunk_slots=8, stages=2, overlap=False))
+    t0 = time.time()
+    for k, n in shapes:
+        bf = bench_bf16(k, n, ms, ceil["copy_tbps"], not args.no_torch)
+        if (k, n) == shapes[0]:
+            ceil["bf16_tflops"] = max(r["tflops"] for r in RESULTS if r.get("impl") == "bf16_jnp_dot" and r["shape"] == [k, n])
+        for bits in [int(b) for b in args.bits.split(",")]:
+            for g in args.group.split(","):
+                for rank in [int(r) for r in args.ranks.split(",")]:
+                    bench_quant(k, n, ms, bits, None if g == "channel" else int(g), rank,
+                                args.impls.split(","), ceil["copy_tbps"], bf, configs)
+        log(f"  shape {k}x{n} done at {time.time() - t0:.0f}s")
+    meta = dict(device=dev.device_kind, date=datetime.date.today().isoformat(), jax=jax.__version__,
+                command="python -m benchmarks.quant_matmul " + " ".join(argv if argv is not None else sys.argv[1:]),
+                ceilings=ceil, records=RESULTS)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(meta, fh, indent=1)
+    write_markdown(os.path.splitext(args.out)[0] + ".md", meta)
+    log("\n==== summary ====")
+    for r in RESULTS:
+        if "error" in r:
+            log(f"{r['impl'][:60]:60s} {r['shape']} m={r['m']:5d} r={r['rank']} FAILED {r['error'][:150]}")
+        else:
+            sp = r.get("speedup_vs_bf16")
+            log(f"{r['impl'][:60]:60s} {r['shape']} m={r['m']:5d} b={r['bits']} r={r['rank']:3d} {r['time_us']:9.1f} us "
+                f"{r['tbps']:5.2f} TB/s {r['frac_copy']:5.2f} {r['tflops']:6.1f} TF x{(sp or 0):5.2f} "
+                f"err={r.get('relerr') or 0:.1e}")
+
+
+if __name__ == "__main__":
+    main()
