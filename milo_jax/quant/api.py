@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -49,19 +51,19 @@ def validate_weight(w, bits: int, group_size, method: str = "hqq") -> int:
     return g
 
 
-@jax.jit
-def _value_checks(w):
-    w32 = w.astype(jnp.float32)
-    return jnp.all(jnp.isfinite(w32))
-
-
-def _pick_store_dtype(w, bits: int, g: int):
-    """float16 (more mantissa for the zero point) unless the min-max scales leave its normal range."""
+@functools.partial(jax.jit, static_argnames=("bits", "group_size"))
+def _inspect(w, *, bits, group_size):
+    """One pass over W: are all values finite, and the range of the min-max scales."""
     k, n = w.shape[-2:]
-    wg = w.astype(jnp.float32).reshape(-1, k // g, g, n)
-    s, _ = jax.jit(jax.vmap(lambda x: hqq.minmax_params(x, bits)))(wg)
-    lo, hi = float(s.min()), float(s.max())
-    return jnp.dtype(jnp.float16 if (hi <= _FP16_MAX / 4 and lo >= _FP16_MIN_NORMAL) else jnp.bfloat16)
+    wg = w.reshape(-1, k // group_size, group_size, n).astype(jnp.float32)
+    s, _ = jax.vmap(lambda x: hqq.minmax_params(x, bits))(wg)
+    return jnp.all(jnp.isfinite(w)), s.min(), s.max()
+
+
+def _store_dtype_for(s_min: float, s_max: float):
+    """float16 (more mantissa for the zero point) unless the scales leave its normal range."""
+    fits = s_max <= _FP16_MAX / 4 and s_min >= _FP16_MIN_NORMAL
+    return jnp.dtype(jnp.float16 if fits else jnp.bfloat16)
 
 
 def quantize_tensor(w, *, bits: int = 3, group_size=64, method: str = "hqq",
@@ -76,22 +78,29 @@ def quantize_tensor(w, *, bits: int = 3, group_size=64, method: str = "hqq",
     """
     g = validate_weight(w, bits, group_size, method)
     w = jnp.asarray(w)
-    if not bool(_value_checks(w)):
+    finite, s_min, s_max = jax.device_get(_inspect(w, bits=bits, group_size=g))
+    if not finite:
         raise ValueError(f"weight of shape {tuple(w.shape)} contains NaN or Inf values")
-    store = jnp.dtype(scale_dtype) if scale_dtype is not None else _pick_store_dtype(w, bits, g)
+    store = jnp.dtype(scale_dtype) if scale_dtype is not None else _store_dtype_for(s_min, s_max)
     if store.itemsize != 2 or not jnp.issubdtype(store, jnp.floating):
         raise ValueError(f"scale_dtype must be a 16-bit float (float16 or bfloat16), got {store}")
-    codes, scales, zeros = hqq.quantize_stacked(w, bits=bits, group_size=g, method=method,
-                                                store_dtype=store, kappa=kappa, iters=iters)
     k = w.shape[-2]
     slab = packing.default_slab(k, bits) if slab is None else slab
+    packing.check_packable(k, bits, slab)
+    codes, scales, zeros = _quantize_packed(w, bits=bits, group_size=g, method=method,
+                                            store_dtype=store, slab=slab, kappa=kappa, iters=iters)
     return QuantizedTensor(
-        codes=_pack_jit(codes, bits, slab), scales=scales, zeros=zeros,
+        codes=codes, scales=scales, zeros=zeros,
         bits=bits, group_size=g, shape=tuple(w.shape), slab=slab, dtype=jnp.dtype(w.dtype).name)
 
 
-def _pack_jit(codes, bits, slab):
-    return jax.jit(packing.pack, static_argnums=(1, 2))(codes, bits, slab)
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "method", "store_dtype", "slab",
+                                             "kappa", "iters"))
+def _quantize_packed(w, *, bits, group_size, method, store_dtype, slab, kappa, iters):
+    """Quantize and pack in one program, so unpacked codes never reach device memory."""
+    codes, scales, zeros = hqq.quantize_stacked(w, bits=bits, group_size=group_size, method=method,
+                                                store_dtype=store_dtype, kappa=kappa, iters=iters)
+    return packing.pack(codes, bits, slab), scales, zeros
 
 
 def dequantization_error(w, qt: QuantizedTensor) -> float:

@@ -11,8 +11,8 @@ HQQ (Badri & Shaji 2023; ALGORITHMS.md section 1): s stays min-max, z minimises 
     beta *= kappa
 Beta schedule implemented: beta_{i+1} = kappa * beta_i with beta0 = 10, kappa = 1.01 (the paper's,
 older hqq's and torchao's; hqq >= 0.2.7 keeps beta fixed, which is kappa = 1.0 here).
-Early stop: after each update the whole matrix's mean |W - W_hat| is measured; the loop ends when it
-does not improve (or after `iters` updates). Best kept: every group keeps the zero point with its
+Early stop: each iterate's whole-matrix mean |W - W_hat| is measured; the loop ends at the first
+iterate that does not improve on the best so far (or after `iters` updates). Best kept: every group keeps the zero point with its
 lowest error over all iterates. Groups are independent, so this is never worse than keeping the
 matrix-level best iterate.
 
@@ -48,8 +48,8 @@ def minmax_params(wg: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
     return s, z
 
 
-def _codes(wg, s, z, bits):
-    return jnp.clip(jnp.round(wg / s + z), 0, 2 ** bits - 1)
+def _codes(wg, inv_s, z, bits):
+    return jnp.clip(jnp.round(wg * inv_s + z), 0, 2 ** bits - 1)
 
 
 def _shrink_lp(x: jax.Array, beta, p: float) -> jax.Array:
@@ -62,32 +62,34 @@ def _shrink_lp(x: jax.Array, beta, p: float) -> jax.Array:
 
 def hqq_zero(wg, s, z0, bits: int, *, p: float = 0.7, beta0: float = 10.0, kappa: float = 1.01,
              iters: int = 20):
-    """HQQ zero-point solve for one grouped matrix. Returns (best z [G,1,N], iterations run)."""
+    """HQQ zero-point solve for one grouped matrix wg [G, g, N] (any float dtype; math in float32).
 
-    def group_err(z):
-        q = _codes(wg, s, z, bits)
-        return jnp.abs(wg - s * (q - z)).mean(axis=1, keepdims=True), q
-
-    err0, _ = group_err(z0)
+    Returns (best z [G, 1, N], number of iterates evaluated). One loop step is one pass over W:
+    the codes of the current z give both its error (for early stopping and best-keeping) and the
+    half-quadratic update to the next z, so XLA fuses each step into a single multi-output reduction.
+    """
+    inv_s = 1.0 / s
 
     def cond(c):
         i, _, _, _, _, _, improved = c
-        return (i < iters) & improved
+        return (i <= iters) & improved
 
     def body(c):
         i, z, beta, best_z, best_gerr, best_err, _ = c
-        q = _codes(wg, s, z, bits)
-        w_r = s * (q - z)
-        w_e = _shrink_lp(wg - w_r, beta, p)
-        z = jnp.mean(q - (wg - w_e) / s, axis=1, keepdims=True)
-        gerr, _ = group_err(z)
-        err = gerr.mean()
+        w = wg.astype(jnp.float32)
+        q = _codes(w, inv_s, z, bits)
+        x = w - s * (q - z)                                   # W - W_hat(z)
+        gerr = jnp.abs(x).mean(axis=1, keepdims=True)         # error of the current iterate
+        w_e = _shrink_lp(x, beta, p)
+        z_next = jnp.mean(q - (w - w_e) * inv_s, axis=1, keepdims=True)
         better = gerr < best_gerr
         best_z = jnp.where(better, z, best_z)
         best_gerr = jnp.where(better, gerr, best_gerr)
-        return i + 1, z, beta * kappa, best_z, best_gerr, jnp.minimum(err, best_err), err < best_err
+        err = gerr.mean()
+        return i + 1, z_next, beta * kappa, best_z, best_gerr, jnp.minimum(err, best_err), err < best_err
 
-    init = (jnp.int32(0), z0, jnp.float32(beta0), z0, err0, err0.mean(), jnp.bool_(True))
+    inf = jnp.full_like(z0, jnp.inf)
+    init = (jnp.int32(0), z0, jnp.float32(beta0), z0, inf, jnp.float32(jnp.inf), jnp.bool_(True))
     i, _, _, best_z, _, _, _ = jax.lax.while_loop(cond, body, init)
     return best_z, i
 
@@ -96,18 +98,21 @@ def quantize_matrix(w: jax.Array, *, bits: int, group_size: int, method: str, st
                     p: float = 0.7, beta0: float = 10.0, kappa: float = 1.01, iters: int = 20):
     """One matrix W [K, N] -> codes [K, N] (uint32), scales, zeros [K//g, N] in `store_dtype`.
 
-    The codes are recomputed from the stored (16-bit rounded) scale and zero so that
-    dequantization reproduces exactly what the solver optimised, up to that rounding.
+    W stays in its own dtype in memory (bf16 weights are read as bf16, converted to float32 in
+    registers), which halves the bytes each solver pass reads. The codes are recomputed from the
+    stored (16-bit rounded) scale and zero so that dequantization reproduces exactly what the
+    solver optimised, up to that rounding.
     """
-    wg = _grouped(w.astype(jnp.float32), group_size)
-    s, z = minmax_params(wg, bits)
+    wg = _grouped(w, group_size)
+    s, z = minmax_params(wg.astype(jnp.float32), bits)
     if method == "hqq":
         z, _ = hqq_zero(wg, s, z, bits, p=p, beta0=beta0, kappa=kappa, iters=iters)
     elif method != "rtn":
         raise ValueError(f"unknown method {method!r}; expected 'rtn' or 'hqq'")
     s16 = s.astype(store_dtype)
     z16 = z.astype(store_dtype)
-    q = _codes(wg, s16.astype(jnp.float32), z16.astype(jnp.float32), bits)
+    s32 = s16.astype(jnp.float32)
+    q = jnp.clip(jnp.round(wg.astype(jnp.float32) / s32 + z16.astype(jnp.float32)), 0, 2 ** bits - 1)
     return q.astype(jnp.uint32).reshape(w.shape), s16[:, 0, :], z16[:, 0, :]
 
 
