@@ -1,0 +1,205 @@
+"""converters: HF export round trip (transformers loads what we write) and bad-input handling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from converters.arch_moe import parse_mixtral
+from converters.errors import CheckpointError, CheckpointFileNotFound
+from converters.hf import load_hf
+from converters.export import export_hf
+from converters.safetensors_io import SafetensorsFile, write_safetensors
+from milo_jax.models import MoECausalLM
+
+MIXTRAL_JSON = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 96,
+    "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "bos_token_id": 1,
+    "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True,
+    "output_router_logits": False, "router_aux_loss_coef": 0.001, "initializer_range": 0.02,
+}
+TOKENS = np.random.RandomState(0).randint(0, 96, (2, 6))
+
+
+def _random_model(hf_json=MIXTRAL_JSON, seed=0):
+    return MoECausalLM(parse_mixtral(dict(hf_json), "test"), rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def sharded_ckpt(tmp_path_factory):
+    """A 2-layer Mixtral written by export_hf in several shards; returns (dir, logits)."""
+    model = _random_model()
+    out = tmp_path_factory.mktemp("ckpt") / "mixtral"
+    export_hf(model, out, max_shard_size=40_000)
+    return out, np.asarray(model(jnp.asarray(TOKENS)))
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _index(d):
+    return json.loads((d / "model.safetensors.index.json").read_text())
+
+
+def test_export_then_load_round_trip_sharded(sharded_ckpt):
+    d, want = sharded_ckpt
+    assert len(set(_index(d)["weight_map"].values())) > 1
+    assert not [p for p in d.parent.iterdir() if p.name.startswith(".export-")]
+    model = load_hf(d, progress=False)
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(TOKENS))), want)
+
+
+def test_load_bf16(sharded_ckpt):
+    d, want = sharded_ckpt
+    model = load_hf(d, dtype=jnp.bfloat16, progress=False)
+    assert model.layers[0].mlp.experts.gate_proj.get_value().dtype == jnp.bfloat16
+    got = np.asarray(model(jnp.asarray(TOKENS)))
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_missing_shard(sharded_ckpt, tmp_path):
+    d = _copy(sharded_ckpt[0], tmp_path)
+    victim = sorted(set(_index(d)["weight_map"].values()))[1]
+    (d / victim).unlink()
+    with pytest.raises(CheckpointFileNotFound, match=victim):
+        load_hf(d, progress=False)
+
+
+def test_index_naming_file_outside_directory(sharded_ckpt, tmp_path):
+    d = _copy(sharded_ckpt[0], tmp_path)
+    idx = _index(d)
+    key = next(iter(idx["weight_map"]))
+    idx["weight_map"][key] = "../outside.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match="outside") as e:
+        load_hf(d, progress=False)
+    assert key in str(e.value) and "index" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["short", "header_length", "not_json", "data_truncated"])
+def test_truncated_or_corrupt_safetensors(sharded_ckpt, tmp_path, damage):
+    d = _copy(sharded_ckpt[0], tmp_path)
+    name = sorted(set(_index(d)["weight_map"].values()))[0]
+    f = d / name
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    if damage == "short":
+        f.write_bytes(raw[:5])
+    elif damage == "header_length":
+        f.write_bytes((10**9).to_bytes(8, "little") + raw[8:])
+    elif damage == "not_json":
+        f.write_bytes(raw[:8] + b"{" * n + raw[8 + n:])
+    else:
+        f.write_bytes(raw[:-16])
+    with pytest.raises(CheckpointError, match=name):
+        load_hf(d, progress=False)
+
+
+def test_unknown_architecture(sharded_ckpt, tmp_path):
+    d = _copy(sharded_ckpt[0], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt_moe_9000"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="gpt_moe_9000"):
+        load_hf(d, progress=False)
+
+
+@pytest.mark.parametrize("field,value", [("attn_logit_softcapping", 30.0),
+                                         ("hidden_act", "gelu"),
+                                         ("rope_scaling", {"rope_type": "linear", "factor": 2.0})])
+def test_unhandled_config_field(sharded_ckpt, tmp_path, field, value):
+    d = _copy(sharded_ckpt[0], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_hf(d, progress=False)
+
+
+def test_qwen2_sliding_window_refused():
+    from converters.arch_moe import parse_qwen2_moe
+
+    hf = {"model_type": "qwen2_moe", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "max_position_embeddings": 64, "use_sliding_window": True}
+    with pytest.raises(CheckpointError, match="use_sliding_window"):
+        parse_qwen2_moe(hf, "config.json")
+
+
+def _rewrite_tensor(d, key, fn):
+    shard = _index(d)["weight_map"][key]
+    st = SafetensorsFile(d / shard)
+    tensors = {k: np.array(st.get(k)) for k in st.keys()}
+    st.close()
+    tensors[key] = fn(tensors[key])
+    write_safetensors(d / shard, tensors)
+    return shard
+
+
+@pytest.mark.parametrize("key,fn", [
+    ("model.layers.1.self_attn.q_proj.weight", lambda w: w[:, :-1]),
+    ("model.layers.0.block_sparse_moe.experts.2.w2.weight", lambda w: w.T),
+    ("model.norm.weight", lambda w: w.astype(np.int32)),
+])
+def test_wrong_shape_or_dtype(sharded_ckpt, tmp_path, key, fn):
+    d = _copy(sharded_ckpt[0], tmp_path)
+    shard = _rewrite_tensor(d, key, fn)
+    with pytest.raises(CheckpointError) as e:
+        load_hf(d, progress=False)
+    assert key in str(e.value) and shard in str(e.value)
+
+
+def test_missing_and_unknown_keys(sharded_ckpt, tmp_path):
+    d = _copy(sharded_ckpt[0], tmp_path)
+    key = "model.layers.1.block_sparse_moe.experts.3.w1.weight"
+    shard = _index(d)["weight_map"][key]
+    st = SafetensorsFile(d / shard)
+    tensors = {k: np.array(st.get(k)) for k in st.keys() if k != key}
+    st.close()
+    write_safetensors(d / shard, tensors)
+    idx = _index(d)
+    del idx["weight_map"][key]
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=r"experts \[3\] missing"):
+        load_hf(d, progress=False)
+    tensors["model.layers.0.mlp.bogus.weight"] = np.zeros((2, 2), np.float32)
+    write_safetensors(d / shard, tensors)
+    idx["weight_map"]["model.layers.0.mlp.bogus.weight"] = shard
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match="bogus"):
+        load_hf(d, progress=False)
+
+
+def test_export_refuses_non_empty_target(sharded_ckpt):
+    with pytest.raises(CheckpointError, match="not an empty directory"):
+        export_hf(_random_model(), sharded_ckpt[0])
+
+
+def test_export_loads_in_transformers_with_quantized_weights(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from milo_jax import quantize_tensor
+
+    model = _random_model(seed=1)
+    experts = model.layers[0].mlp.experts
+    experts.up_proj.set_value(quantize_tensor(experts.up_proj.get_value(), bits=3, group_size=32))
+    attn = model.layers[1].attn
+    attn.o_proj.kernel.set_value(quantize_tensor(attn.o_proj.kernel.get_value(), bits=3,
+                                                 group_size=32))
+    want = np.asarray(model(jnp.asarray(TOKENS)))
+    export_hf(model, tmp_path / "out", max_shard_size=50_000)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        got = hf(torch.tensor(TOKENS)).logits.float().numpy()
+    assert np.abs(got - want).max() < 1e-4
