@@ -24,11 +24,8 @@ def load_model(model_dir: str, dtype: str):
     """The checkpoint in `model_dir` as a milo_jax model (milo_jax.load_hf), params in `dtype`."""
     import jax.numpy as jnp
 
-    import milo_jax
+    from milo_jax import load_hf
 
-    load_hf = getattr(milo_jax, "load_hf", None)
-    if load_hf is None:  # not exported (yet): the converter itself
-        from converters.hf import load_hf
     return load_hf(model_dir, dtype=getattr(jnp, dtype))
 
 
@@ -115,12 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `milo-jax` console script; returns the exit status.
 
-    Bad input (ValueError from the library) is reported on stderr with status 2, no traceback.
+    Bad input (ValueError from the library, a missing file) is reported on stderr with status 2,
+    no traceback.
     """
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"milo-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -53,6 +53,10 @@ def test_bad_input_exits_with_status_2(mixtral_dir, tmp_path, capsys):  # noqa: 
     assert "less than one window" in capsys.readouterr().err
     assert main(["generate", "--model", mixtral_dir, "--prompt", "a", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+    assert main(["eval", "--model", mixtral_dir, "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "nothing"), "--prompt", "a"]) == 2
+    assert "nothing" in capsys.readouterr().err
 
 
 def test_parser_lists_commands_and_requires_one(capsys):

@@ -67,13 +67,12 @@ def save_tiny_mixtral(seed: int = 0) -> str:
 
 @pytest.fixture(scope="module")
 def mixtral_dir():
-    pytest.importorskip("converters.hf")
     return save_tiny_mixtral()
 
 
 @pytest.fixture(scope="module")
 def mixtral(mixtral_dir):
-    from converters.hf import load_hf
+    from milo_jax import load_hf
 
     return load_hf(mixtral_dir, progress=False)
 
