@@ -264,7 +264,10 @@ def load_hf(path: str, dtype=jnp.float32, *, progress: bool = True) -> MoECausal
                 if extra:
                     raise CheckpointError(f"{file}: key {extra[0]!r} is in the file but the index "
                                           "assigns it elsewhere (or not at all)")
+            skip_key = getattr(spec, "skip_key", None)   # config-dependent drops (DeepSeek-V3 MTP)
             for key in keys:
+                if skip_key is not None and skip_key(key, config):
+                    continue
                 hit = spec.match(key)
                 if hit is None:
                     if spec.ignored(key) or (config.tie_word_embeddings and key == "lm_head.weight"):
