@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from milo_jax.serve import ByteTokenizer, generate, load_tokenizer, select_next_token, top_p_mask
 import milo_jax.serve.generation as gen_mod
@@ -26,18 +27,25 @@ def prompts():
     return [rng.integers(3, VOCAB, size=n).tolist() for n in (5, 11, 1, 8)]
 
 
-def naive_greedy(model, prompt, max_new_tokens, stop_tokens=()):
-    """Recompute model(tokens) on the whole sequence for every new token (no cache, no padding)."""
-    seq = list(prompt)
-    out = []
+def naive_greedy(model, prompt, max_new_tokens, stop_tokens=(), buffer_len=32):
+    """Recompute model(tokens) on the whole sequence for every new token (no cache). The sequence
+    sits right-padded in a fixed buffer (causal model: logits at i see tokens <= i only), so one
+    jit executable serves every step."""
+    seq = np.zeros((1, buffer_len), np.int32)
+    seq[0, : len(prompt)] = prompt
+    n = len(prompt)
     for _ in range(max_new_tokens):
-        logits = model(jnp.asarray([seq], dtype=jnp.int32))
-        token = int(jnp.argmax(logits[0, -1]))
-        out.append(token)
-        seq.append(token)
+        token = int(jnp.argmax(_forward(model, jnp.asarray(seq))[0, n - 1]))
+        seq[0, n] = token
+        n += 1
         if token in stop_tokens:
             break
-    return out
+    return seq[0, len(prompt) : n].tolist()
+
+
+@nnx.jit
+def _forward(model, tokens):
+    return model(tokens)
 
 
 def test_greedy_matches_naive_loop_for_ragged_batch(model, prompts):
