@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
-from milo_jax import load_hf  # noqa: E402
+from milo_jax import export_hf, load_hf  # noqa: E402
 
 LENGTHS = (5, 9, 7)
 NEW_TOKENS = 20
@@ -58,7 +58,7 @@ def jax_greedy(model, prompts: np.ndarray, lengths, n: int) -> np.ndarray:
     return np.asarray(jnp.stack(out, axis=1))
 
 
-def check_parity(hf_model, path, vocab: int, seed: int = 1):
+def check_parity(hf_model, path, vocab: int, seed: int = 1, export_dir=None):
     model = load_hf(path, progress=False)
     rng = np.random.RandomState(seed)
     tokens = rng.randint(0, vocab, (len(LENGTHS), max(LENGTHS)))
@@ -75,6 +75,12 @@ def check_parity(hf_model, path, vocab: int, seed: int = 1):
     for b, n in enumerate(LENGTHS):
         want = _torch_greedy(hf_model, prompts[b, :n], NEW_TOKENS)
         assert got_tokens[b].tolist() == want, f"row {b}: greedy tokens differ"
+    if export_dir is not None:
+        # export with the published (per-expert) names; transformers must load it and agree
+        export_hf(model, export_dir, max_shard_size=80_000)
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(export_dir).eval()
+        err = np.abs(_torch_logits(reloaded, tokens) - ref).max()
+        assert err < 1e-5, f"exported checkpoint differs in transformers by {err}"
     return model
 
 
@@ -83,7 +89,7 @@ def test_mixtral_parity_sharded_safetensors(hf_model_factory, tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="60KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    check_parity(hf, tmp_path, hf.config.vocab_size)
+    check_parity(hf, tmp_path, hf.config.vocab_size, export_dir=tmp_path / "export")
 
 
 def test_mixtral_sliding_window_parity(hf_model_factory, tmp_path):
@@ -95,8 +101,8 @@ def test_mixtral_sliding_window_parity(hf_model_factory, tmp_path):
 def test_qwen2_moe_parity_shared_expert_and_dense_layer(hf_model_factory, tmp_path):
     # layer 1 is a dense MLP (mlp_only_layers), layer 0 MoE with the sigmoid-gated shared expert
     hf = hf_model_factory("qwen2_moe", seed=4, mlp_only_layers=[1])
-    hf.save_pretrained(tmp_path)
-    model = check_parity(hf, tmp_path, hf.config.vocab_size)
+    hf.save_pretrained(tmp_path / "in")
+    model = check_parity(hf, tmp_path / "in", hf.config.vocab_size, export_dir=tmp_path / "out")
     assert model.config.mlp_kinds == ("moe", "dense")
 
 
@@ -109,7 +115,7 @@ def test_qwen3_moe_parity_bin_checkpoint(hf_model_factory, tmp_path):
     hf.save_pretrained(tmp_path)
     torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()
-    check_parity(hf, tmp_path, hf.config.vocab_size)
+    check_parity(hf, tmp_path, hf.config.vocab_size, export_dir=tmp_path / "export")
 
 
 def test_mixtral_parity_fused_expert_layout_bin(hf_model_factory, tmp_path):
@@ -124,5 +130,5 @@ def test_mixtral_parity_fused_expert_layout_bin(hf_model_factory, tmp_path):
 
 def test_olmoe_parity_clip_qkv(hf_model_factory, tmp_path):
     hf = hf_model_factory("olmoe", seed=6, clip_qkv=1.5)
-    hf.save_pretrained(tmp_path)
-    check_parity(hf, tmp_path, hf.config.vocab_size)
+    hf.save_pretrained(tmp_path / "in")
+    check_parity(hf, tmp_path / "in", hf.config.vocab_size, export_dir=tmp_path / "out")
