@@ -162,3 +162,22 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, interleaved: 
         x1, x2 = xf[..., :half], xf[..., half:]
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(dtype)
+
+
+def _registry_yarn(config, dim: int):
+    """rope.ROPE_INIT entry: (inv_freq, cos/sin multiplier) for GQA models whose config asks for
+    YaRN (MLA reads the same spec directly and adds the mscale_all_dim softmax correction)."""
+    spec = rope_spec_from_config(config.rope_scaling, dim=dim, theta=config.rope_theta,
+                                 max_position_embeddings=config.max_position_embeddings,
+                                 source=f"{config.model_type} config")
+    return inv_freq_and_attention_factor(spec)
+
+
+def _register():
+    from milo_jax.models import rope
+
+    if "yarn" not in rope.ROPE_INIT:
+        rope.register_rope("yarn", _registry_yarn)
+
+
+_register()
