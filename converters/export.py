@@ -17,10 +17,9 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Iterator, Tuple
+from typing import Iterator, Tuple
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -203,3 +202,68 @@ def test_export_loads_in_transformers_with_quantized_weights(tmp_path):
     with torch.no_grad():
         got = hf(torch.tensor(TOKENS)).logits.float().numpy()
     assert np.abs(got - want).max() < 1e-4
+
+
+# Field sets of published config.json files (values shortened); loading must accept them.
+PUBLISHED_CONFIGS = {
+    "mixtral": {  # mistralai/Mixtral-8x7B-v0.1
+        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+        "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mixtral",
+        "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False,
+        "rms_norm_eps": 1e-05, "rope_theta": 1e6, "router_aux_loss_coef": 0.02,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.36.0.dev0", "use_cache": True, "vocab_size": 32000},
+    "qwen2_moe": {  # Qwen/Qwen1.5-MoE-A2.7B
+        "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 8192,
+        "max_window_layers": 21, "model_type": "qwen2_moe", "num_attention_heads": 16,
+        "num_hidden_layers": 24, "num_key_value_heads": 16, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.39.0.dev0", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936, "decoder_sparse_step": 1,
+        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+        "num_experts_per_tok": 4, "num_experts": 60, "norm_topk_prob": False,
+        "output_router_logits": False, "router_aux_loss_coef": 0.001},
+    "qwen3_moe": {  # Qwen/Qwen3-30B-A3B
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+        "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+        "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+        "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+        "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+        "vocab_size": 151936},
+    "olmoe": {  # allenai/OLMoE-1B-7B-0924
+        "architectures": ["OlmoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "clip_qkv": None, "eos_token_id": 50279, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 1024, "max_position_embeddings": 4096,
+        "model_type": "olmoe", "norm_topk_prob": False, "num_attention_heads": 16,
+        "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": 16,
+        "num_key_value_heads": 16, "output_router_logits": False, "pad_token_id": 1,
+        "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
+        "router_aux_loss_coef": 0.01, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 50304},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED_CONFIGS))
+def test_published_configs_parse(arch):
+    from converters.registry import get_arch
+    from converters.hf import expected_params
+
+    hf = PUBLISHED_CONFIGS[arch]
+    cfg = get_arch(arch).parse_config(dict(hf), f"{arch}/config.json")
+    assert cfg.vocab_size == hf["vocab_size"] and cfg.num_experts in (8, 60, 128, 64)
+    assert cfg.head_dim == hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    assert cfg.hf_config == hf
+    # the abstract model builds with the published sizes (no memory allocated)
+    _, shapes = expected_params(cfg, jnp.bfloat16)
+    assert shapes[("layers", 0, "mlp", "experts", "gate_proj")][0] == (
+        cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)

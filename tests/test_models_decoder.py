@@ -83,3 +83,34 @@ def test_bad_calls(model):
         model(jnp.zeros((1, 2), jnp.int32), cache=model.init_cache(1, 4))
     with pytest.raises(ValueError, match=r"\[B, S\]"):
         model(jnp.zeros((2,), jnp.int32))
+
+
+def test_quantized_params_under_jit_match_dequantized_model(model):
+    """Swapping Params for QuantizedTensors (experts, attention, router, shared expert; K = 32) keeps the
+    model jit-able through split/merge with a cache, and equals a model holding the dequantized
+    weights as plain arrays (both the dense and the gathered expert paths)."""
+    from milo_jax import QuantizedTensor, quantize_tensor
+
+    qmodel = MoECausalLM(CFG, rngs=nnx.Rngs(0))
+    ref = MoECausalLM(CFG, rngs=nnx.Rngs(0))
+    moe = qmodel.layers[0].mlp
+    params = [moe.experts.gate_proj, moe.experts.up_proj,
+              qmodel.layers[1].attn.q_proj.kernel, moe.shared_expert.up_proj.kernel,
+              moe.router.gate.kernel]
+    for p in params:
+        p.set_value(quantize_tensor(p.get_value(), bits=3, group_size=None))
+    qstate = nnx.state(qmodel, nnx.Param)
+    assert any(isinstance(v, QuantizedTensor)
+               for v in jax.tree.leaves(qstate, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
+    dense = jax.tree.map(lambda v: v.dequantize(jnp.float32) if isinstance(v, QuantizedTensor) else v,
+                         qstate, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    nnx.update(ref, dense)
+    t = jnp.asarray(np.random.RandomState(3).randint(0, 64, (2, 5)))
+    np.testing.assert_allclose(np.asarray(qmodel(t)), np.asarray(ref(t)), atol=1e-5)
+    # decode: 2 rows x top-2 < 8 experts -> gathered (quantized) expert weights
+    step = _step_fn(qmodel)
+    pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+    _, cache = step(t, pos, qmodel.init_cache(2, 8))
+    got, _ = step(t[:, :1], jnp.full((2, 1), 5, jnp.int32), cache)
+    want = ref(jnp.concatenate([t, t[:, :1]], axis=1))[:, -1]
+    np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(want), atol=1e-5)
