@@ -33,7 +33,6 @@ from converters.torch_bin import load_torch_state_dict
 from milo_jax.models.config import ModelConfig
 from milo_jax.models.decoder import MoECausalLM
 
-FLOAT_KINDS = "f"   # numpy dtype kinds accepted for weights (float16/32/64, bfloat16, float8)
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -182,7 +181,8 @@ class _Assembler:
             raise CheckpointError(f"{file}: key {key!r} maps to parameter {_path_str(path)!r}, "
                                   "which this model configuration does not have")
         shape, _ = self.expected[path]
-        if arr.dtype.kind not in FLOAT_KINDS:
+        # float16/32/64, bfloat16, float8 (ml_dtypes types have numpy kind "V", hence issubdtype)
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise CheckpointError(f"{file}: key {key!r}: dtype {arr.dtype} is not a floating-point "
                                   "weight dtype")
         if expert is None:
@@ -193,7 +193,10 @@ class _Assembler:
             if path in self.done or path in self.partial:
                 raise CheckpointError(f"{file}: key {key!r}: parameter {_path_str(path)!r} was "
                                       f"already loaded from {self.source.get(path)}")
-            self.done[path] = jnp.asarray(np.asarray(arr, dtype=self.dtype))
+            # a parameter the model declares float32 at every dtype (DeepSeek-V3's routing bias,
+            # kept fp32 like transformers' _keep_in_fp32_modules) is not rounded to `dtype`
+            keep32 = np.dtype(self.expected[path][1]) == np.float32
+            self.done[path] = jnp.asarray(np.asarray(arr, dtype=np.float32 if keep32 else self.dtype))
             self.source[path] = f"{file}:{key}"
             return
         if tuple(arr.shape) != tuple(shape[1:]) or not 0 <= expert < shape[0]:

@@ -132,3 +132,26 @@ def test_olmoe_parity_clip_qkv(hf_model_factory, tmp_path):
     hf = hf_model_factory("olmoe", seed=6, clip_qkv=1.5)
     hf.save_pretrained(tmp_path / "in")
     check_parity(hf, tmp_path / "in", hf.config.vocab_size, export_dir=tmp_path / "out")
+
+
+def test_bf16_checkpoint(hf_model_factory, tmp_path):
+    """A bfloat16 checkpoint: read exactly (float32 load == transformers float32 on the same
+    weights), and run in bfloat16 close to it; exported in bf16, transformers reads it back."""
+    hf = hf_model_factory("qwen2_moe", seed=8)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "in")
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "in",
+                                                                  dtype=torch.float32).eval()
+    tokens = np.random.RandomState(2).randint(0, hf.config.vocab_size, (2, 8))
+    ref = _torch_logits(ref_model, tokens)
+    m32 = load_hf(tmp_path / "in", dtype=jnp.float32, progress=False)
+    assert np.abs(np.asarray(m32(jnp.asarray(tokens))) - ref).max() < 1e-4
+    m16 = load_hf(tmp_path / "in", dtype=jnp.bfloat16, progress=False)
+    assert m16.layers[0].mlp.experts.gate_proj.get_value().dtype == jnp.bfloat16
+    got = np.asarray(m16(jnp.asarray(tokens)))
+    assert got.dtype == np.float32
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    export_hf(m16, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.dtype == torch.bfloat16
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(back.state_dict()[k].float(), v), k
