@@ -181,10 +181,12 @@ class _Assembler:
             raise CheckpointError(f"{file}: key {key!r} maps to parameter {_path_str(path)!r}, "
                                   "which this model configuration does not have")
         shape, _ = self.expected[path]
-        # float16/32/64, bfloat16, float8 (ml_dtypes types have numpy kind "V", hence issubdtype)
-        if not jnp.issubdtype(arr.dtype, jnp.floating):
-            raise CheckpointError(f"{file}: key {key!r}: dtype {arr.dtype} is not a floating-point "
-                                  "weight dtype")
+        # float16/32/64 and bfloat16 (ml_dtypes types have numpy kind "V", hence issubdtype).
+        # float8 weights come with block scales (quantization_config, *_scale_inv tensors) that
+        # would be lost by a plain cast, so they are refused.
+        if not jnp.issubdtype(arr.dtype, jnp.floating) or arr.dtype.itemsize < 2:
+            raise CheckpointError(f"{file}: key {key!r}: dtype {arr.dtype} is not a supported "
+                                  "weight dtype (float16, bfloat16, float32, float64)")
         if expert is None:
             if tuple(arr.shape) != tuple(shape):
                 raise CheckpointError(f"{file}: key {key!r}: shape {list(arr.shape)} (after layout "

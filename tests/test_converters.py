@@ -6,6 +6,7 @@ import json
 import shutil
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -150,6 +151,7 @@ def _rewrite_tensor(d, key, fn):
     ("model.layers.1.self_attn.q_proj.weight", lambda w: w[:, :-1]),
     ("model.layers.0.block_sparse_moe.experts.2.w2.weight", lambda w: w.T),
     ("model.norm.weight", lambda w: w.astype(np.int32)),
+    ("model.layers.0.self_attn.k_proj.weight", lambda w: w.astype(ml_dtypes.float8_e4m3fn)),
 ])
 def test_wrong_shape_or_dtype(sharded_ckpt, tmp_path, key, fn):
     d = _copy(sharded_ckpt[0], tmp_path)
