@@ -269,3 +269,31 @@ def test_published_configs_parse(arch):
     _, shapes = expected_params(cfg, jnp.bfloat16)
     assert shapes[("layers", 0, "mlp", "experts", "gate_proj")][0] == (
         cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+
+
+def test_sharded_torch_bin_with_index(sharded_ckpt, tmp_path):
+    torch = pytest.importorskip("torch")
+    src, want = sharded_ckpt
+    d = tmp_path / "bin"
+    d.mkdir()
+    shutil.copy(src / "config.json", d / "config.json")
+    weight_map = {}
+    for shard in sorted(set(_index(src)["weight_map"].values())):
+        st = SafetensorsFile(src / shard)
+        name = shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+        torch.save({k: torch.from_numpy(np.array(st.get(k))) for k in st.keys()}, d / name)
+        weight_map.update({k: name for k in st.keys()})
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = load_hf(d, progress=False)
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(TOKENS))), want)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    hf = dict(MIXTRAL_JSON, tie_word_embeddings=True)
+    model = _random_model(hf, seed=2)
+    assert model.lm_head is None
+    export_hf(model, tmp_path / "tied")
+    assert "lm_head.weight" not in SafetensorsFile(tmp_path / "tied" / "model.safetensors").keys()
+    back = load_hf(tmp_path / "tied", progress=False)
+    np.testing.assert_array_equal(np.asarray(back(jnp.asarray(TOKENS))),
+                                  np.asarray(model(jnp.asarray(TOKENS))))
