@@ -75,9 +75,16 @@ def logical_weight_bytes(k, n, bits, group_size, rank):
 
 
 # -------------------------------------------------------------------------------------- timing
+ON_CPU = jax.devices()[0].platform == "cpu"   # dry run of this script: interpret mode, wall clock
+
+
 def cupti_us(fn, args, reps, iterations=10):
-    from jax.experimental.mosaic.gpu import profiler
     jax.block_until_ready(fn(*args))
+    if ON_CPU:
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        return (time.perf_counter() - t) * 1e6 / reps
+    from jax.experimental.mosaic.gpu import profiler
     _, ts = profiler.measure(fn, iterations=iterations)(*args)
     return statistics.median(ts) * 1e3 / reps
 
@@ -141,7 +148,7 @@ def torch_bf16_us(k, n, m, reps):
 
 
 def jax_copy_tbps():
-    a = jax.random.normal(jax.random.key(0), (1 << 28,), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (1 << (20 if ON_CPU else 28),), jnp.float32)
     f = jax.jit(lambda a: a * 1.0001)
     us = cupti_us(f, (a,), 1)
     return 2 * a.size * 4 / (us * 1e-6) / 1e12
@@ -160,6 +167,7 @@ def check_kernel(kw, x, y):
 
 
 def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=None):
+    """Time each impl (and kernel config) at every M; records carry the relative error too."""
     wbytes = logical_weight_bytes(k, n, bits, group_size, rank)
     reps = max(2, min(64, math.ceil(ROTATE_BYTES / wbytes)))
     keys = jax.random.split(jax.random.key(k * 7 + n + bits), reps)
@@ -171,14 +179,20 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
         for impl in impls:
             cfg_list = configs if (impl == "mgpu" and configs) else [None]
             for cfg in cfg_list:
-                name = impl if cfg is None else f"mgpu {cfg}"
+                name = impl if cfg is None else (
+                    f"mgpu bn{cfg.block_n} c{cfg.chunk_slots} s{cfg.stages} split{cfg.k_splits}"
+                    + ("" if cfg.overlap else " no-overlap"))
                 if impl == "mgpu" and m > 512:
                     continue
+                if impl == "dequant_dot" and m < 64:
+                    continue
                 try:
-                    one = lambda x, kw: api.matmul(x, kw, impl="kernel" if impl == "mgpu" else impl, config=cfg)
-                    y = jax.jit(one)(x, kws[0])
-                    err, fin = check_kernel(kws[0], x, y)
+                    # nested jit: the kernel is lowered once and called on every rotated buffer
+                    one = jax.jit(lambda x, kw: api.matmul(x, kw, impl="kernel" if impl == "mgpu" else impl,
+                                                       config=cfg, interpret=ON_CPU and impl == "mgpu"))
                     fn = jax.jit(lambda x, *ws: [one(x, w) for w in ws])
+                    ys = jax.block_until_ready(fn(x, *kws))
+                    err, fin = check_kernel(kws[0], x, ys[0])
                     us = cupti_us(fn, (x, *kws), reps)
                     bf = bf16_us.get(m)
                     record(op="quant_matmul", impl=name, shape=[k, n], m=m, bits=bits,
@@ -222,6 +236,48 @@ def bench_bf16(k, n, ms, ceil, use_torch):
     return out
 
 
+def native_checks():
+    """Kernel vs f32 dequant reference, per-channel scales, every bit width (1408 x 512: K padded).
+
+    (Groups 64 and 128 of every bit width are covered by tests/test_quant_matmul.py -m gpu.)
+    """
+    for bits in (2, 3, 4, 8):
+        for g in (None,):
+            for m, rank in ((3, 32),):
+                kw = random_kernel_weights(jax.random.key(bits * 100 + (g or 1)), 1408, 512, bits, g, rank)
+                x = jax.random.normal(jax.random.key(m), (m, 1408), jnp.float32).astype(jnp.bfloat16)
+                try:
+                    y = jax.jit(lambda x, kw: api.matmul(x, kw, impl="kernel", interpret=ON_CPU))(x, kw)
+                    err, fin = check_kernel(kw, x, y)
+                    log(f"CHECK bits={bits} g={g} m={m} rank={rank} relerr={err:.2e} finite={fin} {'OK' if err < 1e-2 and fin else 'BAD'}")
+                    RESULTS.append(dict(op="check", impl="mgpu", shape=[1408, 512], m=m, bits=bits,
+                                        group_size=g or "channel", rank=rank, relerr=err, finite=fin))
+                except Exception as e:
+                    log(f"CHECK bits={bits} g={g} FAILED {type(e).__name__}: {str(e)[:300]}")
+
+
+def run_final_plan(shapes, ms, ceil, use_torch, save, t0):
+    """The issue's table: first shape in full (kernel variants, ranks 0/32), others at decode M."""
+    k, n = shapes[0]
+    bf = bench_bf16(k, n, ms, ceil["copy_tbps"], use_torch)
+    ceil["bf16_tflops"] = max(r["tflops"] for r in RESULTS if r.get("impl") == "bf16_jnp_dot")
+    dec = [m for m in ms if m <= 256]
+    bench_quant(k, n, dec, 3, 64, 0, ["mgpu"], ceil["copy_tbps"], bf)
+    bench_quant(k, n, [m for m in ms if m >= 64], 3, 64, 0, ["dequant_dot"], ceil["copy_tbps"], bf)
+    bench_quant(k, n, [m for m in ms if m in (1, 16, 4096)], 3, 64, 32, ["mgpu", "dequant_dot"], ceil["copy_tbps"], bf)
+    variants = [mgpu_sm90.Config(chunk_slots=4, k_splits=2), mgpu_sm90.Config(chunk_slots=4, k_splits=4),
+                mgpu_sm90.Config(chunk_slots=8, k_splits=2)]
+    bench_quant(k, n, [m for m in ms if m in (1, 16)], 3, 64, 0, ["mgpu"], ceil["copy_tbps"], bf, variants)
+    log(f"  shape {k}x{n} done at {time.time() - t0:.0f}s")
+    save()
+    for k, n in shapes[1:]:
+        small = [m for m in ms if m in (1, 16)]
+        bf = bench_bf16(k, n, small, ceil["copy_tbps"], use_torch)
+        bench_quant(k, n, small, 3, 64, 0, ["mgpu"], ceil["copy_tbps"], bf)
+        log(f"  shape {k}x{n} done at {time.time() - t0:.0f}s")
+        save()
+
+
 def write_markdown(path, meta):
     lines = [f"# quant_matmul on {meta['device']} ({meta['date']}, jax {meta['jax']})", "",
              f"Command: `{meta['command']}`", "",
@@ -230,6 +286,10 @@ def write_markdown(path, meta):
              "", "| impl | K x N | M | bits | g | rank | us | TB/s | frac copy | TFLOP/s | vs bf16 | relerr |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in meta["records"]:
+        if r.get("op") == "check":
+            lines.append(f"| check {r['impl']} | {r['shape'][0]}x{r['shape'][1]} | {r['m']} | {r['bits']} | {r['group_size']} | "
+                         f"{r['rank']} | | | | | | {r['relerr']:.1e} |")
+            continue
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['shape'][0]}x{r['shape'][1]} | {r['m']} | {r['bits']} | {r['group_size']} | {r['rank']} | FAILED: {r['error'][:80]} |||||| ")
             continue
@@ -252,17 +312,21 @@ def main(argv=None):
     ap.add_argument("--impls", default="mgpu,dequant_dot")
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs (first shape only)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--check", action="store_true", help="native correctness of every bit width first")
+    ap.add_argument("--plan", default="final", choices=["final", "grid"],
+                    help="final: the issue's table with kernel variants on the first shape; grid: full product")
     args = ap.parse_args(argv)
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = MS if not args.ms else [int(v) for v in args.ms.split(",")]
     dev = jax.devices()[0]
     log("jax", jax.__version__, dev.device_kind)
     ceil = torch_ceilings() if not args.no_torch else {}
-    ceil["copy_tbps_jax"] = jax_copy_tbps()
+    ceil["copy_tbps_jax"] = jax_copy_tbps()  # one jnp elementwise pass over 1 GiB, read + write
     ceil["copy_tbps"] = max(ceil.get("copy_tbps_torch", 0), ceil["copy_tbps_jax"])
     log("ceilings", ceil)
     configs = None
     if args.tune:
+        args.plan = "grid"
         configs = []
         for bn in (64, 128):
             for chunk in (4, 8, 16):
@@ -270,6 +334,23 @@ def main(argv=None):
                     configs.append(mgpu_sm90.Config(block_n=bn, block_m=0, chunk_slots=chunk, stages=stages))
         configs.append(mgpu_sm90.Config(block_n=64, block_m=0, chunk_slots=8, stages=2, overlap=False))
     t0 = time.time()
+
+    def save():
+        meta = dict(device=dev.device_kind, date=datetime.date.today().isoformat(), jax=jax.__version__,
+                    command="python -m benchmarks.quant_matmul " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    ceilings=ceil, records=RESULTS)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(meta, fh, indent=1)
+        write_markdown(os.path.splitext(args.out)[0] + ".md", meta)
+        return meta
+
+    if args.check:
+        native_checks()
+        save()
+    if args.plan == "final":
+        run_final_plan(shapes, ms, ceil, not args.no_torch, save, t0)
+        shapes = []
     for k, n in shapes:
         bf = bench_bf16(k, n, ms, ceil["copy_tbps"], not args.no_torch)
         if (k, n) == shapes[0]:
@@ -280,15 +361,12 @@ def main(argv=None):
                     bench_quant(k, n, ms, bits, None if g == "channel" else int(g), rank,
                                 args.impls.split(","), ceil["copy_tbps"], bf, configs)
         log(f"  shape {k}x{n} done at {time.time() - t0:.0f}s")
-    meta = dict(device=dev.device_kind, date=datetime.date.today().isoformat(), jax=jax.__version__,
-                command="python -m benchmarks.quant_matmul " + " ".join(argv if argv is not None else sys.argv[1:]),
-                ceilings=ceil, records=RESULTS)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(meta, fh, indent=1)
-    write_markdown(os.path.splitext(args.out)[0] + ".md", meta)
+        save()
+    save()
     log("\n==== summary ====")
     for r in RESULTS:
+        if r.get("op") == "check":
+            continue
         if "error" in r:
             log(f"{r['impl'][:60]:60s} {r['shape']} m={r['m']:5d} r={r['rank']} FAILED {r['error'][:150]}")
         else:

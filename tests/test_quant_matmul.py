@@ -182,3 +182,13 @@ def test_kernel_native_gpu(bits, group_size):
             x = make_x(m, k, rng)
             y = api.matmul(x, kw, impl="kernel")
             assert rel_err(y, ref64(x, qt)) < TOL, (m, rank)
+
+
+@pytest.mark.parametrize("splits,rank", [(2, 16), (4, 0)])
+def test_kernel_interpret_split_k(splits, rank):
+    rng = _rng()
+    qt = make_weight(2048, 64, 3, 64, rank, rng)      # 4 tiles of 512 rows
+    x = make_x(3, 2048, rng)
+    cfg = mgpu_sm90.Config(chunk_slots=8, k_splits=splits)
+    err = rel_err(api.matmul(x, qt, interpret=True, config=cfg), ref64(x, qt))
+    assert err < TOL, err

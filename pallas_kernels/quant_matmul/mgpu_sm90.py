@@ -35,6 +35,7 @@ class Config:
     chunk_slots: int = 4       # slots dequantized per wgmma (chunk = chunk_slots * slab K rows)
     stages: int = 2            # pipeline depth (max_concurrent_steps)
     overlap: bool = True       # double-buffered A + wgmma_wait(1); False: wait after every chunk
+    k_splits: int = 1          # split K over this many CTAs (f32 partials summed by XLA)
 
 
 def default_config(m: int, kw: KernelWeights) -> Config:
@@ -83,11 +84,18 @@ def _swizzle_transforms(cols: int):
 @functools.lru_cache(maxsize=None)
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
           cfg: Config, interpret: bool):
-    """Return f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [m_pad, Rp], v_t [N, Rp]]) -> [N, m_pad]."""
+    """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [splits, m_pad, Rp], v_t [N, Rp]]) -> [splits*N, m_pad].
+
+    Output is bf16 for one split, else float32 partial sums (split i in rows i*N .. (i+1)*N).
+    """
     per = packing.slots_per_tile(bits)
     wps = packing.words_per_slab_row(bits)
     tile_rows = per * slab
-    steps = k_pad // tile_rows
+    steps_total = k_pad // tile_rows
+    splits = cfg.k_splits
+    if steps_total % splits:
+        raise ValueError(f"k_splits={splits} does not divide the {steps_total} K tiles")
+    steps = steps_total // splits
     bn, mb, chunk = cfg.block_n, cfg.block_m, cfg.chunk_slots
     if per % chunk:
         raise ValueError(f"chunk_slots={chunk} must divide the {per} slots of a {bits}-bit tile")
@@ -109,6 +117,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     # buffer parity must not repeat across a step boundary, so an odd chunk count waits at the end.
     overlap = cfg.overlap and nchunks % 2 == 0
     nbuf = 2 if overlap else 1
+    out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def kernel(*refs):
@@ -118,8 +127,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             codes, scales, zeros, x, out, a_buf, o_smem = refs
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
-        if comp:  # compensator operands arrive while the main loop runs
-            plgpu.copy_gmem_to_smem(xu.at[pl.ds(mi * mb, mb)], xu_smem, bar)
+        ki = lax.axis_index("k")
+        off = ki * steps                      # first K tile of this split
+        if comp:  # compensator operands arrive while the main loop runs (xu is zero for splits > 0)
+            plgpu.copy_gmem_to_smem(xu.at[ki, pl.ds(mi * mb, mb)], xu_smem, bar)
             plgpu.copy_gmem_to_smem(v_t.at[pl.ds(ni * bn, bn)], v_smem, bar)
 
         def body(_, *step_refs):
@@ -140,11 +151,11 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 _mma_xt(acc, buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
                 plgpu.wgmma_wait(1 if overlap else 0)
 
-        code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (ni, wps * s + p))) for p in range(wps)]
+        code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (ni, wps * (s + off) + p))) for p in range(wps)]
         in_specs = code_specs + [
-            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s), ni)),
-            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s), ni)),
-            plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s), transforms=tr,
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s + off), ni)),
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s + off), ni)),
+            plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s + off), transforms=tr,
                             delay_release=1 if overlap else 0),
         ]
         def compute(acc_ref):
@@ -169,13 +180,13 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             res = pl.run_scoped(compute_interpret, plgpu.SMEM((bn, mb), jnp.float32))
         else:
             res = pl.run_scoped(compute, plgpu.ACC((bn, mb), jnp.float32))
-        o_smem[...] = res.astype(jnp.bfloat16)
+        o_smem[...] = res.astype(out_dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ni * bn, bn), pl.ds(mi * mb, mb)])
+        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)])
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [plgpu.SMEM((nbuf, bn, chunk * slab), jnp.bfloat16, transforms=tr),
-               plgpu.SMEM((bn, mb), jnp.bfloat16)]
+               plgpu.SMEM((bn, mb), out_dtype)]
     if comp:
         scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
@@ -184,8 +195,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         extra = dict(interpret=InterpretGPUParams())
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((n, m_pad), jnp.bfloat16),
-                        grid=(n // bn, m_pad // mb), grid_names=("n", "m"), compiler_params=wg,
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, m_pad), out_dtype),
+                        grid=(n // bn, m_pad // mb, splits), grid_names=("n", "m", "k"), compiler_params=wg,
                         scratch_types=scratch, **extra)
 
 
@@ -210,7 +221,11 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
         rank_pad = kw.v_t.shape[1]
         xu = jnp.dot(xb, kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
         xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, m_pad - m), (0, rank_pad - kw.rank)))
+        # one slice per K split; only split 0 adds the compensator (the others multiply zeros)
+        xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))
         args += [xu, kw.v_t]
     f = build(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg, bool(interpret))
-    out_t = f(*args)                                                   # [N, m_pad]
+    out_t = f(*args)                                       # [k_splits * N, m_pad]
+    if cfg.k_splits > 1:
+        out_t = out_t.reshape(cfg.k_splits, kw.n, m_pad).sum(0).astype(jnp.bfloat16)
     return out_t[:, :m].T
