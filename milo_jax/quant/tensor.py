@@ -80,8 +80,9 @@ class QuantizedTensor:
         z = self.zeros.astype(jnp.float32)[..., :, None, :]
         w = (s * (q - z)).reshape(self.shape)
         if compensator and self.u is not None:
-            w = w + jnp.matmul(self.u.astype(jnp.float32), self.v.astype(jnp.float32),
-                               precision=jax.lax.Precision.HIGHEST)
+            # u / v may be arrays, quantized or ragged factors (milo_jax.quant.compensator)
+            from milo_jax.quant.compensator import low_rank_product
+            w = w + low_rank_product(self.u, self.v)
         return w.astype(jnp.dtype(dtype or self.dtype))
 
     # ---- memory accounting ----
