@@ -82,12 +82,13 @@ def parse_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelCon
     mt = hf.get("model_type")
     if mt not in MODEL_TYPES:
         raise _err(source, f"model_type {mt!r} is not a DeepSeek type {MODEL_TYPES}")
+    if hf.get("quantization_config") is not None:
+        raise _err(source, "quantization_config is set (FP8 DeepSeek-V3/R1): convert the checkpoint "
+                           "first with converters.arch_deepseek.dequantize_fp8_checkpoint(src, dst)")
     unknown = sorted(set(hf) - IGNORED - ALLOWED[mt])
     if unknown:
         raise _err(source, f"fields {unknown} are not supported for model_type {mt!r} "
                            "(refused rather than ignored because they may change the math)")
-    if hf.get("quantization_config") is not None:
-        raise _err(source, "quantization_config is set (e.g. FP8 DeepSeek-V3): dequantize first")
 
     def req(name):
         if hf.get(name) is None:
@@ -268,3 +269,112 @@ _ARCH_CLASSES = {"deepseek": ("DeepseekForCausalLM",), "deepseek_v2": ("Deepseek
 for _mt in MODEL_TYPES:
     register_arch(DeepseekArchSpec(_mt, parse_config, _rules(), ignore=IGNORE,
                                    architectures=_ARCH_CLASSES[_mt]))
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-V3 / R1 ship FP8 weights: `X.weight` float8_e4m3fn [out, in] with a per-block
+# `X.weight_scale_inv` float32 [ceil(out/bm), ceil(in/bn)] (quantization_config.weight_block_size
+# = [bm, bn]); W = fp8 * scale_inv[row // bm, col // bn]. load_hf refuses such configs; convert the
+# checkpoint once with `dequantize_fp8_checkpoint`, shard by shard (peak memory ~ one shard).
+
+FP8_SCALE_SUFFIX = "_scale_inv"
+
+
+def dequantize_fp8_block(weight, scale_inv, block: tuple) -> "np.ndarray":
+    """float8 [out, in] * float32 per-block scales [ceil(out/bm), ceil(in/bn)] -> float32 [out, in]."""
+    import numpy as np
+
+    bm, bn = block
+    out_f, in_f = weight.shape
+    want = (-(-out_f // bm), -(-in_f // bn))
+    if tuple(scale_inv.shape) != want:
+        raise CheckpointError(f"fp8 scale of shape {list(scale_inv.shape)} does not match weight "
+                              f"{list(weight.shape)} with blocks {list(block)} (expected {list(want)})")
+    s = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), bm, 0), bn, 1)[:out_f, :in_f]
+    return np.asarray(weight).astype(np.float32) * s
+
+
+def dequantize_fp8_checkpoint(src: str, dst: str, dtype: str = "bfloat16") -> str:
+    """Writes a copy of the FP8 checkpoint directory `src` to `dst` with every FP8 weight
+    dequantized to `dtype` ("bfloat16" or "float32"), the scales dropped, and quantization_config
+    removed from config.json. Other files (tokenizer, generation config) are copied. Returns dst."""
+    import json
+    import os
+    import shutil
+
+    import ml_dtypes
+    import numpy as np
+
+    from converters.hf import find_weight_files
+    from converters.safetensors_io import SafetensorsFile, write_safetensors
+
+    out_dt = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}.get(dtype)
+    if out_dt is None:
+        raise ValueError(f"dequantize_fp8_checkpoint: dtype must be bfloat16 or float32, got {dtype!r}")
+    cfg_path = os.path.join(src, "config.json")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    q = hf.get("quantization_config") or {}
+    if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(f"{cfg_path}: quantization_config {q!r} is not block FP8 (e4m3)")
+    block = tuple(int(b) for b in q.get("weight_block_size") or ())
+    if len(block) != 2 or min(block) < 1:
+        raise CheckpointError(f"{cfg_path}: weight_block_size {q.get('weight_block_size')!r} must "
+                              "be [rows, cols]")
+    kind, files = find_weight_files(src)
+    if kind != "safetensors":
+        raise CheckpointError(f"{src}: FP8 dequantization reads safetensors checkpoints only")
+    os.makedirs(dst, exist_ok=True)
+    if os.listdir(dst):
+        raise CheckpointError(f"{dst}: output directory is not empty")
+
+    # where every key lives, so a scale stored in another shard than its weight is still found
+    opened = {p: SafetensorsFile(p) for p in files}
+    home = {k: p for p, f in opened.items() for k in f.keys()}
+    weight_map, total = {}, 0
+    try:
+        for path, f in opened.items():
+            out = {}
+            for key in f.keys():
+                if key.endswith(FP8_SCALE_SUFFIX):
+                    if key[: -len(FP8_SCALE_SUFFIX)] not in home:
+                        raise CheckpointError(f"{path}: scale {key!r} has no weight")
+                    continue
+                arr = f.get(key)
+                if arr.dtype == np.dtype(ml_dtypes.float8_e4m3fn):
+                    skey = key + FP8_SCALE_SUFFIX
+                    if skey not in home:
+                        raise CheckpointError(f"{path}: FP8 tensor {key!r} has no {skey!r}")
+                    if arr.ndim != 2:
+                        raise CheckpointError(f"{path}: FP8 tensor {key!r} is not 2-D")
+                    try:
+                        arr = dequantize_fp8_block(arr, opened[home[skey]].get(skey), block)
+                    except CheckpointError as e:
+                        raise CheckpointError(f"{path}: {key!r}: {e}") from None
+                    out[key] = arr.astype(out_dt)
+                elif arr.dtype.kind == "V" or arr.dtype.kind == "f":
+                    # keep float32 tensors (e.g. e_score_correction_bias) as they are
+                    out[key] = arr if arr.dtype == np.float32 else arr.astype(out_dt)
+                else:
+                    out[key] = np.array(arr)
+            name = os.path.basename(path)
+            write_safetensors(os.path.join(dst, name), out)
+            total += sum(a.nbytes for a in out.values())
+            weight_map.update({k: name for k in out})
+    finally:
+        for f in opened.values():
+            f.close()
+    if len(files) > 1 or os.path.isfile(os.path.join(src, "model.safetensors.index.json")):
+        with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf = dict(hf)
+    hf.pop("quantization_config")
+    hf["torch_dtype"] = dtype
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    for name in os.listdir(src):
+        full = os.path.join(src, name)
+        if (os.path.isfile(full) and not name.endswith(".safetensors")
+                and name not in ("config.json", "model.safetensors.index.json")):
+            shutil.copy2(full, os.path.join(dst, name))
+    return dst

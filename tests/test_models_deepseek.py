@@ -223,17 +223,18 @@ def test_mla_quantized_kv_b_absorb_matches_expand(tmp_path):
     attn = model.layers[1].attn
     x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 5, 48)), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
-    dense_out, _ = attn(x, pos)
+    dense_out, _ = jax.jit(lambda x, pos: mla.mla_attention(attn._params(), x, pos, attn.spec))(x, pos)
     w = attn.kv_b_proj.kernel.get_value()
     attn.kv_b_proj.kernel.set_value(__import__("milo_jax").quantize_tensor(w, bits=4, group_size=None))
     params = attn._params()
     outs = {}
     for absorb in ("never", "always"):
         spec = dataclasses.replace(attn.spec, absorb=absorb)
-        outs[absorb], _ = mla.mla_attention(params, x, pos, spec)
+        run = jax.jit(lambda p, x, pos, c, spec=spec: mla.mla_attention(p, x, pos, spec, c))
+        outs[absorb], _ = run(params, x, pos, None)
         cache = mla.init_mla_cache(spec, 2, 8)
-        cached, cache = mla.mla_attention(params, x[:, :3], pos[:, :3], spec, cache)
-        step, _ = mla.mla_attention(params, x[:, 3:], pos[:, 3:], spec, cache)
+        cached, cache = run(params, x[:, :3], pos[:, :3], cache)
+        step, _ = run(params, x[:, 3:], pos[:, 3:], cache)
         np.testing.assert_allclose(np.concatenate([cached, step], 1), outs[absorb], atol=2e-5)
     np.testing.assert_allclose(outs["always"], outs["never"], atol=2e-5)
     assert np.abs(np.asarray(outs["never"]) - np.asarray(dense_out)).max() > 1e-4
@@ -256,17 +257,96 @@ def test_deepseek_v2_generate_ragged_prompts(tmp_path):
 
 def test_deepseek_v3_bfloat16_load_runs_close(tmp_path):
     """bf16 load: weights bf16, the routing bias stays float32 (as in transformers), logits stay
-    close to the float32 model's and the cached decode runs."""
+    close to the float32 reference and the cached decode runs."""
     tm = _torch_model("v3", CASES["v3_yarn"][1])
     tm.save_pretrained(tmp_path)
-    m32 = load_hf(str(tmp_path), dtype=jnp.float32, progress=False)
     m16 = load_hf(str(tmp_path), dtype=jnp.bfloat16, progress=False)
     router = m16.layers[1].mlp.router
     assert router.e_score_correction_bias.get_value().dtype == jnp.float32
     assert m16.layers[1].attn.kv_b_proj.kernel.get_value().dtype == jnp.bfloat16
     tokens = np.random.default_rng(6).integers(0, VOCAB, size=(2, 8))
-    l32, l16 = jax_logits(m32, tokens), jax_logits(m16, tokens)
+    with torch.no_grad():
+        l32 = tm(torch.as_tensor(tokens)).logits.numpy()
+    l16 = jax_logits(m16, tokens)
     assert l16.dtype == np.float32 and np.isfinite(l16).all()
     # transformers' own bf16 model is off by ~6% (mean abs) on this random model; allow 10%
     assert np.abs(l16 - l32).mean() < 0.10 * np.abs(l32).mean()
     assert jax_greedy(m16, tokens[:, :4], 4).shape == (2, 4)
+
+
+def _fp8_block_quantize(w: np.ndarray, block):
+    """float32 [out, in] -> (float8_e4m3fn [out, in], float32 scale_inv [ceil(out/bm), ceil(in/bn)])."""
+    import ml_dtypes
+
+    bm, bn = block
+    o, i = w.shape
+    so, si = -(-o // bm), -(-i // bn)
+    padded = np.zeros((so * bm, si * bn), np.float32)
+    padded[:o, :i] = w
+    amax = np.abs(padded.reshape(so, bm, si, bn)).max(axis=(1, 3))
+    scale = np.maximum(amax, 1e-12) / 448.0
+    q = (w / np.repeat(np.repeat(scale, bm, 0), bn, 1)[:o, :i]).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale.astype(np.float32)
+
+
+def test_deepseek_v3_fp8_checkpoint_dequantized(tmp_path):
+    """An FP8 block-quantized V3 checkpoint (two shards, one scale stored away from its weight) is
+    refused by load_hf, converted by dequantize_fp8_checkpoint, and then matches transformers
+    running the same dequantized weights."""
+    from safetensors.numpy import load_file
+
+    from converters.arch_deepseek import dequantize_fp8_block, dequantize_fp8_checkpoint
+    from converters.safetensors_io import write_safetensors
+
+    block = (16, 16)
+    tm = _torch_model("v3", CASES["v3_yarn"][1])
+    tm.save_pretrained(tmp_path / "orig")
+    sd = load_file(str(tmp_path / "orig" / "model.safetensors"))
+    fp8 = {}
+    for k, v in sd.items():
+        quantize = (k.endswith("_proj.weight") or k.endswith("kv_a_proj_with_mqa.weight"))
+        if quantize:
+            q, s = _fp8_block_quantize(v, block)
+            fp8[k], fp8[k + "_scale_inv"] = q, s
+            sd[k] = dequantize_fp8_block(q, s, block)   # what the converted checkpoint will hold
+        else:
+            fp8[k] = v
+    # the torch reference: the same dequantized weights, read back by transformers
+    from safetensors.numpy import save_file
+    save_file(sd, str(tmp_path / "orig" / "model.safetensors"))
+    tm = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "orig"),
+                                                           dtype=torch.float32).eval()
+
+    src = tmp_path / "fp8"
+    src.mkdir()
+    keys = sorted(fp8)
+    moved = "model.layers.1.self_attn.kv_b_proj.weight_scale_inv"
+    shard1 = {k: fp8[k] for k in keys if k.startswith("model.layers.1.") and k != moved}
+    shard2 = {k: fp8[k] for k in keys if k not in shard1}
+    weight_map = {}
+    for name, part in (("model-00001-of-00002.safetensors", shard1),
+                       ("model-00002-of-00002.safetensors", shard2)):
+        write_safetensors(str(src / name), part)
+        weight_map.update({k: name for k in part})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    hf = json.loads((tmp_path / "orig" / "config.json").read_text())
+    hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                 "quant_method": "fp8", "weight_block_size": list(block)}
+    (src / "config.json").write_text(json.dumps(hf))
+
+    with pytest.raises(CheckpointError, match="dequantize_fp8_checkpoint"):
+        load_hf(str(src), progress=False)
+    dst = dequantize_fp8_checkpoint(str(src), str(tmp_path / "deq"), dtype="float32")
+    model = load_hf(dst, progress=False)
+    tokens = np.random.default_rng(8).integers(0, VOCAB, size=(2, 7))
+    with torch.no_grad():
+        ref = tm(torch.as_tensor(tokens)).logits.numpy()
+    assert np.abs(jax_logits(model, tokens) - ref).max() <= 1e-4
+    # bf16 output (the default) holds the same weights up to bf16 rounding
+    dst16 = dequantize_fp8_checkpoint(str(src), str(tmp_path / "deq16"))
+    w16 = load_file(str(tmp_path / "deq16" / "model-00001-of-00002.safetensors"))
+    k = "model.layers.1.self_attn.kv_b_proj.weight"
+    np.testing.assert_allclose(w16[k].astype(np.float32), sd[k], rtol=1e-2, atol=1e-6)
+    assert json.loads((tmp_path / "deq16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert "quantization_config" not in json.loads((tmp_path / "deq16" / "config.json").read_text())
+    assert dst16

@@ -139,10 +139,11 @@ def reference_logits(sd_np, cfg, tokens):
             topw, topi = torch.topk(scores, k, dim=-1)
             if k > 1 and cfg["norm_topk_prob"]:
                 topw = topw / (topw.sum(-1, keepdim=True) + 1e-20)
-            y = torch.zeros_like(flat)
-            for t in range(flat.shape[0]):
-                for j in range(k):
-                    y[t] += topw[t, j] * _mlp(flat[t], sd, p + f"mlp.experts.{int(topi[t, j])}.")
+            # every expert on every token, weighted by the (zero outside the top-k) gate
+            combine = torch.zeros_like(scores).scatter(1, topi, topw)           # [T, E]
+            outs = torch.stack([_mlp(flat, sd, p + f"mlp.experts.{e}.")
+                                for e in range(cfg["n_routed_experts"])], 1)   # [T, E, H]
+            y = (combine[..., None] * outs).sum(1)
             y = y + _mlp(flat, sd, p + "mlp.shared_experts.")
             h = h + y.view(B, S, H)
         else:
