@@ -217,7 +217,7 @@ def test_mla_quantized_kv_b_absorb_matches_expand(tmp_path):
 
     from milo_jax.models import mla
 
-    tm = _torch_model("v3", CASES["v3_plain"][1])
+    tm = _torch_model("v3", CASES["v3_yarn"][1])
     tm.save_pretrained(tmp_path)
     model = load_hf(str(tmp_path), progress=False)
     attn = model.layers[1].attn
@@ -237,6 +237,9 @@ def test_mla_quantized_kv_b_absorb_matches_expand(tmp_path):
         step, _ = run(params, x[:, 3:], pos[:, 3:], cache)
         np.testing.assert_allclose(np.concatenate([cached, step], 1), outs[absorb], atol=2e-5)
     np.testing.assert_allclose(outs["always"], outs["never"], atol=2e-5)
+    # RoPE (YaRN included) is relative: shifting every position leaves the output unchanged
+    shifted, _ = run(params, x, pos + 7, None)
+    np.testing.assert_allclose(shifted, outs["always"], atol=2e-5)
     assert np.abs(np.asarray(outs["never"]) - np.asarray(dense_out)).max() > 1e-4
 
 

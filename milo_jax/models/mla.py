@@ -107,8 +107,9 @@ def mla_attention(
 ) -> tuple[jnp.ndarray, Optional[dict]]:
     """x [B, S, D], positions [B, S] int -> (out [B, S, D], new cache or None).
 
-    Without a cache, attention is causal within x (query s sees keys t <= s). With a cache, the new
-    latents are written at slot == position and a query at position p sees slots j <= p.
+    Without a cache, x's own tokens are the keys and a query at position p sees those at positions
+    <= p (causal for increasing positions). With a cache, the new latents are written at
+    slot == position and a query at position p sees slots j <= p.
     """
     B, S, _ = x.shape
     H, dn, dr, dv, C = (spec.num_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim,
@@ -141,7 +142,7 @@ def mla_attention(
     else:
         all_latent, all_k_rope = latent, k_rope
         T = S
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((S, S), bool))[None], (B, S, S))
+        mask = positions[:, None, :] <= positions[:, :, None]              # key pos <= query pos
 
     absorb = spec.absorb == "always" or (spec.absorb == "decode" and cache is not None and S == 1)
     scale = spec.softmax_scale
@@ -158,7 +159,7 @@ def mla_attention(
         scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=f32, precision=prec)
                   + jnp.einsum("bshr,btr->bhst", q_rope, all_k_rope, preferred_element_type=f32, precision=prec))
     scores = scores * scale
-    scores = jnp.where(mask[:, None, :, :], scores, -jnp.inf)
+    scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)  # no NaN rows
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     if absorb:
         o_lat = jnp.einsum("bhst,btc->bshc", probs, all_latent, precision=prec)
