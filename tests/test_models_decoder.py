@@ -19,6 +19,9 @@ CFG = ModelConfig(model_type="qwen2_moe", vocab_size=64, hidden_size=32, num_hid
                   mlp_kinds=("moe", "dense"))
 
 
+_FWD = nnx.jit(lambda m, t: m(t))   # compiled once per model structure
+
+
 @pytest.fixture(scope="module")
 def model():
     return MoECausalLM(CFG, rngs=nnx.Rngs(0))
@@ -46,7 +49,7 @@ def test_rows_at_different_positions_match_full_forward(model):
     _, cache = step(jnp.asarray(prompts), pos, cache)
     nxt = tokens[np.arange(3), lengths]                   # each row's next true token
     logits, cache = step(jnp.asarray(nxt[:, None]), jnp.asarray(lengths, jnp.int32)[:, None], cache)
-    full = np.asarray(model(jnp.asarray(tokens)))   # causal: position n sees tokens[:n + 1] only
+    full = np.asarray(_FWD(model, jnp.asarray(tokens)))   # causal: position n sees tokens[:n + 1] only
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(np.asarray(logits[b, 0]), full[b, n], atol=1e-5)
     # the new key went into slot == position, per row
@@ -56,16 +59,17 @@ def test_rows_at_different_positions_match_full_forward(model):
 
 def test_positions_without_cache_shift_rope(model):
     t = jnp.asarray(np.random.RandomState(1).randint(0, 64, (1, 5)))
-    base = model(t)
-    same = model(t, positions=jnp.arange(5, dtype=jnp.int32)[None])
+    fwd = nnx.jit(lambda m, t, p: m(t, positions=p))
+    base = _FWD(model, t)
+    same = fwd(model, t, jnp.arange(5, dtype=jnp.int32)[None])
     np.testing.assert_allclose(np.asarray(base), np.asarray(same), atol=1e-6)
     # a uniform shift of all positions leaves relative RoPE attention unchanged
-    shifted = model(t, positions=jnp.arange(5, dtype=jnp.int32)[None] + 11)
+    shifted = fwd(model, t, jnp.arange(5, dtype=jnp.int32)[None] + 11)
     np.testing.assert_allclose(np.asarray(base), np.asarray(shifted), atol=1e-4)
 
 
-def test_bf16_model_and_cache():
-    m32 = MoECausalLM(CFG, rngs=nnx.Rngs(0))
+def test_bf16_model_and_cache(model):
+    m32 = model
     m = nnx.eval_shape(lambda: MoECausalLM(CFG, dtype=jnp.bfloat16))
     nnx.update(m, jax.tree.map(lambda a: a.astype(jnp.bfloat16), nnx.state(m32, nnx.Param)))
     assert m.layers[0].mlp.experts.down_proj.get_value().dtype == jnp.bfloat16
@@ -74,7 +78,7 @@ def test_bf16_model_and_cache():
     assert cache[1]["v"].dtype == jnp.bfloat16
     logits, _ = _step_fn(m)(t, jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (2, 4)), cache)
     assert logits.dtype == jnp.float32
-    ref = np.asarray(m32(t))
+    ref = np.asarray(_FWD(m32, t))
     assert np.abs(np.asarray(logits) - ref).max() < 0.05 * np.abs(ref).max() + 0.05
 
 
@@ -91,14 +95,13 @@ def test_quantized_params_under_jit_match_dequantized_model(model):
     weights as plain arrays (both the dense and the gathered expert paths)."""
     from milo_jax import QuantizedTensor, quantize_tensor
 
-    qmodel = MoECausalLM(CFG, rngs=nnx.Rngs(0))
-    ref = MoECausalLM(CFG, rngs=nnx.Rngs(0))
+    qmodel, ref = nnx.clone(model), nnx.clone(model)
     moe = qmodel.layers[0].mlp
     params = [moe.experts.gate_proj, moe.experts.up_proj,
               qmodel.layers[1].attn.q_proj.kernel, moe.shared_expert.up_proj.kernel,
               moe.router.gate.kernel]
     for p in params:
-        p.set_value(quantize_tensor(p.get_value(), bits=3, group_size=None))
+        p.set_value(quantize_tensor(p.get_value(), bits=3, group_size=None, method="rtn"))
     qstate = nnx.state(qmodel, nnx.Param)
     assert any(isinstance(v, QuantizedTensor)
                for v in jax.tree.leaves(qstate, is_leaf=lambda x: isinstance(x, QuantizedTensor)))
@@ -106,11 +109,12 @@ def test_quantized_params_under_jit_match_dequantized_model(model):
                          qstate, is_leaf=lambda x: isinstance(x, QuantizedTensor))
     nnx.update(ref, dense)
     t = jnp.asarray(np.random.RandomState(3).randint(0, 64, (2, 5)))
-    np.testing.assert_allclose(np.asarray(qmodel(t)), np.asarray(ref(t)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, t: m(t))(qmodel, t)),
+                               np.asarray(_FWD(ref, t)), atol=1e-5)
     # decode: 2 rows x top-2 < 8 experts -> gathered (quantized) expert weights
     step = _step_fn(qmodel)
     pos = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
     _, cache = step(t, pos, qmodel.init_cache(2, 8))
     got, _ = step(t[:, :1], jnp.full((2, 1), 5, jnp.int32), cache)
-    want = ref(jnp.concatenate([t, t[:, :1]], axis=1))[:, -1]
+    want = _FWD(ref, jnp.concatenate([t, t[:, :1]], axis=1))[:, -1]
     np.testing.assert_allclose(np.asarray(got[:, 0]), np.asarray(want), atol=1e-5)

@@ -20,7 +20,7 @@ def _rand(key, shape):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_linear_matches_numpy(quantized):
     x, w, b = _rand(1, (3, 5, 64)), _rand(2, (64, 24)), _rand(3, (24,))
-    wq = quantize_tensor(w, bits=3, group_size=32) if quantized else w
+    wq = quantize_tensor(w, bits=3, group_size=32, method="rtn") if quantized else w
     dense = np.asarray(wq.dequantize(jnp.float32)) if quantized else np.asarray(w)
     want = np.asarray(x, np.float64) @ dense.astype(np.float64) + np.asarray(b)
     got = np.asarray(linear(x, wq, b))
@@ -32,7 +32,7 @@ def test_linear_matches_numpy(quantized):
 def test_expert_variants_agree_with_per_expert_matmul(quantized):
     e, t, k, n, top = 4, 6, 64, 16, 2
     w = _rand(4, (e, k, n))
-    wq = quantize_tensor(w, bits=3, group_size=32) if quantized else w
+    wq = quantize_tensor(w, bits=3, group_size=32, method="rtn") if quantized else w
     dense = np.asarray(wq.dequantize(jnp.float32)) if quantized else np.asarray(w)
     x = _rand(5, (e, t, k))
     got = np.asarray(expert_linear(x, wq))
