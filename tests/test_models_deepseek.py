@@ -45,10 +45,10 @@ CASES = {
                                   n_shared_experts=2, topk_method="greedy",
                                   routed_scaling_factor=1.0,
                                   rope_scaling=dict(YARN, mscale=1.0))),
-    # V2 layout: q_lora, group_limited_greedy, scaled.
+    # V2 layout: q_lora, group_limited_greedy, scaled; attention_bias (q_a, kv_a and o biases).
     "v2_group": ("v2", dict(q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
                             topk_group=2, n_shared_experts=1, topk_method="group_limited_greedy",
-                            routed_scaling_factor=16.0)),
+                            routed_scaling_factor=16.0, attention_bias=True)),
 }
 
 
