@@ -184,12 +184,12 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
                     + ("" if cfg.overlap else " no-overlap"))
                 if impl == "mgpu" and m > 512:
                     continue
-                if impl == "dequant_dot" and m < 64:
+                if "dequant_dot" in impl and m < 64:
                     continue
                 try:
                     # nested jit: the kernel is lowered once and called on every rotated buffer
                     one = jax.jit(lambda x, kw: api.matmul(x, kw, impl="kernel" if impl == "mgpu" else impl,
-                                                       config=cfg, interpret=ON_CPU and impl == "mgpu"))
+                                                       config=cfg, interpret=ON_CPU and "mgpu" in impl))
                     fn = jax.jit(lambda x, *ws: [one(x, w) for w in ws])
                     ys = jax.block_until_ready(fn(x, *kws))
                     err, fin = check_kernel(kws[0], x, ys[0])
@@ -263,7 +263,7 @@ def run_final_plan(shapes, ms, ceil, use_torch, save, t0):
     ceil["bf16_tflops"] = max(r["tflops"] for r in RESULTS if r.get("impl") == "bf16_jnp_dot")
     dec = [m for m in ms if m <= 256]
     bench_quant(k, n, dec, 3, 64, 0, ["mgpu"], ceil["copy_tbps"], bf)
-    bench_quant(k, n, [m for m in ms if m >= 64], 3, 64, 0, ["dequant_dot"], ceil["copy_tbps"], bf)
+    bench_quant(k, n, [m for m in ms if m >= 64], 3, 64, 0, ["mgpu_dequant_dot", "dequant_dot"], ceil["copy_tbps"], bf)
     bench_quant(k, n, [m for m in ms if m in (1, 16, 4096)], 3, 64, 32, ["mgpu", "dequant_dot"], ceil["copy_tbps"], bf)
     variants = [mgpu_sm90.Config(chunk_slots=4, k_splits=2), mgpu_sm90.Config(chunk_slots=4, k_splits=4),
                 mgpu_sm90.Config(chunk_slots=8, k_splits=2)]

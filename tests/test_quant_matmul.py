@@ -192,3 +192,14 @@ def test_kernel_interpret_split_k(splits, rank):
     cfg = mgpu_sm90.Config(chunk_slots=8, k_splits=splits)
     err = rel_err(api.matmul(x, qt, interpret=True, config=cfg), ref64(x, qt))
     assert err < TOL, err
+
+
+@pytest.mark.parametrize("bits,group_size,k,rank", [(3, 64, 640, 16), (8, None, 256, 0)])
+def test_mgpu_dequant_dot_interpret(bits, group_size, k, rank):
+    """Prefill path through the Mosaic GPU dequantize kernel (interpret mode), against float64."""
+    rng = _rng()
+    qt = make_weight(k, 128, bits, group_size, rank, rng)
+    x = make_x(70, k, rng)
+    y = api.matmul(x, layout.prepare(qt), impl="mgpu_dequant_dot", interpret=True)
+    assert y.shape == (70, 128)
+    assert rel_err(y, ref64(x, qt)) < TOL

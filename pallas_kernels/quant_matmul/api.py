@@ -60,7 +60,9 @@ def matmul(x: jax.Array, qt, *, interpret: bool | None = None, impl: str | None 
            config: mgpu_sm90.Config | None = None) -> jax.Array:
     """x [..., M, K] @ W_hat [K, N] (+ compensator) -> bf16 [..., M, N], float32 accumulation.
 
-    impl: None (auto), "kernel" (Mosaic GPU, native or interpreted), "dequant_dot", "reference".
+    impl: None (auto), "kernel" (Mosaic GPU, native or interpreted), "dequant_dot" (XLA dequantize
+    + bf16 dot), "mgpu_dequant_dot" (Mosaic GPU dequantize kernel + bf16 dot; not yet measured on a
+    GPU, so never picked automatically), "reference".
     Raises ValueError for weights the kernel cannot take (N not a multiple of 64, rank > 128,
     non-planar layout) when impl="kernel" is forced; auto mode falls back to the reference.
     """
@@ -84,7 +86,7 @@ def matmul(x: jax.Array, qt, *, interpret: bool | None = None, impl: str | None 
             y = _dequant_dot(x2, qt)
         else:
             y = reference.matmul_reference(x2, qt)
-    elif impl in ("kernel", "dequant_dot"):
+    elif impl in ("kernel", "dequant_dot", "mgpu_dequant_dot"):
         try:
             kw = layout.prepare(qt)
         except ValueError:
@@ -93,6 +95,8 @@ def matmul(x: jax.Array, qt, *, interpret: bool | None = None, impl: str | None 
             return reference.matmul_reference(x2, qt).reshape(*lead, qt.n)
         if impl == "kernel":
             y = mgpu_sm90.matmul_mgpu(x2, kw, config=config, interpret=bool(interpret))
+        elif impl == "mgpu_dequant_dot":
+            y = mgpu_sm90.dequant_dot_mgpu(x2, kw, interpret=bool(interpret))
         else:
             y = _dequant_dot(x2, kw)
     else:

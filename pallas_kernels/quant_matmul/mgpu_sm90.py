@@ -252,3 +252,88 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
     if cfg.k_splits > 1:
         out_t = out_t.reshape(cfg.k_splits, kw.n, m_pad).sum(0).astype(jnp.bfloat16)
     return out_t[:, :m].T
+
+
+# ------------------------------------------------------------------------------------------
+# Dequantize-only kernel for the prefill path: W_hat^T [N, Kp] bf16, then a bf16 GEMM.
+# NOT YET MEASURED on a GPU (written after the device budget was spent; interpret-mode tested).
+# It reuses the decode kernel's unpack body and writes each dequantized chunk back through TMA.
+@functools.lru_cache(maxsize=None)
+def build_dequant(bits: int, slab: int, group_rows: int, k_pad: int, n: int, chunk: int,
+                  interpret: bool, block_n: int = 64, stages: int = 2):
+    """f(codes, scales, zeros) -> W_hat^T [N, k_pad] bf16 (padded K rows included)."""
+    per = packing.slots_per_tile(bits)
+    wps = packing.words_per_slab_row(bits)
+    tile_rows = per * slab
+    steps = k_pad // tile_rows
+    bn = block_n
+    if per % chunk:
+        chunk = per
+    nchunks = per // chunk
+    if group_rows >= tile_rows:
+        g_block = 1
+        scale_index = (lambda s: (s * tile_rows) // group_rows) if group_rows != k_pad else (lambda s: 0 * s)
+    else:
+        g_block = tile_rows // group_rows
+        scale_index = lambda s: s
+    tr = _swizzle_transforms(slab)
+    wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+    def kernel(codes, scales, zeros, out, a_buf):
+        ni = lax.axis_index("n")
+
+        def body(idx, *step_refs):
+            (s,) = idx
+            planes = [r[...] for r in step_refs[:wps]]
+            s_ref, z_ref = step_refs[wps:]
+            for c in range(nchunks):
+                buf = a_buf.at[c % 2]
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # buf's previous store has read it
+                for jj in range(chunk):
+                    j = c * chunk + jj
+                    g = (j * slab) // group_rows if g_block > 1 else 0
+                    sc = s_ref[g, :].astype(jnp.float32)
+                    bc = -(z_ref[g, :].astype(jnp.float32) * sc)
+                    q = _unpack_slot(planes, bits, j).astype(jnp.int32).astype(jnp.float32)
+                    d = q * lax.broadcast_in_dim(sc, (bn, slab), (0,)) + lax.broadcast_in_dim(bc, (bn, slab), (0,))
+                    buf[:, pl.ds(jj * slab, slab)] = d.astype(jnp.bfloat16)
+                plgpu.commit_smem()
+                k0 = s * tile_rows + c * chunk * slab
+                plgpu.copy_smem_to_gmem(buf, out.at[pl.ds(ni * bn, bn), pl.ds(k0, chunk * slab)])
+
+        in_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (ni, wps * s + p))) for p in range(wps)]
+        in_specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s), ni))] * 2
+        plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages)(
+            *([codes] * wps), scales, zeros)
+        plgpu.wait_smem_to_gmem(0)
+
+    extra = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        extra = dict(interpret=InterpretGPUParams())
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((n, k_pad), jnp.bfloat16),
+                        grid=(n // bn,), grid_names=("n",), compiler_params=wg,
+                        scratch_types=[plgpu.SMEM((2, bn, chunk * slab), jnp.bfloat16, transforms=tr)],
+                        **extra)
+
+
+def dequantize_mgpu(kw: KernelWeights, *, interpret: bool = False) -> jax.Array:
+    """W_hat^T [N, k_pad] bf16 through the dequantize kernel (rows k >= K are padding)."""
+    per = packing.slots_per_tile(kw.bits)
+    chunk = max(1, min(per, 128 // kw.slab))
+    f = build_dequant(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, chunk, bool(interpret))
+    return f(kw.codes, kw.scales, kw.zeros)
+
+
+def dequant_dot_mgpu(x: jax.Array, kw: KernelWeights, *, interpret: bool = False) -> jax.Array:
+    """Prefill path: y = x @ W_hat (+ (x @ u) @ v) with W_hat^T from `dequantize_mgpu`, bf16 GEMM."""
+    m, k = x.shape
+    xb = x.astype(jnp.bfloat16)
+    w_t = dequantize_mgpu(kw, interpret=interpret)
+    xp = jnp.pad(xb, ((0, 0), (0, kw.k_pad - k)))
+    y = lax.dot_general(xp, w_t, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    if kw.u is not None:
+        xu = jnp.dot(xb, kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        y = y + lax.dot_general(xu.astype(jnp.bfloat16), kw.v_t[:, :kw.rank], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+    return y.astype(jnp.bfloat16)
