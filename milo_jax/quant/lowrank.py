@@ -97,12 +97,16 @@ class _Config:
     bits: int
     group_size: int
     store_dtype: object
-    rounds: int
-    tol: float
+    errs_len: int              # length of the per-round error record (>= rounds; static)
     power_iters: int
     kappa: float
     hqq_iters: int
     seed: int
+
+
+def _errs_len(rounds: int) -> int:
+    """Static record length: 20 or the next multiple of 20, so most `rounds` share one program."""
+    return 20 * max(1, -(-int(rounds) // 20))
 
 
 def _hqq(w, cfg: _Config):
@@ -112,8 +116,9 @@ def _hqq(w, cfg: _Config):
     return codes, s16, z16
 
 
-def _milo_matrix(w, rank_e, cfg: _Config):
-    """MiLo alternation for one matrix W [K, N] (float32) at rank_e <= cfg.rank (traced int).
+def _milo_matrix(w, rank_e, rounds, tol, cfg: _Config):
+    """MiLo alternation for one matrix W [K, N] (float32) at rank_e <= cfg.rank (traced int);
+    rounds (int) and tol (float) are traced too, so changing them does not recompile.
 
     Returns a dict of the best iterate: codes [K, N] uint8, s16, z16 [K//g, N], u [K, r], v [r, N]
     (float32, masked past rank_e), err (its Frobenius error), hqq_err (round 1's Q alone),
@@ -134,12 +139,12 @@ def _milo_matrix(w, rank_e, cfg: _Config):
     # round 1 outside the loop: it also gives plain HQQ's error ||E_1||
     codes, s16, z16, e1, u, v, omega, err = one_round(jnp.zeros((k, r)), jnp.zeros((r, n)), omega0)
     hqq_err = jnp.linalg.norm(e1)
-    errs0 = jnp.full((cfg.rounds,), jnp.inf, jnp.float32).at[0].set(err)
+    errs0 = jnp.full((cfg.errs_len,), jnp.inf, jnp.float32).at[0].set(err)
     best0 = (codes.astype(jnp.uint8), s16, z16, u, v, err)
 
     def cond(c):
         i, go = c[0], c[-1]
-        return (i < cfg.rounds) & go
+        return (i < rounds) & go
 
     def body(c):
         i, u, v, omega, prev_err, best, errs, _ = c
@@ -148,10 +153,10 @@ def _milo_matrix(w, rank_e, cfg: _Config):
         cand = (codes.astype(jnp.uint8), s16, z16, u, v, err)
         best = jax.tree_util.tree_map(lambda new, old: jnp.where(better, new, old), cand, best)
         errs = errs.at[i].set(err)
-        go = (prev_err - err) > cfg.tol * prev_err          # stop on a small (or negative) gain
+        go = (prev_err - err) > tol * prev_err          # stop on a small (or negative) gain
         return i + 1, u, v, omega, err, best, errs, go
 
-    init = (jnp.int32(1), u, v, omega, err, best0, errs0, jnp.bool_(cfg.rounds > 1))
+    init = (jnp.int32(1), u, v, omega, err, best0, errs0, rounds > 1)
     i, _, _, _, _, best, errs, _ = jax.lax.while_loop(cond, body, init)
     codes, s16, z16, u, v, err = best
     return dict(codes=codes, s16=s16, z16=z16, u=u, v=v, err=err, hqq_err=hqq_err, rounds=i,
@@ -159,9 +164,12 @@ def _milo_matrix(w, rank_e, cfg: _Config):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _milo_stacked(w, ranks, cfg: _Config):
+def _milo_stacked(w, ranks, rounds, tol, cfg: _Config):
     """W [B, K, N], ranks [B] int32 -> _milo_matrix's dict with a leading B axis."""
-    return jax.vmap(lambda wi, ri: _milo_matrix(wi.astype(jnp.float32), ri, cfg))(w, ranks)
+    rounds = jnp.asarray(rounds, jnp.int32)
+    tol = jnp.asarray(tol, jnp.float32)
+    return jax.vmap(lambda wi, ri: _milo_matrix(wi.astype(jnp.float32), ri, rounds, tol, cfg))(
+        w, ranks)
 
 
 def _finish_matrix(w, codes, s16, z16, uq, vq, cfg: _Config):
@@ -205,19 +213,19 @@ class MiloStats:
     used_compensator: np.ndarray  # False where plain HQQ was better (its factors are then zero)
 
 
-def _resolve_ranks(rank, lead_shape, k, n):
-    ranks = np.broadcast_to(np.asarray(rank), lead_shape) if np.ndim(rank) else \
-        np.full(lead_shape, int(rank))
-    if np.asarray(rank).ndim and np.asarray(rank).shape != tuple(lead_shape):
-        raise ValueError(f"weight of shape {tuple(lead_shape) + (k, n)}: rank array of shape "
-                         f"{np.asarray(rank).shape} does not match the expert axes {tuple(lead_shape)}")
-    ranks = np.asarray(ranks)
-    if not np.issubdtype(ranks.dtype, np.integer) and not np.all(ranks == np.round(ranks)):
-        raise ValueError(f"weight of shape {tuple(lead_shape) + (k, n)}: ranks must be integers")
-    ranks = ranks.astype(np.int64)
+def _resolve_ranks(rank, lead_shape, k, n) -> np.ndarray:
+    """An int or an int array of the leading shape -> int64 ranks [*lead_shape], validated."""
+    where = f"weight of shape {tuple(lead_shape) + (k, n)}"
+    arr = np.asarray(rank)
+    if arr.ndim and arr.shape != tuple(lead_shape):
+        raise ValueError(f"{where}: rank array of shape {arr.shape} does not match the expert axes "
+                         f"{tuple(lead_shape)}")
+    if arr.dtype.kind not in "iuf" or not np.all(arr == np.round(arr)):
+        raise ValueError(f"{where}: ranks must be integers, got {rank!r}")
+    ranks = np.broadcast_to(arr, tuple(lead_shape)).astype(np.int64)
     if ranks.min(initial=0) < 0 or ranks.max(initial=0) > min(k, n):
-        raise ValueError(f"weight of shape {tuple(lead_shape) + (k, n)}: ranks must be in "
-                         f"[0, min(K, N)={min(k, n)}], got {ranks.min()}..{ranks.max()}")
+        raise ValueError(f"{where}: ranks must be in [0, min(K, N)={min(k, n)}], got "
+                         f"{ranks.min(initial=0)}..{ranks.max(initial=0)}")
     return ranks
 
 
@@ -268,11 +276,11 @@ def quantize_lowrank(w, *, rank, bits: int = 3, group_size=64, compensator_dtype
     slab = packing.default_slab(k, bits) if slab is None else slab
     packing.check_packable(k, bits, slab)
     cfg = _Config(rank=r_max, oversample=int(oversample), bits=bits, group_size=g,
-                  store_dtype=store, rounds=int(rounds), tol=float(tol),
+                  store_dtype=store, errs_len=_errs_len(rounds),
                   power_iters=int(power_iters), kappa=float(kappa), hqq_iters=int(iters),
                   seed=int(seed))
     wb = w.reshape(-1, k, n)
-    out = _milo_stacked(wb, jnp.asarray(ranks.reshape(-1), jnp.int32), cfg)
+    out = _milo_stacked(wb, jnp.asarray(ranks.reshape(-1), jnp.int32), int(rounds), float(tol), cfg)
     su, sv = compensator.store_factors(out["u"], out["v"], ranks, lead, compensator_dtype,
                                        compensator_group_size)
     uq = compensator.materialize_factor(su).reshape(-1, k, r_max)
@@ -296,7 +304,7 @@ def quantize_lowrank(w, *, rank, bits: int = 3, group_size=64, compensator_dtype
                       loop_err=np.asarray(out["err"]).reshape(lead),
                       err=np.asarray(err).reshape(lead),
                       rounds=np.asarray(out["rounds"]).reshape(lead),
-                      errs=np.asarray(out["errs"]).reshape(*lead, rounds),
+                      errs=np.asarray(out["errs"])[:, :rounds].reshape(*lead, rounds),
                       used_compensator=use.reshape(lead))
     return qt, stats
 
@@ -314,9 +322,10 @@ def milo_alternation(w, *, rank, bits: int = 3, group_size: int = 64, rounds: in
     r_max = int(ranks.max(initial=0))
     cfg = _Config(rank=r_max, oversample=min(int(oversample), min(w.shape[1:]) - r_max),
                   bits=bits, group_size=group_size, store_dtype=jnp.dtype(store_dtype),
-                  rounds=int(rounds), tol=float(tol), power_iters=int(power_iters),
+                  errs_len=_errs_len(rounds), power_iters=int(power_iters),
                   kappa=float(kappa), hqq_iters=int(iters), seed=int(seed))
-    return _milo_stacked(w, jnp.asarray(ranks, jnp.int32), cfg)
+    out = _milo_stacked(w, jnp.asarray(ranks, jnp.int32), int(rounds), float(tol), cfg)
+    return dict(out, errs=out["errs"][:, :rounds])
 
 
 def frobenius_error(w, qt: QuantizedTensor) -> float:
