@@ -353,3 +353,29 @@ def test_deepseek_v3_fp8_checkpoint_dequantized(tmp_path):
     assert json.loads((tmp_path / "deq16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert "quantization_config" not in json.loads((tmp_path / "deq16" / "config.json").read_text())
     assert dst16
+
+
+def test_deepseek_v3_quantize_model_mla_projections(tmp_path):
+    """quantize_model with MLA_QUANT_INCLUDE quantizes every MLA projection and the routed
+    experts (not the router or its bias), and the quantized model stays close."""
+    from milo_jax.models.mla import MLA_QUANT_INCLUDE
+    from milo_jax.quant.apply import quantize_model
+
+    tm = _torch_model("v3", CASES["v3_yarn"][1])
+    tm.save_pretrained(tmp_path)
+    model = load_hf(str(tmp_path), progress=False)
+    # 8 bits: this random model's sharp attention amplifies weight error (4-bit RTN moves the
+    # logits by ~60%, linearly in the step size), so "close" is only testable at 8 bits
+    qmodel, report = quantize_model(model, bits=8, group_size=None, method="rtn",
+                                    include=MLA_QUANT_INCLUDE)
+    names = {t.path for t in report.tensors}
+    for p in ("q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj"):
+        assert f"layers.1.attn.{p}.kernel" in names
+    assert "layers.1.mlp.experts.down_proj" in names
+    assert not any("router" in n or "shared_expert" in n for n in names)
+    tokens = np.random.default_rng(9).integers(0, VOCAB, size=(2, 6))
+    with torch.no_grad():
+        ref = tm(torch.as_tensor(tokens)).logits.numpy()
+    got = jax_logits(qmodel, tokens)
+    rel = np.abs(got - ref).mean() / np.abs(ref).mean()
+    assert 0 < rel < 0.1

@@ -85,6 +85,12 @@ class MLASpec:
         return s
 
 
+# quantize_model `include` for MLA models: every attention projection (MLA and GQA names) and the
+# routed experts; routers, the correction bias, norms, embeddings, lm_head and shared experts stay.
+MLA_QUANT_INCLUDE = (r"^layers\.\d+\.(attn\.(q|k|v|o|q_a|q_b|kv_a|kv_b)_proj\.kernel"
+                     r"|mlp\.experts\.(gate|up|down)_proj)$")
+
+
 def init_mla_cache(spec: MLASpec, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     """Per-layer MLA cache: latent [B, T, C] (after kv_a_layernorm), k_rope [B, T, dr] (roped)."""
     return {"latent": jnp.zeros((batch, max_len, spec.kv_lora_rank), dtype),
