@@ -27,7 +27,7 @@ from converters.errors import CheckpointError  # noqa: E402
 from converters.hf import load_hf  # noqa: E402
 from milo_jax.quant.tensor import QuantizedTensor  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-from tests.test_models_deepseek import jax_greedy, jax_logits  # noqa: E402
+from tests.test_models_deepseek import _one_torch_thread, jax_greedy, jax_logits  # noqa: E402,F401
 
 VOCAB = 160
 

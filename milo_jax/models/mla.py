@@ -11,13 +11,14 @@ score(h, s, t) = (q_nope . k_nope + q_rope . k_rope) * softmax_scale; out = o_pr
 KV cache: we cache the latent c and the roped k_rope, (C + dr) numbers per token per layer (576 for
 V3) instead of H * (dn + dr + dv) for full keys/values (40960 for V3's 128 heads): 71x less memory
 and memory traffic, which is what decode is bound by. Two ways to attend over it (same math):
-  * "expand": run kv_b over every cached slot and attend with ordinary per-head k/v. Every matmul
-    goes through `linear()`, so a quantized kv_b is read in its packed form; cost O(T * C * H * (dn+dv))
-    per step, fine for prefill (S ~ T).
+  * "expand": run kv_b over every cached slot and attend with ordinary per-head k/v. Every weight
+    matmul goes through `linear()` (where quantized kernels are dispatched); cost
+    O(T * C * H * (dn + dv)) per call on top of attention, fine for prefill (S ~ T).
   * "absorb": fold kv_b into the query and the output instead: q_lat = q_nope @ W_uk^T [H, C],
-    score = q_lat . c + q_rope . k_rope, o_lat = p @ c, out_h = o_lat @ W_uv. Cost O(T * C * H) per
-    step, the right choice for decode (S = 1). Needs kv_b as a dense [C, H, dn + dv] array
-    (dequantized once per call when it is a QuantizedTensor).
+    score = q_lat . c + q_rope . k_rope, o_lat = p @ c, out_h = o_lat @ W_uv. Cost
+    O(S * T * H * (C + dr)), the right choice for decode (S = 1). Needs kv_b as a dense
+    [C, H, dn + dv] array (`materialize`: dequantized once per call for a QuantizedTensor).
+MLASpec.absorb picks: "decode" (default: absorb iff a cache is given and S == 1), "always", "never".
 
 Weights follow the project convention y = x @ W, W [in, out] (HF's nn.Linear weight transposed).
 """
@@ -32,7 +33,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from milo_jax.models import rope_yarn
-
 from milo_jax.models.linear import Linear, linear, materialize
 from milo_jax.models.norm import RMSNorm, rms_norm
 from milo_jax.models.registry import register_attention
@@ -132,8 +132,8 @@ def mla_attention(
     q_nope, q_rope = q[..., :dn], q[..., dn:]
 
     ckv = linear(x, params["kv_a_proj"], get_b("kv_a_proj_bias"))
-    latent = rms_norm(ckv[..., :C], params["kv_a_norm"], NORM_EPS)          # [B, S, C]
-    k_rope = ckv[..., C:][:, :, None, :]                            # [B, S, 1, dr]
+    latent = rms_norm(ckv[..., :C], params["kv_a_norm"], NORM_EPS)     # [B, S, C]
+    k_rope = ckv[..., C:][:, :, None, :]                                # [B, S, 1, dr]
 
     cos, sin = rope_yarn.rope_cos_sin(spec.rope, positions)
     q_rope = rope_yarn.apply_rope(q_rope, cos, sin, spec.rope.interleaved)
@@ -152,18 +152,19 @@ def mla_attention(
 
     absorb = spec.absorb == "always" or (spec.absorb == "decode" and cache is not None and S == 1)
     scale = spec.softmax_scale
-    f32, prec = jnp.float32, _precision(dtype)
+    prec = _precision(dtype)
+    acc = dict(preferred_element_type=jnp.float32, precision=prec)   # scores accumulate in f32
     if absorb:
         w_kv = materialize(params["kv_b_proj"], dtype).reshape(C, H, dn + dv)
         w_uk, w_uv = w_kv[..., :dn], w_kv[..., dn:]
         q_lat = jnp.einsum("bshd,chd->bshc", q_nope, w_uk, precision=prec)
-        scores = (jnp.einsum("bshc,btc->bhst", q_lat, all_latent, preferred_element_type=f32, precision=prec)
-                  + jnp.einsum("bshr,btr->bhst", q_rope, all_k_rope, preferred_element_type=f32, precision=prec))
+        scores = (jnp.einsum("bshc,btc->bhst", q_lat, all_latent, **acc)
+                  + jnp.einsum("bshr,btr->bhst", q_rope, all_k_rope, **acc))
     else:
         kv = linear(all_latent, params["kv_b_proj"]).reshape(B, T, H, dn + dv)
         k_nope, v = kv[..., :dn], kv[..., dn:]
-        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=f32, precision=prec)
-                  + jnp.einsum("bshr,btr->bhst", q_rope, all_k_rope, preferred_element_type=f32, precision=prec))
+        scores = (jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, **acc)
+                  + jnp.einsum("bshr,btr->bhst", q_rope, all_k_rope, **acc))
     scores = scores * scale
     scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)  # no NaN rows
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
