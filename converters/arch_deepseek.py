@@ -145,9 +145,8 @@ def parse_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelCon
         qk_head = extra["qk_nope_head_dim"] + extra["qk_rope_head_dim"]
         if hf.get("qk_head_dim") not in (None, qk_head):
             raise _err(source, f"qk_head_dim={hf['qk_head_dim']} != qk_nope + qk_rope = {qk_head}")
-        if hf.get("head_dim") not in (None, extra["qk_rope_head_dim"]):
-            raise _err(source, f"head_dim={hf['head_dim']} must equal qk_rope_head_dim "
-                               f"({extra['qk_rope_head_dim']}): transformers rotates head_dim dims")
+        # head_dim is derived for MLA: transformers overwrites it with qk_rope_head_dim (the rotary
+        # width) whatever config.json says, so its value is not read here either.
         head_dim = qk_head
         extra["routed_scaling_factor"] = float(hf.get("routed_scaling_factor") or 1.0)
         extra["n_group"] = hf.get("n_group")

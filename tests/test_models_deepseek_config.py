@@ -91,6 +91,8 @@ def test_deepseek_v2_lite_config():
 def test_deepseek_v3_config_and_mtp_keys():
     hf = dict(DEEPSEEK_V3)
     c = parse_config(hf)
+    # head_dim is derived for MLA (transformers overwrites it): any saved value is accepted
+    assert parse_config(dict(hf, head_dim=128)) == c
     assert c.router_kind == "deepseek_v3" and c.mlp_kinds[:4] == ("dense",) * 3 + ("moe",)
     assert c.extra_get("n_group") == 8 and c.extra_get("topk_group") == 4
     assert c.extra_get("routed_scaling_factor") == 2.5 and c.norm_topk_prob
@@ -106,7 +108,7 @@ def test_deepseek_v3_config_and_mtp_keys():
     (lambda h: h.pop("kv_lora_rank"), "kv_lora_rank"),
     (lambda h: h.update(num_experts_per_tok=300), "num_experts_per_tok"),
     (lambda h: h.update(topk_group=9), "topk_group"),
-    (lambda h: h.update(head_dim=128), "head_dim"),
+    (lambda h: h.update(qk_head_dim=128), "qk_head_dim"),
     (lambda h: h.update(rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic"),
     (lambda h: h.update(model_type="deepseek_v4"), "model_type"),
 ])
