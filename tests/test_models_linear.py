@@ -51,3 +51,24 @@ def test_shape_mismatch_is_an_error():
         linear(jnp.ones((2, 8)), jnp.ones((9, 4)))
     with pytest.raises(ValueError, match="expert_linear"):
         expert_linear(jnp.ones((3, 2, 8)), jnp.ones((4, 8, 4)))
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_bf16_linear_dispatches_to_quant_matmul(monkeypatch, prepared):
+    """bf16 activations with a quantized weight go through pallas_kernels.quant_matmul."""
+    import importlib
+    linear_mod = importlib.import_module("milo_jax.models.linear")
+    from pallas_kernels.quant_matmul import prepare
+
+    calls = []
+    real = linear_mod.quant_matmul
+    monkeypatch.setattr(linear_mod, "quant_matmul", lambda x, w: calls.append(1) or real(x, w))
+    x = _rand(5, (2, 3, 128)).astype(jnp.bfloat16)
+    qt = quantize_tensor(_rand(6, (128, 64)), bits=3, group_size=64)
+    w = prepare(qt) if prepared else qt
+    got = np.asarray(linear(x, w).astype(jnp.float32), np.float64)
+    assert calls, "quantized bf16 linear did not use quant_matmul"
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(qt.dequantize(jnp.float32), np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+    np.testing.assert_allclose(np.asarray(linear_mod.materialize(w, jnp.float32)),
+                               np.asarray(qt.dequantize(jnp.float32)), atol=2e-2, rtol=1e-2)

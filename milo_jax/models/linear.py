@@ -6,8 +6,10 @@
 `gathered_expert_linear(x, w, idx)`  y[t, j] = x[t, j] @ w[idx[t, j]]  for x [T, k, K], idx [T, k]
                                        (reads only the selected experts' weights).
 
-For now a QuantizedTensor is dequantized to x.dtype and multiplied with jnp; a Pallas kernel will
-later be dispatched from here (same signatures). float32 inputs use Precision.HIGHEST so that GPUs
+`linear` with bf16 activations and a 2-D QuantizedTensor (or its kernel layout, `KernelWeights`
+from `pallas_kernels.quant_matmul.prepare`) runs `pallas_kernels.quant_matmul.matmul`: the Mosaic GPU
+kernel on Hopper, its jnp reference elsewhere. float32 activations (parity tests) and the stacked
+expert variants dequantize and multiply with jnp; the grouped MoE kernel will plug in there. float32 inputs use Precision.HIGHEST so that GPUs
 do not silently drop to TF32 and parity holds there too.
 
 `Linear` is the NNX module that holds `kernel` [K, N] (and an optional `bias` [N]) as nnx.Param;
@@ -24,6 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from milo_jax.quant.tensor import QuantizedTensor
+from pallas_kernels.quant_matmul import KernelWeights
+from pallas_kernels.quant_matmul import matmul as quant_matmul
+from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
 
 
 def _precision(dtype):
@@ -34,11 +39,18 @@ def materialize(w, dtype) -> jax.Array:
     """The weight as a dense array in `dtype` (dequantizing a QuantizedTensor)."""
     if isinstance(w, QuantizedTensor):
         return w.dequantize(dtype)
+    if isinstance(w, KernelWeights):
+        w_hat = dequantize_kernel_weights(w).astype(jnp.float32)
+        if w.u is not None:
+            w_hat = w_hat + w.u.astype(jnp.float32) @ w.v_t[:, :w.rank].T.astype(jnp.float32)
+        return w_hat.astype(dtype)
     return jnp.asarray(w).astype(dtype)
 
 
 def weight_shape(w) -> tuple:
     """Logical shape of a plain or quantized weight."""
+    if isinstance(w, KernelWeights):
+        return (w.k, w.n)
     return tuple(w.shape)
 
 
@@ -47,7 +59,10 @@ def linear(x: jax.Array, w, bias=None) -> jax.Array:
     shape = weight_shape(w)
     if len(shape) != 2 or x.shape[-1] != shape[0]:
         raise ValueError(f"linear: x {x.shape} does not match weight of shape {shape}")
-    y = jnp.matmul(x, materialize(w, x.dtype), precision=_precision(x.dtype))
+    if isinstance(w, KernelWeights) or (isinstance(w, QuantizedTensor) and x.dtype == jnp.bfloat16):
+        y = quant_matmul(x, w).astype(x.dtype)
+    else:
+        y = jnp.matmul(x, materialize(w, x.dtype), precision=_precision(x.dtype))
     if bias is not None:
         y = y + jnp.asarray(bias).astype(y.dtype)
     return y
