@@ -15,7 +15,6 @@ Parameter tree (paths of `nnx.state(model, nnx.Param)`, what quantization rules 
     layers.{i}.attn.{q_a,q_b,kv_a,kv_b}_proj.kernel (q_proj when q_lora_rank is None), .o_proj.kernel
     layers.{i}.attn.{q_a,kv_a}_norm.scale
     layers.{i}.mlp.router.e_score_correction_bias   [E] float32 (DeepSeek-V3)
-    layers.{i}.mlp.shared_experts.{gate,up,down}_proj.kernel
 Every leaf is an nnx.Param holding a plain array or a milo_jax.QuantizedTensor (swap with
 `param.set_value(qt)` or nnx.update with a state whose leaves are QuantizedTensors); all matmuls go
 through models.linear (bf16 + QuantizedTensor: pallas_kernels.quant_matmul).
