@@ -5,6 +5,10 @@ from milo_jax.serve import generate
 from milo_jax.eval import perplexity
 from converters.hf import load_hf
 from converters.export import export_hf
+from milo_jax.quant.config import QuantConfig, Rule
+from milo_jax.quant.model import quantize
+from milo_jax.checkpoint import load, save
 
 __version__ = "0.1.0"
-__all__ = ["QuantizedTensor", "quantize_tensor", "generate", "perplexity", "load_hf", "export_hf", "__version__"]
+__all__ = ["QuantizedTensor", "quantize_tensor", "generate", "perplexity", "load_hf", "export_hf", "quantize", "QuantConfig", "Rule", "save", "load",
+           "__version__"]

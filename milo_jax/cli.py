@@ -1,7 +1,9 @@
 """Command line: `milo-jax <command> ...` (also `python -m milo_jax`).
 
 Commands are registered in COMMANDS as (help, add_arguments, run); `run(args)` returns the exit
-status. generate and eval exist now; convert, quantize and bench plug in the same way.
+status. generate, eval and quantize exist now; convert and bench plug in the same way.
+--model accepts a HF checkpoint directory or a milo-jax checkpoint (milo_jax.save, or the output
+directory of `milo-jax quantize`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,27 @@ class Command(NamedTuple):
     run: Callable[[argparse.Namespace], int]
 
 
+def is_milo_checkpoint(model_dir: str) -> bool:
+    """True for a directory written by milo_jax.save or `milo-jax quantize`."""
+    import os
+
+    from milo_jax.checkpoint import META_FILE
+    from milo_jax.quant.layerwise import MANIFEST
+
+    return any(os.path.isfile(os.path.join(model_dir, f)) for f in (META_FILE, MANIFEST))
+
+
 def load_model(model_dir: str, dtype: str):
-    """The checkpoint in `model_dir` as a milo_jax model (milo_jax.load_hf), params in `dtype`."""
+    """The checkpoint in `model_dir` as a milo_jax model: a HF checkpoint (milo_jax.load_hf, params
+    in `dtype`) or a milo-jax checkpoint (milo_jax.load; parameters keep their stored dtypes)."""
     import jax.numpy as jnp
 
     from milo_jax import load_hf
 
+    if is_milo_checkpoint(model_dir):
+        from milo_jax.checkpoint import load
+
+        return load(model_dir)
     return load_hf(model_dir, dtype=getattr(jnp, dtype))
 
 
@@ -95,9 +112,44 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- quantize ---------------------------------------------------------------------------------
+
+def _quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="HF checkpoint directory")
+    parser.add_argument("--preset", required=True, metavar="NAME",
+                        help="rtn-3bit, hqq-3bit, milo-3bit-s1, milo-3bit-s2 or milo-<X>bpw (e.g. milo-3.75bpw)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory (one checkpoint per layer; rerun to resume)")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES,
+                        help="dtype the weights are read in and untouched parameters kept in (default bfloat16)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--calib-batch", type=int, default=None, metavar="B",
+                        help="random-token sequences for routing counts (frequency ranks)")
+    parser.add_argument("--calib-seq-len", type=int, default=None, metavar="S")
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from milo_jax.quant.config import preset
+    from milo_jax.quant.layerwise import quantize_checkpoint
+
+    config = preset(args.preset)            # unknown names fail before any work
+    calibration = {k: v for k, v in (("batch", args.calib_batch), ("seq_len", args.calib_seq_len))
+                   if v is not None}
+    report = quantize_checkpoint(args.model, args.out, config, dtype=args.dtype,
+                                 progress=not args.no_progress, calibration=calibration)
+    print(report.summary())
+    print(json.dumps({"out": args.out, "preset": args.preset,
+                      "bits_per_weight": report.bits_per_weight,
+                      "quantized_bits_per_weight": report.quantized_bits_per_weight,
+                      "total_nbytes": report.total_nbytes, "mean_abs_err": report.mean_abs_err}))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "generate": Command("generate text from prompts", _generate_arguments, _run_generate),
     "eval": Command("perplexity of a text file (non-overlapping windows)", _eval_arguments, _run_eval),
+    "quantize": Command("quantize a HF checkpoint layer by layer (resumable)", _quantize_arguments,
+                        _run_quantize),
 }
 
 
