@@ -29,6 +29,7 @@ from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.quant_matmul import KernelWeights
 from pallas_kernels.quant_matmul import matmul as quant_matmul
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
+from pallas_kernels.grouped_matmul.api import grouped_matmul
 
 
 def _precision(dtype):
@@ -91,6 +92,16 @@ def gathered_expert_linear(x: jax.Array, w, idx: jax.Array) -> jax.Array:
         raise ValueError(f"gathered_expert_linear: x {x.shape}, idx {idx.shape}, weight {shape}")
     wk = materialize(_take_experts(w, idx), x.dtype)           # [T, k, K, N]
     return jnp.einsum("tjk,tjkn->tjn", x, wk, precision=_precision(x.dtype))
+
+
+def grouped_expert_linear(x_sorted: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
+    """Rows sorted by expert: x_sorted [T*k, K], w [E, K, N] (array or QuantizedTensor, or a list of
+    E per-expert weights [K, N] with their own bit widths), group_sizes [E] -> [T*k, N] in x.dtype.
+
+    Row r belongs to the expert whose segment (exclusive cumsum of group_sizes) contains it; rows past
+    sum(group_sizes) give 0. Runs `pallas_kernels.grouped_matmul.api.grouped_matmul`.
+    """
+    return grouped_matmul(x_sorted, w, group_sizes)
 
 
 class Linear(nnx.Module):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from milo_jax.models.linear import Linear, expert_linear, gathered_expert_linear
+from milo_jax.models.linear import Linear, gathered_expert_linear, grouped_expert_linear
 from milo_jax.models.registry import get_router, register_router
 
 ACTIVATIONS = {"silu": jax.nn.silu}
@@ -53,19 +53,48 @@ class SoftmaxTopKRouter(nnx.Module):
 register_router("softmax_topk", SoftmaxTopKRouter)
 
 
+def sort_by_expert(ids: jax.Array, num_experts: int):
+    """Routing bookkeeping for the grouped path (static shapes, no loop over experts).
+
+    ids [T, k] int32 -> (order [T*k], inverse [T*k], group_sizes [E] int32) where `order` lists the
+    flat (token, slot) pair indices t*k + j sorted by expert (stable: by token within an expert),
+    `inverse` is its inverse permutation (sorted position of pair p) and group_sizes[e] counts the
+    pairs routed to e (offsets per expert are its exclusive cumsum).
+    """
+    flat = ids.reshape(-1).astype(jnp.int32)
+    n = flat.shape[0]
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    inverse = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    return order, inverse, group_sizes
+
+
+def group_offsets(group_sizes: jax.Array) -> jax.Array:
+    """[E] exclusive cumsum: the first sorted row of each expert."""
+    return jnp.cumsum(group_sizes) - group_sizes
+
+
 class StackedExperts(nnx.Module):
     """E SwiGLU experts stored stacked: gate_proj, up_proj [E, H, I], down_proj [E, I, H].
 
-    Each is an nnx.Param holding a plain array or a QuantizedTensor with a leading E axis.
-    Forward (no Python loop over experts): when T * k < E, gather the selected experts' weights per
-    token (decode: only active experts are read); otherwise run every expert densely on every token
-    and combine with the (zero outside the top-k) routing weights.
+    Each is an nnx.Param holding a plain array or a QuantizedTensor with a leading E axis, or a tuple
+    of E per-expert weights (arrays / QuantizedTensors with their own bit widths: mixed precision).
+    Forward (no Python loop over experts, static shapes):
+    * grouped path (default): the T*k (token, slot) pairs are sorted by expert (stable argsort),
+      token rows gathered in that order, one `grouped_expert_linear` per projection over all experts
+      (gate, up, SiLU(gate)*up, down), then the rows are put back in (token, slot) order with the
+      inverse permutation and combined with the routing weights (no scatter-add: deterministic).
+    * gather path (decode): when T * k < gather_below (default E) and the weights are stacked (not a
+      per-expert tuple), each pair gathers its expert's weights and multiplies them: it reads only the
+      T*k selected experts' weights, while the grouped reference dequantizes all E (the grouped Mosaic
+      kernel, once measured, skips experts without tokens and may take this over).
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu", *,
                  dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.act = act
         self.num_experts = num_experts
+        self.gather_below = num_experts
 
         def init(shape):
             if rngs is None:
@@ -76,23 +105,28 @@ class StackedExperts(nnx.Module):
         self.up_proj = nnx.Param(init((num_experts, hidden, intermediate)))
         self.down_proj = nnx.Param(init((num_experts, intermediate, hidden)))
 
+    def uses_gather_path(self, num_tokens: int, top_k: int) -> bool:
+        stacked = not any(isinstance(p.get_value(), (list, tuple))
+                          for p in (self.gate_proj, self.up_proj, self.down_proj))
+        return stacked and num_tokens * top_k < self.gather_below
+
     def __call__(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
         """x [T, H], weights [T, k] float32, ids [T, k] int32 -> [T, H]."""
         t, k = ids.shape
         act = activation(self.act)
         wg, wu, wd = (self.gate_proj.get_value(), self.up_proj.get_value(),
                       self.down_proj.get_value())
-        if t * k < self.num_experts:
+        if self.uses_gather_path(t, k):
             xk = jnp.broadcast_to(x[:, None, :], (t, k, x.shape[-1]))
             h = act(gathered_expert_linear(xk, wg, ids)) * gathered_expert_linear(xk, wu, ids)
             y = gathered_expert_linear(h, wd, ids)                       # [T, k, H]
             return jnp.sum(y * weights[..., None].astype(y.dtype), axis=1)
-        combine = jnp.zeros((t, self.num_experts), jnp.float32)
-        combine = combine.at[jnp.arange(t)[:, None], ids].add(weights)   # [T, E]
-        xe = jnp.broadcast_to(x[None], (self.num_experts,) + x.shape)  # [E, T, H]
-        h = act(expert_linear(xe, wg)) * expert_linear(xe, wu)
-        y = expert_linear(h, wd)                                         # [E, T, H]
-        return jnp.einsum("eth,te->th", y, combine.astype(y.dtype))
+        order, inverse, group_sizes = sort_by_expert(ids, self.num_experts)
+        x_sorted = jnp.take(x, order // k, axis=0)                       # [T*k, H]
+        h = act(grouped_expert_linear(x_sorted, wg, group_sizes)) * grouped_expert_linear(x_sorted, wu, group_sizes)
+        y_sorted = grouped_expert_linear(h, wd, group_sizes)             # [T*k, H]
+        y = jnp.take(y_sorted, inverse, axis=0).reshape(t, k, -1)        # back to (token, slot)
+        return jnp.sum(y * weights[..., None].astype(y.dtype), axis=1)
 
 
 class MoEBlock(nnx.Module):

@@ -1,0 +1,58 @@
+"""`grouped_matmul(x, w, group_sizes)`: the MoE grouped matmul, picking the backend.
+
+x [M, K] holds token rows sorted by expert; expert e owns rows offsets[e] .. offsets[e] +
+group_sizes[e] (offsets = exclusive cumsum); rows past sum(group_sizes) come back as 0.
+w: stacked experts [E, K, N] (bf16 / float32 array, or a QuantizedTensor with lead shape (E,)), or a
+list / tuple of E per-expert weights [K, N] (arrays or QuantizedTensors of any bits / group / rank:
+mixed precision per expert). Compensators (u, v) are applied as in quant_matmul:
+y = x @ W_hat + (x @ u) @ v.
+
+Backends (impl):
+- "reference": dequantize every expert (bf16, or float32 for float32 x) + jax.lax.ragged_dot.
+  The bf16 float-weight case IS jax.lax.ragged_dot.
+- "masked": every expert on every row, keep each row's own expert (no ragged_dot; cross-check).
+- "kernel": the Mosaic GPU kernel (mgpu_sm90.py) over a flat list of (expert, row-block) tiles,
+  skipping experts without rows; interpret=True runs it in GPU interpret mode on CPU.
+- None (auto): "reference" everywhere for now. The kernel is interpret-tested but NOT measured on a
+  GPU yet, so (like quant_matmul's mgpu_dequant_dot) it is never picked automatically; flip
+  `AUTO_KERNEL` after benchmarks.moe_layer shows where it wins.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.grouped_matmul import reference
+
+# Set True once benchmarks/moe_layer.py has shown the kernel ahead on the GPU (see NOTES.md).
+AUTO_KERNEL = False
+
+
+def _on_sm90() -> bool:
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    cc = getattr(dev, "compute_capability", None)
+    return dev.platform == "gpu" and cc is not None and str(cc).startswith("9")
+
+
+def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array, *, interpret: bool | None = None,
+                   impl: str | None = None, config=None) -> jax.Array:
+    """x [M, K] (rows sorted by expert) -> [M, N] in x.dtype; see the module docstring."""
+    reference.check_args(x, w, group_sizes)
+    if impl is None:
+        if interpret:
+            impl = "kernel"
+        elif AUTO_KERNEL and _on_sm90():
+            impl = "kernel"
+        else:
+            impl = "reference"
+    if impl == "reference":
+        return reference.grouped_matmul_reference(x, w, group_sizes)
+    if impl == "masked":
+        return reference.grouped_matmul_masked(x, w, group_sizes)
+    if impl == "kernel":
+        from pallas_kernels.grouped_matmul import mgpu_sm90
+        return mgpu_sm90.grouped_matmul_mgpu(x, w, group_sizes, config=config, interpret=bool(interpret))
+    raise ValueError(f"grouped_matmul: unknown impl {impl!r} (reference, masked, kernel)")
