@@ -82,6 +82,10 @@ def test_ragged_int4_bytes_and_product():
     prod = np.asarray(compensator.low_rank_product(qt.u, qt.v))
     np.testing.assert_allclose(prod[0], data_u[:, :8] @ np.asarray(qt.v.data.materialize())[:8],
                                rtol=1e-5, atol=1e-7)
+    # a ragged factor has no expert axis: slicing leaves by expert must fail loudly, not silently
+    taken = jax.tree_util.tree_map(lambda a: jnp.take(a, jnp.array([2, 0]), axis=0), qt)
+    with pytest.raises(ValueError, match="no leading"):
+        dataclasses.replace(taken, shape=(2, K, N)).dequantize(jnp.float32)
 
 
 @pytest.mark.parametrize("dtype", ["int4", "int8"])

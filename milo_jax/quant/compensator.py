@@ -152,6 +152,7 @@ class RaggedFactor:
     ranks: tuple = _static(())
     lead_shape: tuple = _static(())
     side: str = _static("u")
+    length: int = _static(0)         # K ('u') or N ('v'): the factor's long axis
 
     @property
     def max_rank(self) -> int:
@@ -160,8 +161,7 @@ class RaggedFactor:
     @property
     def shape(self) -> tuple:
         """The padded logical shape [..., K, r_max] ('u') or [..., r_max, N] ('v')."""
-        k_or_n = self.data.shape[0] if self.side == "u" else self.data.shape[-1]
-        tail = (k_or_n, self.max_rank) if self.side == "u" else (self.max_rank, k_or_n)
+        tail = (self.length, self.max_rank) if self.side == "u" else (self.max_rank, self.length)
         return tuple(self.lead_shape) + tail
 
     @property
@@ -170,6 +170,20 @@ class RaggedFactor:
 
     def padded(self, dtype=jnp.float32) -> jax.Array:
         """[..., K, r_max] ('u') or [..., r_max, N] ('v') with zero columns / rows past each rank."""
+        total = sum(self.ranks)
+        if isinstance(self.data, QuantizedFactor):   # codes [L * bits // 32, R] (V stored as V^T)
+            stored = self.data.codes
+            ok = tuple(stored.shape) == (self.length * self.data.bits // 32, total)
+        else:
+            stored = self.data
+            ok = tuple(stored.shape) == ((self.length, total) if self.side == "u"
+                                         else (total, self.length))
+        if not ok:
+            # e.g. after slicing experts leaf by leaf (tree_map over axis 0): there is no expert axis
+            raise ValueError(f"RaggedFactor ({self.side}) data of shape {tuple(stored.shape)} does not "
+                             f"hold {total} concatenated rank columns of length {self.length}; a "
+                             "ragged compensator has no leading "
+                             "expert axis: dequantize the whole QuantizedTensor before selecting experts")
         d = materialize_factor(self.data, jnp.float32)
         r_max = self.max_rank
         offsets = np.concatenate([[0], np.cumsum(self.ranks)]).astype(np.int64)
@@ -253,8 +267,8 @@ def store_factors(u: jax.Array, v: jax.Array, ranks, lead_shape: tuple, dtype: s
         sv = quantize_factor(vv, bits=bits, group_size=group_size, transposed=True)
     if uniform:
         return su, sv
-    return (RaggedFactor(su, ranks=ranks, lead_shape=tuple(lead_shape), side="u"),
-            RaggedFactor(sv, ranks=ranks, lead_shape=tuple(lead_shape), side="v"))
+    return (RaggedFactor(su, ranks=ranks, lead_shape=tuple(lead_shape), side="u", length=k),
+            RaggedFactor(sv, ranks=ranks, lead_shape=tuple(lead_shape), side="v", length=n))
 
 
 __all__ = ["QuantizedFactor", "RaggedFactor", "quantize_factor", "materialize_factor",

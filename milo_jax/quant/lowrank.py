@@ -102,6 +102,7 @@ class _Config:
     kappa: float
     hqq_iters: int
     seed: int
+    warm_start: bool = True    # False: a fresh random basis every round (the published svd_lowrank)
 
 
 def _errs_len(rounds: int) -> int:
@@ -132,7 +133,8 @@ def _milo_matrix(w, rank_e, rounds, tol, cfg: _Config):
     def one_round(u, v, omega):
         codes, s16, z16 = _hqq(w - _mm(u, v), cfg)
         e = w - _dequant(codes, s16, z16, cfg.group_size)
-        u, v, omega = low_rank_factors(e, omega, mask, power_iters=cfg.power_iters)
+        u, v, omega = low_rank_factors(e, omega if cfg.warm_start else omega0, mask,
+                                       power_iters=cfg.power_iters)
         err = jnp.linalg.norm(e - _mm(u, v))
         return codes, s16, z16, e, u, v, omega, err
 
@@ -311,10 +313,13 @@ def quantize_lowrank(w, *, rank, bits: int = 3, group_size=64, compensator_dtype
 
 def milo_alternation(w, *, rank, bits: int = 3, group_size: int = 64, rounds: int = 20,
                      tol: float = 1e-4, power_iters: int = 2, oversample: int = 0,
-                     store_dtype=jnp.float16, kappa: float = 1.01, iters: int = 20, seed: int = 0):
+                     store_dtype=jnp.float16, kappa: float = 1.01, iters: int = 20, seed: int = 0,
+                     warm_start: bool = True):
     """The raw alternation, without storage or refit: W [B, K, N], rank int or [B] ints ->
     dict of [B, ...] arrays: codes [K, N] uint8 (unpacked), s16 / z16 [K//g, N], u [K, r_max],
-    v [r_max, N] (float32, zero past each rank), err, hqq_err, rounds, errs [rounds]."""
+    v [r_max, N] (float32, zero past each rank), err, hqq_err, rounds, errs [rounds].
+    warm_start=False restarts the subspace iteration from the same random basis every round (the
+    published randomized-SVD behaviour; for comparisons)."""
     w = jnp.asarray(w)
     if w.ndim != 3:
         raise ValueError(f"milo_alternation: expected W [B, K, N], got shape {tuple(w.shape)}")
@@ -323,7 +328,8 @@ def milo_alternation(w, *, rank, bits: int = 3, group_size: int = 64, rounds: in
     cfg = _Config(rank=r_max, oversample=min(int(oversample), min(w.shape[1:]) - r_max),
                   bits=bits, group_size=group_size, store_dtype=jnp.dtype(store_dtype),
                   errs_len=_errs_len(rounds), power_iters=int(power_iters),
-                  kappa=float(kappa), hqq_iters=int(iters), seed=int(seed))
+                  kappa=float(kappa), hqq_iters=int(iters), seed=int(seed),
+                  warm_start=bool(warm_start))
     out = _milo_stacked(w, jnp.asarray(ranks, jnp.int32), int(rounds), float(tol), cfg)
     return dict(out, errs=out["errs"][:, :rounds])
 
