@@ -139,18 +139,16 @@ def test_round_one_is_quantize_tensor(stacked, alternation):
 
 
 def test_vmapped_experts_equal_one_at_a_time(stacked, alternation):
-    """Round 1 (HQQ + factors) is the same per expert batched or alone (identical codes, factors to
-    float rounding). Over many rounds the alternation is chaotic (a 1e-8 difference can flip a code
-    and the trajectories part), so the full runs are compared by their error (within 1%); each
-    expert still stops on its own (rounds differ inside one batch)."""
-    first = milo_alternation(stacked, rank=8, rounds=1)
+    """Bit-identical per expert, batched or alone, including the rounds each expert ran (each
+    stops on its own inside one batch). The alternation is chaotic (a last-bit difference can flip
+    a code and the trajectories part), so this is a strict check of the batching."""
+    rounds = np.asarray(alternation["rounds"])
     for b in range(stacked.shape[0]):
-        one = milo_alternation(stacked[b:b + 1], rank=8, rounds=1)
-        np.testing.assert_array_equal(np.asarray(one["codes"][0]), np.asarray(first["codes"][b]))
-        np.testing.assert_allclose(np.asarray(one["u"][0] @ one["v"][0]),
-                                   np.asarray(first["u"][b] @ first["v"][b]), atol=1e-6)
-        full = milo_alternation(stacked[b:b + 1], rank=8)
-        assert float(full["err"][0]) == pytest.approx(float(alternation["err"][b]), rel=0.01)
+        one = milo_alternation(stacked[b:b + 1], rank=8)
+        for key in ("codes", "s16", "z16", "u", "v", "err", "hqq_err", "rounds", "errs"):
+            np.testing.assert_array_equal(np.asarray(one[key][0]), np.asarray(alternation[key][b]),
+                                          err_msg=key)
+    assert len(set(rounds.tolist())) > 1 or rounds.max() == 20
 
 
 def test_deterministic():

@@ -170,8 +170,12 @@ def _milo_stacked(w, ranks, rounds, tol, cfg: _Config):
     """W [B, K, N], ranks [B] int32 -> _milo_matrix's dict with a leading B axis."""
     rounds = jnp.asarray(rounds, jnp.int32)
     tol = jnp.asarray(tol, jnp.float32)
-    return jax.vmap(lambda wi, ri: _milo_matrix(wi.astype(jnp.float32), ri, rounds, tol, cfg))(
-        w, ranks)
+    one = lambda wi, ri: _milo_matrix(wi.astype(jnp.float32), ri, rounds, tol, cfg)
+    if w.shape[0] == 1:
+        # a single matrix runs unbatched: XLA:CPU lowers a size-1 vmap batch differently (last-bit
+        # float differences), while B > 1 batches reproduce the unbatched program exactly.
+        return jax.tree_util.tree_map(lambda x: x[None], one(w[0], ranks[0]))
+    return jax.vmap(one)(w, ranks)
 
 
 def _finish_matrix(w, codes, s16, z16, uq, vq, cfg: _Config):
