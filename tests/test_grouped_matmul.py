@@ -173,3 +173,54 @@ def test_bad_input_raises():
         api.grouped_matmul(x, [jnp.zeros((16, 8)), jnp.zeros((16, 4))], jnp.array([1, 4], jnp.int32))
     with pytest.raises(ValueError, match="unknown impl"):
         api.grouped_matmul(x, w, jnp.array([1, 2, 2], jnp.int32), impl="nope")
+
+
+# ------------------------------------------------------------ Mosaic GPU kernel, interpret mode
+# CPU CI runs the kernel body in GPU interpret mode (as tests/test_quant_matmul.py does); the only
+# substitution there is the tensor-core product (quant_matmul.mgpu_sm90._mma_xt).
+from pallas_kernels.grouped_matmul import mgpu_sm90  # noqa: E402
+
+
+def test_kernel_interpret_mixed_bits_and_empty_experts():
+    """2/3/4-bit experts (three launches), compensators of different ranks, a per-channel expert,
+    K padded (384 -> 512), an empty expert and a whole empty class, rows past the groups."""
+    rng = _rng()
+    k, n, m = 384, 64, 11
+    parts = [quantized_expert(k, n, 3, 64, 8, rng), quantized_expert(k, n, 2, 128, 0, rng),
+             quantized_expert(k, n, 3, 64, 0, rng), quantized_expert(k, n, 4, None, 4, rng),
+             quantized_expert(k, n, 3, 64, 16, rng), quantized_expert(k, n, 4, None, 0, rng)]
+    experts64 = [dense64(p) for p in parts]
+    gkw = mgpu_sm90.prepare_grouped(parts)
+    assert sorted(len(c.experts) for c in gkw.classes) == [1, 2, 3]
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    gs = jnp.asarray([3, 0, 4, 0, 2, 0], jnp.int32)          # 2-bit and 4-bit classes empty; 2 rows past
+    kernel = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=True))
+    y = kernel(x, gkw, gs)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    y64 = ref64(x, experts64, gs)
+    assert rel_err(y, y64) < TOL_BF16
+    assert np.all(np.asarray(y, np.float32)[9:] == 0)
+    gs2 = jnp.asarray([1, 2, 0, 3, 1, 4], jnp.int32)          # every class active
+    y2 = kernel(x, gkw, gs2)
+    assert rel_err(y2, ref64(x, experts64, gs2)) < TOL_BF16
+    # the reference reads the kernel layout too
+    assert rel_err(api.grouped_matmul(x, gkw, gs2), ref64(x, experts64, gs2)) < TOL_BF16
+
+
+def test_kernel_interpret_one_expert_several_blocks_split_k():
+    """Stacked 3-bit experts, every row on the last expert (3 row blocks of 8), K split in 2."""
+    rng = _rng()
+    e, k, n, m = 3, 1024, 64, 20
+    parts = [quantized_expert(k, n, 3, 64, 8, rng) for _ in range(e)]
+    stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    gs = jnp.asarray([0, 0, m], jnp.int32)
+    cfg = mgpu_sm90.Config(block_m=8, chunk_slots=8, k_splits=2)
+    y = api.grouped_matmul(x, stacked, gs, impl="kernel", interpret=True, config=cfg)
+    assert rel_err(y, ref64(x, [dense64(p) for p in parts], gs)) < TOL_BF16
+
+
+def test_kernel_refuses_float_weights():
+    with pytest.raises(ValueError, match="quantized"):
+        api.grouped_matmul(jnp.ones((4, 64), jnp.bfloat16), jnp.ones((2, 64, 64), jnp.bfloat16),
+                           jnp.array([2, 2], jnp.int32), impl="kernel", interpret=True)

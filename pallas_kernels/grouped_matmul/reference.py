@@ -66,6 +66,10 @@ def expert_stack(w, dtype):
     experts without one get zero factors (they add exactly 0).
     """
     e, k, n = expert_shape(w)
+    if hasattr(w, "classes"):   # GroupedKernelWeights (kernel layout): dequantize from it
+        from pallas_kernels.grouped_matmul.mgpu_sm90 import dequantize_grouped
+        dense, u, v = dequantize_grouped(w)
+        return dense.astype(dtype), (None if u is None else u.astype(dtype)), (None if v is None else v.astype(dtype))
     if not is_expert_list(w):
         if isinstance(w, QuantizedTensor) and w.u is not None:
             return (w.dequantize(dtype, compensator=False), materialize_factor(w.u, dtype),

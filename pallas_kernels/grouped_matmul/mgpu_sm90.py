@@ -1,0 +1,384 @@
+"""Hopper (sm90) Mosaic GPU grouped kernel: token rows sorted by expert times their expert's
+quantized weight, all experts of one bit-width class in ONE launch.
+
+Weights are repacked once (`prepare_grouped`) into the quant_matmul kernel layout
+("planar_nmajor", pallas_kernels/quant_matmul/layout.py) per expert and stacked per class of equal
+(bits, group rows, slab, K_pad): codes [Ec*N, Kp*bits/32], scales / zeros [Ec*Gp, N], v_t [Ec*N, Rp],
+u [Ec, K, R]. Mixed precision per expert = several classes = one launch per class (the unpack is
+static per bit width); each launch only touches rows of its own experts.
+
+Row blocks: the wrapper copies each expert's rows into a padded buffer in which every expert's
+segment starts at a multiple of MB rows (MB = token block, wgmma N), so a row block belongs to one
+expert. The grid is (N/BN, B_max, k_splits) with B_max = ceil(rows/MB) + Ec, an upper bound of the
+number of blocks; each CTA finds its expert from the class's group sizes (read from GMEM with
+static indices, an unrolled select over the Ec experts as in jax's ragged_dot_mgpu.py) and blocks
+past the last real one exit at once: experts without rows cost nothing and their weights are never
+read (decode reads only the active experts). Per block the body is the quant_matmul decode kernel
+(emit_pipeline over planar K tiles, chunked unpack into two alternating swizzled A buffers, wgmma
+acc[BN, MB] += A @ x^T, compensator epilogue acc += v_t @ (x@u)^T); its unpack and MMA helpers are
+imported from pallas_kernels.quant_matmul.mgpu_sm90, not copied.
+
+NOT MEASURED on a GPU yet (written without device time); tested in GPU interpret mode on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from milo_jax.quant import packing
+from milo_jax.quant.compensator import materialize_factor
+from milo_jax.quant.tensor import QuantizedTensor
+from pallas_kernels.grouped_matmul import reference
+from pallas_kernels.quant_matmul import layout
+from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
+from pallas_kernels.quant_matmul.mgpu_sm90 import _mma_xt, _pick_splits, _swizzle_transforms, _unpack_slot
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_n: int = 64          # output columns per CTA
+    block_m: int = 0           # rows per block (wgmma N), multiple of 8, <= 128; 0 = from M and E
+    chunk_slots: int = 4       # slots dequantized per wgmma
+    stages: int = 2            # pipeline depth
+    k_splits: int = 0          # 0 = heuristic (quant_matmul's target of ~7 CTAs per SM)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertClass:
+    """Experts of one (bits, group rows, slab, K_pad) stacked in the kernel layout."""
+    codes: jax.Array                 # [Ec * N, Kp * bits // 32] uint32
+    scales: jax.Array                # [Ec * Gp, N] 16-bit
+    zeros: jax.Array                 # [Ec * Gp, N]
+    u: Optional[jax.Array] = None    # [Ec, K, R] bf16 (zero columns past each expert's rank)
+    v_t: Optional[jax.Array] = None  # [Ec * N, Rp] bf16
+    experts: tuple = dataclasses.field(default=(), metadata=dict(static=True))   # global expert ids
+    bits: int = dataclasses.field(default=3, metadata=dict(static=True))
+    group_size: int = dataclasses.field(default=64, metadata=dict(static=True))
+    k: int = dataclasses.field(default=0, metadata=dict(static=True))
+    n: int = dataclasses.field(default=0, metadata=dict(static=True))
+    k_pad: int = dataclasses.field(default=0, metadata=dict(static=True))
+    slab: int = dataclasses.field(default=32, metadata=dict(static=True))
+    group_rows: int = dataclasses.field(default=64, metadata=dict(static=True))
+
+    @property
+    def num_groups_pad(self) -> int:
+        return self.k_pad // self.group_rows
+
+    def expert_kernel_weights(self, i: int) -> layout.KernelWeights:
+        """Local expert i as a quant_matmul KernelWeights (reference path, tests)."""
+        n, gp = self.n, self.num_groups_pad
+        u = v_t = None
+        if self.u is not None:
+            u, v_t = self.u[i], self.v_t[i * n:(i + 1) * n]
+        return layout.KernelWeights(codes=self.codes[i * n:(i + 1) * n], scales=self.scales[i * gp:(i + 1) * gp],
+                                    zeros=self.zeros[i * gp:(i + 1) * gp], u=u, v_t=v_t, bits=self.bits,
+                                    group_size=self.group_size, k=self.k, n=self.n, k_pad=self.k_pad, slab=self.slab)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedKernelWeights:
+    """All E experts of one projection, as one or more bit-width classes."""
+    classes: tuple                                                       # of ExpertClass
+    num_experts: int = dataclasses.field(default=0, metadata=dict(static=True))
+    k: int = dataclasses.field(default=0, metadata=dict(static=True))
+    n: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple:
+        return (self.num_experts, self.k, self.n)
+
+
+def _register(cls):
+    fields = dataclasses.fields(cls)
+    jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in fields if not f.metadata.get("static")],
+                                     meta_fields=[f.name for f in fields if f.metadata.get("static")])
+
+
+_register(ExpertClass)
+_register(GroupedKernelWeights)
+
+
+def _split_experts(w) -> list:
+    """Any accepted weight form -> list of E 2-D QuantizedTensors (ValueError for float experts)."""
+    if isinstance(w, (list, tuple)):
+        parts = list(w)
+    elif isinstance(w, QuantizedTensor):
+        e = w.shape[0]
+        u = v = None
+        if w.u is not None:   # any factor kind (quantized, ragged) -> dense [E, K, r] / [E, r, N]
+            u, v = materialize_factor(w.u, jnp.bfloat16), materialize_factor(w.v, jnp.bfloat16)
+        base = dataclasses.replace(w, u=u, v=v)
+        parts = [dataclasses.replace(jax.tree_util.tree_map(lambda a, i=i: a[i], base), shape=tuple(w.shape[1:]))
+                 for i in range(e)]
+    else:
+        raise ValueError(f"grouped_matmul kernel: weights must be quantized (QuantizedTensor or a list of "
+                         f"them), got {type(w).__name__}; the float path is jax.lax.ragged_dot (impl='reference')")
+    bad = [i for i, p in enumerate(parts) if not isinstance(p, QuantizedTensor)]
+    if bad:
+        raise ValueError(f"grouped_matmul kernel: expert {bad[0]} is {type(parts[bad[0]]).__name__}, not a "
+                         "QuantizedTensor (mixed float / quantized lists run on impl='reference')")
+    return parts
+
+
+def prepare_grouped(w) -> GroupedKernelWeights:
+    """Repack once (load time): stacked QuantizedTensor [E, K, N] or a list of per-expert ones."""
+    if isinstance(w, GroupedKernelWeights):
+        return w
+    e, k, n = reference.expert_shape(w)
+    kws = [layout.prepare(p) for p in _split_experts(w)]
+    buckets: dict = {}
+    for i, kw in enumerate(kws):
+        buckets.setdefault((kw.bits, kw.group_rows, kw.slab, kw.k_pad, kw.group_size), []).append(i)
+    classes = []
+    for (bits, rows, slab, k_pad, g), ids in sorted(buckets.items()):
+        members = [kws[i] for i in ids]
+        u = v_t = None
+        if any(m.u is not None for m in members):
+            r = max(m.rank for m in members)
+            rp = max(m.v_t.shape[1] for m in members if m.u is not None)
+            u = jnp.stack([jnp.zeros((k, r), jnp.bfloat16) if m.u is None else
+                           jnp.pad(m.u.astype(jnp.bfloat16), ((0, 0), (0, r - m.rank))) for m in members])
+            v_t = jnp.concatenate([jnp.zeros((n, rp), jnp.bfloat16) if m.u is None else
+                                   jnp.pad(m.v_t, ((0, 0), (0, rp - m.v_t.shape[1]))) for m in members])
+        classes.append(ExpertClass(
+            codes=jnp.concatenate([m.codes for m in members]), scales=jnp.concatenate([m.scales for m in members]),
+            zeros=jnp.concatenate([m.zeros for m in members]), u=u, v_t=v_t, experts=tuple(ids), bits=bits,
+            group_size=g, k=k, n=n, k_pad=k_pad, slab=slab, group_rows=rows))
+    return GroupedKernelWeights(classes=tuple(classes), num_experts=e, k=k, n=n)
+
+
+def dequantize_grouped(gkw: GroupedKernelWeights):
+    """(W_hat [E, K, N] bf16, u [E, K, R] | None, v [E, R, N] | None) from the kernel layout."""
+    dense = [None] * gkw.num_experts
+    us, vs = [None] * gkw.num_experts, [None] * gkw.num_experts
+    for c in gkw.classes:
+        for i, e in enumerate(c.experts):
+            kw = c.expert_kernel_weights(i)
+            dense[e] = dequantize_kernel_weights(kw)
+            if kw.u is not None:
+                us[e], vs[e] = kw.u, kw.v_t.T
+    if all(u is None for u in us):
+        return jnp.stack(dense), None, None
+    r = max(u.shape[1] for u in us if u is not None)
+    rv = max(v.shape[0] for v in vs if v is not None)
+    r = max(r, rv)
+    u = jnp.stack([jnp.zeros((gkw.k, r), jnp.bfloat16) if a is None else jnp.pad(a, ((0, 0), (0, r - a.shape[1])))
+                   for a in us])
+    v = jnp.stack([jnp.zeros((r, gkw.n), jnp.bfloat16) if a is None else jnp.pad(a, ((0, r - a.shape[0]), (0, 0)))
+                   for a in vs])
+    return jnp.stack(dense), u, v
+
+
+def default_config(m: int, c: ExpertClass) -> Config:
+    """MB from the rows per active expert; chunk/split-K as quant_matmul's decode default."""
+    mb = min(64, max(8, -(-m // 8) * 8))
+    per = packing.slots_per_tile(c.bits)
+    steps = c.k_pad // (per * c.slab)
+    # active CTAs: at most min(rows, experts) blocks per column tile
+    blocks = min(-(-m // mb) + len(c.experts), max(1, m))
+    splits = _pick_splits(steps, (c.n // 64) * blocks)
+    chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
+    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits)
+
+
+@functools.lru_cache(maxsize=None)
+def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts: int, num_blocks: int,
+          rank_pad: int, cfg: Config, interpret: bool):
+    """f(block_counts [Ec] int32, codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [splits, B*MB, Rp],
+    v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials).
+
+    block_counts[e] = number of MB-row blocks of local expert e (its rows rounded up)."""
+    per = packing.slots_per_tile(bits)
+    wps = packing.words_per_slab_row(bits)
+    tile_rows = per * slab
+    steps_total = k_pad // tile_rows
+    splits = cfg.k_splits
+    if steps_total % splits:
+        raise ValueError(f"k_splits={splits} does not divide the {steps_total} K tiles")
+    steps = steps_total // splits
+    bn, mb, chunk = cfg.block_n, cfg.block_m, cfg.chunk_slots
+    if per % chunk:
+        raise ValueError(f"chunk_slots={chunk} must divide the {per} slots of a {bits}-bit tile")
+    nchunks = per // chunk
+    if n % bn or k_pad % tile_rows:
+        raise ValueError(f"shape N={n}, K={k_pad} not tiled by BN={bn}, tile={tile_rows}")
+    gp = k_pad // group_rows                   # scale rows per expert
+    if group_rows >= tile_rows:
+        g_block = 1
+        scale_index = (lambda s: (s * tile_rows) // group_rows) if group_rows != k_pad else (lambda s: 0 * s)
+    else:
+        g_block = tile_rows // group_rows
+        scale_index = lambda s: s
+    scale_blocks_per_expert = gp // g_block
+    n_blocks = n // bn
+    comp = rank_pad > 0
+    tr = _swizzle_transforms(slab)
+    tr_r = _swizzle_transforms(64)
+    overlap = nchunks % 2 == 0
+    nbuf = 2 if overlap else 1
+    out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
+    wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+    def kernel(*refs):
+        if comp:
+            counts, codes, scales, zeros, x, xu, v_t, out, a_buf, o_smem, xu_smem, v_smem, bar = refs
+        else:
+            counts, codes, scales, zeros, x, out, a_buf, o_smem = refs
+        ni = lax.axis_index("n")
+        mi = lax.axis_index("m")
+        ki = lax.axis_index("k")
+        off = ki * steps
+        # Which local expert owns row block mi: unrolled over the (few dozen at most) experts with
+        # static GMEM reads, as jax's ragged_dot_mgpu does; blocks past the last one are skipped.
+        expert = jnp.int32(0)
+        end = jnp.int32(0)
+        for i in range(num_experts):
+            start = end
+            end = start + counts[i]
+            expert = lax.select((start <= mi) & (mi < end), jnp.int32(i), expert)
+        valid = mi < end
+
+        @pl.when(valid)
+        def _():
+            if comp:
+                plgpu.copy_gmem_to_smem(xu.at[ki, pl.ds(mi * mb, mb)], xu_smem, bar)
+                plgpu.copy_gmem_to_smem(v_t.at[pl.ds(expert * n + ni * bn, bn)], v_smem, bar)
+            row_block = expert * n_blocks + ni            # this expert's column tile in stacked codes
+            scale_base = expert * scale_blocks_per_expert
+
+            def body(_, *step_refs):
+                planes = [r[...] for r in step_refs[:wps]]
+                s_ref, z_ref, x_ref = step_refs[wps:]
+                for c in range(nchunks):
+                    buf = a_buf.at[c % nbuf]
+                    for jj in range(chunk):
+                        j = c * chunk + jj
+                        g = (j * slab) // group_rows if g_block > 1 else 0
+                        sc = s_ref[g, :].astype(jnp.float32)
+                        bc = -(z_ref[g, :].astype(jnp.float32) * sc)
+                        q = _unpack_slot(planes, bits, j).astype(jnp.int32).astype(jnp.float32)
+                        d = q * lax.broadcast_in_dim(sc, (bn, slab), (0,)) + lax.broadcast_in_dim(bc, (bn, slab), (0,))
+                        buf[:, pl.ds(jj * slab, slab)] = d.astype(jnp.bfloat16)
+                    plgpu.commit_smem()
+                    _mma_xt(acc_holder[0], buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
+                    plgpu.wgmma_wait(1 if overlap else 0)
+
+            code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (row_block, wps * (s + off) + p)))
+                          for p in range(wps)]
+            in_specs = code_specs + [
+                plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+                plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+                plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s + off), transforms=tr,
+                                delay_release=1 if overlap else 0),
+            ]
+            acc_holder = [None]
+
+            def compute(acc_ref):
+                acc_holder[0] = acc_ref
+                plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs,
+                                    max_concurrent_steps=max(cfg.stages, 2 if overlap else 1))(
+                    *([codes] * wps), scales, zeros, x)
+                plgpu.wgmma_wait(0)
+                if comp:
+                    plgpu.barrier_wait(bar)
+                    _mma_xt(acc_ref, v_smem, xu_smem, interpret)
+                    plgpu.wgmma_wait(0)
+                return acc_ref[...]
+
+            if interpret:   # GPU interpret mode cannot mix REGS and SMEM scratch (quant_matmul NOTES)
+                def compute_interpret(acc_ref):
+                    acc_ref[...] = jnp.zeros((bn, mb), jnp.float32)
+                    return compute(acc_ref)
+                res = pl.run_scoped(compute_interpret, plgpu.SMEM((bn, mb), jnp.float32))
+            else:
+                res = pl.run_scoped(compute, plgpu.ACC((bn, mb), jnp.float32))
+            o_smem[...] = res.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)])
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = [plgpu.SMEM((nbuf, bn, chunk * slab), jnp.bfloat16, transforms=tr),
+               plgpu.SMEM((bn, mb), out_dtype)]
+    if comp:
+        scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
+                    plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
+                    plgpu.Barrier(num_arrivals=2)]
+    extra = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        extra = dict(interpret=InterpretGPUParams())
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
+                        grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
+                        scratch_types=scratch, **extra)
+
+
+def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret: bool):
+    """Rows of this class's experts -> (y [M, N] with zeros elsewhere)."""
+    m, k = x.shape
+    ec = len(c.experts)
+    cfg = cfg or default_config(m, c)
+    base = default_config(m, c)
+    if cfg.block_m == 0:
+        cfg = dataclasses.replace(cfg, block_m=base.block_m)
+    if cfg.k_splits == 0:
+        cfg = dataclasses.replace(cfg, k_splits=base.k_splits)
+    per = packing.slots_per_tile(c.bits)
+    if per % cfg.chunk_slots:
+        cfg = dataclasses.replace(cfg, chunk_slots=per)
+    mb = cfg.block_m
+    num_blocks = -(-m // mb) + ec                        # static upper bound of row blocks
+    gs = group_sizes.astype(jnp.int32)
+    offsets = jnp.cumsum(gs) - gs                        # global sorted-row offsets
+    class_ids = jnp.asarray(c.experts, jnp.int32)
+    gs_c = gs[class_ids]                                 # [Ec]
+    counts = (gs_c + mb - 1) // mb                       # blocks per local expert
+    pad_start = (jnp.cumsum(counts) - counts) * mb       # first padded row of each local expert
+    # destination of every sorted row in the padded buffer (rows of other classes: out of range)
+    row_expert = reference.row_expert_ids(gs, m)         # global expert (E past the end)
+    local_of = jnp.full((group_sizes.shape[0] + 1,), -1, jnp.int32).at[class_ids].set(jnp.arange(ec, dtype=jnp.int32))
+    local = local_of[row_expert]
+    in_class = local >= 0
+    lsafe = jnp.maximum(local, 0)
+    dest = jnp.where(in_class, pad_start[lsafe] + jnp.arange(m, dtype=jnp.int32) - offsets[class_ids[lsafe]],
+                     num_blocks * mb)
+    xb = x.astype(jnp.bfloat16)
+    x_pad = jnp.zeros((num_blocks * mb, c.k_pad), jnp.bfloat16).at[dest, :k].set(xb, mode="drop")
+    args = [counts, c.codes, c.scales, c.zeros, x_pad]
+    rank_pad = 0
+    if c.u is not None:
+        rank_pad = c.v_t.shape[1]
+        # x @ u per padded row: groups = each local expert's padded segment (zero rows add 0)
+        xu = jax.lax.ragged_dot(x_pad[:, :k], c.u, counts * mb, preferred_element_type=jnp.float32)
+        xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - c.u.shape[2])))
+        xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))   # only split 0 adds it
+        args += [xu, c.v_t]
+    f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, ec, num_blocks, rank_pad, cfg, bool(interpret))
+    out_t = f(*args)                                     # [splits * N, B * MB]
+    if cfg.k_splits > 1:
+        out_t = out_t.reshape(cfg.k_splits, c.n, -1).sum(0)
+    # blocks the kernel skipped hold garbage: only rows of this class are read back
+    y = jnp.take(out_t, jnp.minimum(dest, num_blocks * mb - 1), axis=1).T
+    return jnp.where(in_class[:, None], y.astype(jnp.float32), 0.0)
+
+
+def grouped_matmul_mgpu(x: jax.Array, w, group_sizes: jax.Array, *, config: Config | None = None,
+                        interpret: bool = False) -> jax.Array:
+    """x [M, K] sorted by expert -> [M, N] in x.dtype (bf16 math) through the Mosaic GPU kernel.
+
+    w: GroupedKernelWeights (from `prepare_grouped`, repack once at load time) or anything
+    prepare_grouped takes (then repacked inside every call)."""
+    gkw = prepare_grouped(w)
+    reference.check_args(x, gkw, group_sizes)
+    y = None
+    for c in gkw.classes:              # one launch per bit-width class
+        yc = _class_matmul(x, group_sizes, c, config, interpret)
+        y = yc if y is None else y + yc
+    return y.astype(x.dtype)
