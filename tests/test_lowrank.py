@@ -149,6 +149,10 @@ def test_vmapped_experts_equal_one_at_a_time(stacked, alternation):
             np.testing.assert_array_equal(np.asarray(one[key][0]), np.asarray(alternation[key][b]),
                                           err_msg=key)
     assert len(set(rounds.tolist())) > 1 or rounds.max() == 20
+    # the stored tensors too (storage, refit and best-of run per expert as well)
+    whole = quantize_lowrank(stacked, rank=8, compensator_dtype="int4").dequantize(jnp.float32)
+    alone = quantize_lowrank(stacked[1:2], rank=8, compensator_dtype="int4").dequantize(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(whole[1]))
 
 
 def test_deterministic():

@@ -203,6 +203,9 @@ def _finish_matrix(w, codes, s16, z16, uq, vq, cfg: _Config):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _finish_stacked(w, codes, s16, z16, uq, vq, cfg: _Config):
+    if w.shape[0] == 1:  # unbatched, as in _milo_stacked
+        out = _finish_matrix(w[0], codes[0], s16[0], z16[0], uq[0], vq[0], cfg)
+        return jax.tree_util.tree_map(lambda x: x[None], out)
     return jax.vmap(lambda *a: _finish_matrix(*a, cfg))(w, codes, s16, z16, uq, vq)
 
 
