@@ -38,11 +38,23 @@ FORMAT = "milo-jax-checkpoint"
 VERSION = 1
 META_FILE = "milo_checkpoint.json"
 ARRAYS_DIR = "arrays"
-_QT_STATIC = ("bits", "group_size", "layout", "slab", "dtype")
-_QF_STATIC = ("bits", "group_size", "rows", "cols", "transposed", "slab")
 
 
 # ------------------------------------------------------------------------------------ encoding
+def _static_fields(obj) -> dict:
+    """Every static (pytree aux data) field of a QuantizedTensor / QuantizedFactor / RaggedFactor,
+    JSON-ready; read from the dataclass so fields added later are saved too."""
+    return {f.name: (list(v) if isinstance(v, tuple) else v)
+            for f in dataclasses.fields(obj) if f.metadata.get("static")
+            for v in [getattr(obj, f.name)]}
+
+
+def _static_kwargs(cls, meta: dict) -> dict:
+    """The static fields of `cls` present in `meta` (lists back to tuples: aux data is hashed)."""
+    return {f.name: (tuple(meta[f.name]) if isinstance(meta[f.name], list) else meta[f.name])
+            for f in dataclasses.fields(cls) if f.metadata.get("static") and f.name in meta}
+
+
 def _encode_array(x, arrays: dict) -> dict:
     a = np.asarray(x)
     meta = {"kind": "array", "dtype": jnp.dtype(a.dtype).name, "shape": list(a.shape)}
@@ -58,19 +70,18 @@ def _encode_factor(f, arrays: dict):
     if f is None:
         return None
     if isinstance(f, QuantizedFactor):
-        return {"kind": "quantized_factor", **{k: getattr(f, k) for k in _QF_STATIC},
+        return {"kind": "quantized_factor", "static": _static_fields(f),
                 "codes": _encode_array(f.codes, arrays), "scales": _encode_array(f.scales, arrays)}
     if isinstance(f, RaggedFactor):
-        return {"kind": "ragged", "ranks": list(f.ranks), "lead_shape": list(f.lead_shape),
-                "side": f.side, "data": _encode_factor(f.data, arrays)}
+        return {"kind": "ragged", "static": _static_fields(f),
+                "data": _encode_factor(f.data, arrays)}
     return _encode_array(f, arrays)
 
 
 def encode_value(value, arrays: dict) -> dict:
     """A parameter value (array or QuantizedTensor) -> JSON metadata; arrays go into `arrays`."""
     if isinstance(value, QuantizedTensor):
-        return {"kind": "quantized", **{k: getattr(value, k) for k in _QT_STATIC},
-                "shape": list(value.shape),
+        return {"kind": "quantized", "static": _static_fields(value),
                 "codes": _encode_array(value.codes, arrays),
                 "scales": _encode_array(value.scales, arrays),
                 "zeros": _encode_array(value.zeros, arrays),
@@ -97,11 +108,10 @@ def _decode_factor(meta, arrays: dict, where: str):
     if kind == "quantized_factor":
         return QuantizedFactor(codes=_decode_array(meta["codes"], arrays, where),
                                scales=_decode_array(meta["scales"], arrays, where),
-                               **{k: meta[k] for k in _QF_STATIC})
+                               **_static_kwargs(QuantizedFactor, meta["static"]))
     if kind == "ragged":
         return RaggedFactor(_decode_factor(meta["data"], arrays, where),
-                            ranks=tuple(meta["ranks"]), lead_shape=tuple(meta["lead_shape"]),
-                            side=meta["side"])
+                            **_static_kwargs(RaggedFactor, meta["static"]))
     if kind == "array":
         return _decode_array(meta, arrays, where)
     raise ValueError(f"{where}: unknown factor kind {kind!r}")
@@ -115,7 +125,7 @@ def decode_value(meta: dict, arrays: dict, where: str = "checkpoint"):
                                zeros=_decode_array(meta["zeros"], arrays, where),
                                u=_decode_factor(meta["u"], arrays, where),
                                v=_decode_factor(meta["v"], arrays, where),
-                               shape=tuple(meta["shape"]), **{k: meta[k] for k in _QT_STATIC})
+                               **_static_kwargs(QuantizedTensor, meta["static"]))
     if kind == "array":
         return _decode_array(meta, arrays, where)
     raise ValueError(f"{where}: unknown entry kind {kind!r}")
