@@ -3,6 +3,9 @@ routing (ids, weights) is drawn once per case outside the timed region) on the G
 
     python -m benchmarks.moe_layer --out benchmarks/results/moe_layer.json        # H100
     python -m benchmarks.moe_layer --small --out /tmp/moe_layer_small.json        # CPU smoke run
+    # under a 10-minute command limit, one model per command:
+    python -m benchmarks.moe_layer --models mixtral-8x7b --out benchmarks/results/moe_layer.json
+    python -m benchmarks.moe_layer --models deepseek-v2-lite --append --out benchmarks/results/moe_layer.json
 
 Timed per case: sort (token, slot) pairs by expert, gather rows, gate/up/down grouped matmuls,
 SiLU(gate)*up, combine back to tokens, plus the shared expert(s). Impls:
@@ -247,6 +250,11 @@ def bench_model(name, m, tokens, impls, ceil, interpret):
                 fn = jax.jit(lambda x, w, i, *ls: [one(x, w, i, L) for L in ls])
                 ys = jax.block_until_ready(fn(x, weights, ids, *sets))
                 finite = bool(jnp.all(jnp.isfinite(ys[0].astype(jnp.float32))))
+                # correctness on the device: against the float32 grouped reference on the same weights
+                ref = jax.jit(lambda x, w, i, L: ffn(x.astype(jnp.float32), w, i, L, gapi.grouped_matmul, e))(
+                    x, weights, ids, sets[0])
+                y0 = ys[0].astype(jnp.float32)
+                relerr = float(jnp.linalg.norm(y0 - ref) / jnp.linalg.norm(ref))
                 us = cupti_us(fn, (x, weights, ids, *sets), reps)
                 base[impl] = us
                 rd, bf = base.get("ragged_dot_bf16"), base.get("grouped_bf16")
@@ -256,7 +264,7 @@ def bench_model(name, m, tokens, impls, ceil, interpret):
                        group_size=None if kind == "bf16" else GROUP, rank=0, time_us=us, bytes_moved=moved,
                        tbps=tbps, frac_copy=tbps / ceil, tflops=flops / (us * 1e-6) / 1e12,
                        speedup_vs_ragged_dot=(rd / us) if rd else None, speedup_vs_bf16=(bf / us) if bf else None,
-                       finite=finite, rotated=reps, router_included=False)
+                       finite=finite, relerr=relerr, rotated=reps, router_included=False)
             except Exception as ex:
                 msg = " | ".join(str(ex).strip().split("\n")[:3])[:500]
                 record(op="moe_ffn", model=name, impl=impl, shape=[h, i], m=t, top_k=k, experts=e,
@@ -267,7 +275,7 @@ def bench_model(name, m, tokens, impls, ceil, interpret):
 
 def record(**kw):
     RESULTS.append(kw)
-    keys = ("model", "impl", "m", "time_us", "tbps", "frac_copy", "speedup_vs_ragged_dot", "error")
+    keys = ("model", "impl", "m", "time_us", "tbps", "frac_copy", "speedup_vs_ragged_dot", "relerr", "error")
     log("RESULT", json.dumps({k: kw[k] for k in keys if k in kw}))
 
 
@@ -280,15 +288,15 @@ def write_markdown(path, meta):
              f"Command: `{meta['command']}`", "",
              f"Copy ceiling: {meta['ceilings'].get('copy_tbps', float('nan')):.2f} TB/s. Bytes = distinct routed "
              "experts' weights + shared experts + x + y; speedups from the same run.", "",
-             "| model | tokens | impl | bits | us | TB/s | frac copy | TFLOP/s | vs ragged_dot | vs grouped bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | tokens | impl | bits | us | TB/s | frac copy | TFLOP/s | vs ragged_dot | vs grouped bf16 | relerr |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in meta["records"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['m']} | {r['impl']} | | FAILED: {r['error'][:100]} ||||||")
             continue
         lines.append(f"| {r['model']} | {r['m']} | {r['impl']} | {r['bits']} | {fmt(r['time_us'], 1)} | {fmt(r['tbps'])} | "
                      f"{fmt(r['frac_copy'])} | {fmt(r['tflops'], 1)} | {fmt(r.get('speedup_vs_ragged_dot'))} | "
-                     f"{fmt(r.get('speedup_vs_bf16'))} |")
+                     f"{fmt(r.get('speedup_vs_bf16'))} | {'' if r.get('relerr') is None else format(r['relerr'], '.1e')} |")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return lines
@@ -302,7 +310,12 @@ def main(argv=None):
     ap.add_argument("--tokens", default=None, help="e.g. 1,16,4096")
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the records already in --out (run one model per command under a time limit)")
     args = ap.parse_args(argv)
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as fh:
+            RESULTS.extend(json.load(fh)["records"])
     models = SMALL_MODELS if args.small else MODELS
     if args.models:
         models = {n: models[n] for n in args.models.split(",")}

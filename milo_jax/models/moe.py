@@ -9,6 +9,7 @@ from flax import nnx
 
 from milo_jax.models.linear import Linear, gathered_expert_linear, grouped_expert_linear
 from milo_jax.models.registry import get_router, register_router
+from milo_jax.quant.tensor import QuantizedTensor
 
 ACTIVATIONS = {"silu": jax.nn.silu}
 
@@ -106,8 +107,10 @@ class StackedExperts(nnx.Module):
         self.down_proj = nnx.Param(init((num_experts, intermediate, hidden)))
 
     def uses_gather_path(self, num_tokens: int, top_k: int) -> bool:
-        stacked = not any(isinstance(p.get_value(), (list, tuple))
-                          for p in (self.gate_proj, self.up_proj, self.down_proj))
+        # only plain stacked arrays / QuantizedTensors can be gathered per pair (not per-expert
+        # tuples, nor the grouped kernel layout pallas_kernels.grouped_matmul.mgpu_sm90 prepares)
+        stacked = all(isinstance(p.get_value(), (jax.Array, QuantizedTensor))
+                      for p in (self.gate_proj, self.up_proj, self.down_proj))
         return stacked and num_tokens * top_k < self.gather_below
 
     def __call__(self, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
