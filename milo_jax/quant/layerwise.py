@@ -25,7 +25,8 @@ interrupted-and-resumed run equals an uninterrupted one bit for bit.
 
 Budget configs ("milo-<X>bpw") need every tensor's residual spectrum before the first layer is
 quantized: a first pass reads the layers one at a time (quant.ranks.budget_ranks over a lazy
-mapping holding one layer), the plan is saved to plan.json and reused on resume.
+mapping holding one layer), the plan is saved to plan.json and reused on resume. (The budget thus
+reads the checkpoint twice in all: once for the plan, once to quantize.)
 
 FrequencyRank (routing counts, calibration-free): random tokens (model.CALIBRATION) are embedded
 and carried through the UNQUANTIZED layers one at a time; each MoE layer's router top-k ids on that
@@ -155,15 +156,24 @@ class LayerReader:
 
 
 class _LazyWeights(Mapping):
-    """{path: W} for the budget allocator, reading one group at a time (the last one cached)."""
+    """{path: W} for the budget allocator, reading one group at a time (the last one cached).
+
+    quant.ranks.budget_ranks reads each tensor twice: once for its residual spectrum, then only
+    for its shape when it builds the plan. The second access returns a jax.ShapeDtypeStruct, so
+    the checkpoint is read once (code that used it as an array would fail loudly)."""
 
     def __init__(self, reader: LayerReader, names: List[str]):
         self.reader, self._names = reader, names
         all_shapes = reader.shapes()
         self.shapes = {n: all_shapes[n].shape for n in names}
+        self._structs = {n: all_shapes[n] for n in names}
+        self._seen: set = set()
         self._group, self._cache = None, {}
 
     def __getitem__(self, name):
+        if name in self._seen:
+            return self._structs[name]
+        self._seen.add(name)
         group = "base" if layer_of(name) is None else layer_of(name)
         if group != self._group:
             self._group, self._cache = None, {}
