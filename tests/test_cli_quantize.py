@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from milo_jax import QuantConfig, Rule, load, load_hf, quantize
+from milo_jax import QuantConfig, Rule, load, quantize
 from milo_jax.cli import main
 from milo_jax.quant.config import FrequencyRank
 from milo_jax.quant.layerwise import FAIL_ENV, MANIFEST, layer_dir, quantize_checkpoint

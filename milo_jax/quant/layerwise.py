@@ -39,7 +39,6 @@ RuntimeError right after it has finished (and saved) n layers, to simulate a kil
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil

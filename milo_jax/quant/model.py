@@ -429,8 +429,8 @@ def quantize(model_or_params, config, *, strict: bool = False, hidden_size: Opti
              progress: Optional[Callable[[str], None]] = None):
     """(quantized, QuantizationReport): see the module docstring.
 
-    config: a QuantConfig or a preset name (quant.config.preset). strict=True: every rule must match
-    at least one parameter (ValueError naming the first that matches none). Raises ValueError when
+    config: a QuantConfig or a preset name (quant.config.preset). strict=True: every rule must be
+    the first match of at least one parameter (ValueError naming the first that is not). Raises ValueError when
     no parameter is quantized at all, or a matching parameter is already a QuantizedTensor.
     hidden_size: for HiddenFractionRank (default: the model's, or embed_tokens.embedding's width).
     progress: called with each path before it is quantized.
@@ -448,7 +448,8 @@ def quantize(model_or_params, config, *, strict: bool = False, hidden_size: Opti
         for i, rule in enumerate(config.rules):
             if i not in hit:
                 raise ValueError(f"{config.name}: rule {i} (pattern {rule.pattern!r}, regex "
-                                 f"{rule.regex!r}) matches no parameter (strict=True)")
+                                 f"{rule.regex!r}) matches no parameter (strict=True; a rule "
+                                 "counts only where it is the first match)")
     chosen = {}
     for name, value in zip(names, values):
         rule = config.rule_for(name)
