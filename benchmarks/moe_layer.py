@@ -51,6 +51,7 @@ from milo_jax.models.moe import StackedExperts, sort_by_expert
 from milo_jax.quant import packing
 from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.grouped_matmul import api as gapi
+from pallas_kernels.quant_matmul import prepare as quant_matmul_prepare
 
 MODELS = {
     # name: experts, top-k, hidden, expert intermediate, shared intermediate (0: none), sigmoid-gated shared
@@ -126,11 +127,18 @@ def make_layer(key, m, kind):
     if s:
         if kind == "bf16":
             shared = (random_bf16(next(keys), (h, s)), random_bf16(next(keys), (h, s)), random_bf16(next(keys), (s, h)))
-        else:   # the shared expert quantized at 3 bits for every quantized variant
-            shared = (random_qt(next(keys), (), h, s, 3), random_qt(next(keys), (), h, s, 3),
-                      random_qt(next(keys), (), s, h, 3))
+        else:   # the shared expert at 3 bits for every quantized variant, repacked once for quant_matmul
+            shared = tuple(prepare_dense(random_qt(next(keys), (), a, b, 3)) for a, b in ((h, s), (h, s), (s, h)))
     sg = random_bf16(next(keys), (h, 1)) if m["shared_gate"] else None
     return dict(gate=gate, up=up, down=down, shared=shared, shared_gate=sg)
+
+
+def prepare_dense(qt):
+    """quant_matmul's kernel layout (what models.linear runs best); the plain tensor where it cannot."""
+    try:
+        return quant_matmul_prepare(qt)
+    except ValueError:
+        return qt
 
 
 def expert_bytes(m, kind, expert):
