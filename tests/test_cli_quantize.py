@@ -49,6 +49,8 @@ def test_quantize_is_resumable_and_bit_identical(tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="not complete"):
         load(out)
     t0 = _meta_mtime(out, 0)
+    stale = os.path.join(out, "layers", ".0001.tmp-killed")    # a save the kill interrupted
+    os.makedirs(stale)
 
     assert main(args + ["--out", out]) == 0          # resume
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -57,6 +59,7 @@ def test_quantize_is_resumable_and_bit_identical(tmp_path, monkeypatch, capsys):
     assert [r["computed_layers"] for r in man["runs"]] == [[0], [1]]
     assert man["runs"][1]["skipped_layers"] == [0]
     assert _meta_mtime(out, 0) == t0                  # layer 0 was not rewritten
+    assert not os.path.exists(stale)
 
     assert main(args + ["--out", ref_out]) == 0      # uninterrupted
     resumed, straight = load(out), load(ref_out)

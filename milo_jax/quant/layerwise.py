@@ -270,6 +270,7 @@ def quantize_checkpoint(model_dir: str, out_dir: str, config, *, dtype="bfloat16
                     "dtype": jnp.dtype(dtype).name, "num_layers": mc.num_hidden_layers,
                     "layers": {}, "runs": [], "complete": False}
         ckpt.write_json_atomic(man_path, manifest)
+    _remove_stale_temporaries(out)
     run = {"started": time.time(), "computed_layers": [], "skipped_layers": []}
     manifest["runs"].append(run)
     ckpt.write_json_atomic(man_path, manifest)
@@ -303,6 +304,8 @@ def quantize_checkpoint(model_dir: str, out_dir: str, config, *, dtype="bfloat16
         entries, reps, unt = _quantize_group(base_values, config, hidden_size=mc.hidden_size,
                                              counts=None, budget=budget)
         _save_group(base_dir, entries, reps, unt, header={"group": "base"})
+        if not needs_counts:
+            base_values = None           # only the calibration embedding needs it later
 
     fail_after = os.environ.get(FAIL_ENV)
     fail_after = int(fail_after) if fail_after else None
@@ -355,6 +358,21 @@ def quantize_checkpoint(model_dir: str, out_dir: str, config, *, dtype="bfloat16
     manifest["bits_per_weight"] = report.bits_per_weight
     ckpt.write_json_atomic(man_path, manifest)
     return report
+
+
+def _remove_stale_temporaries(out: str) -> None:
+    """Temporary directories of saves that a kill interrupted (checkpoint._atomic_dir names them
+    .<name>.tmp-* / .<name>.old-*): never a finished layer, safe to delete."""
+    for parent in (out, os.path.join(out, "layers")):
+        if not os.path.isdir(parent):
+            continue
+        for name in os.listdir(parent):
+            if name.startswith(".") and (".tmp-" in name or ".old-" in name):
+                p = os.path.join(parent, name)
+                if os.path.isdir(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.unlink(p)
 
 
 def _carry_before(out, layer, reader, base_values, calibration, mc):
