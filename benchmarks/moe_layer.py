@@ -13,6 +13,7 @@ SiLU(gate)*up, combine back to tokens, plus the shared expert(s). Impls:
 - grouped_bf16      pallas_kernels.grouped_matmul (auto) on bf16 stacked experts
 - model_bf16        milo_jax.models.moe.StackedExperts as the model runs it (gather path for
                     T*k < E, grouped path otherwise)
+- bf16_kernel       the bf16 experts through the grouped Mosaic GPU kernel (reads active experts only)
 - q3_grouped        uniform 3-bit g64 stacked QuantizedTensor through grouped_matmul (auto:
                     dequantize + ragged_dot); shared expert 3-bit through models.linear
 - q3_model          the same weights through StackedExperts (gather path at decode)
@@ -65,7 +66,7 @@ SMALL_MODELS = {
 }
 TOKENS = [1, 16, 64, 512, 4096]
 SMALL_TOKENS = [1, 16, 64]
-IMPLS = ["ragged_dot_bf16", "grouped_bf16", "model_bf16", "q3_grouped", "q3_model", "q3_kernel",
+IMPLS = ["ragged_dot_bf16", "grouped_bf16", "model_bf16", "bf16_kernel", "q3_grouped", "q3_model", "q3_kernel",
          "mixed234_grouped", "mixed234_kernel"]
 ROTATE_BYTES = 160e6
 MAX_SET_BYTES = 24e9          # cap on the rotated copies held at once
@@ -213,7 +214,7 @@ def impl_fn(impl, num_experts, interpret):
     if impl in ("grouped_bf16", "q3_grouped", "mixed234_grouped"):
         mm = lambda xs, w, gs: gapi.grouped_matmul(xs, w, gs)
         return impl.split("_")[0] if impl != "grouped_bf16" else "bf16", lambda x, w, i, L: ffn(x, w, i, L, mm, num_experts)
-    if impl in ("q3_kernel", "mixed234_kernel"):
+    if impl in ("bf16_kernel", "q3_kernel", "mixed234_kernel"):
         mm = lambda xs, w, gs: gapi.grouped_matmul(xs, w, gs, impl="kernel", interpret=interpret)
         return impl.split("_")[0], lambda x, w, i, L: ffn(x, w, i, L, mm, num_experts)
     if impl in ("model_bf16", "q3_model"):

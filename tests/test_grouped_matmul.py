@@ -220,7 +220,26 @@ def test_kernel_interpret_one_expert_several_blocks_split_k():
     assert rel_err(y, ref64(x, [dense64(p) for p in parts], gs)) < TOL_BF16
 
 
-def test_kernel_refuses_float_weights():
-    with pytest.raises(ValueError, match="quantized"):
-        api.grouped_matmul(jnp.ones((4, 64), jnp.bfloat16), jnp.ones((2, 64, 64), jnp.bfloat16),
+def test_kernel_interpret_bf16_and_float_quantized_mix():
+    """The bf16 path of the kernel (the ragged_dot replacement) equals jax.lax.ragged_dot; a list
+    mixing bf16 and quantized experts runs as a float class + quantized classes."""
+    rng = _rng()
+    e, k, n, m = 4, 192, 128, 13
+    w = jnp.asarray(rng.standard_normal((e, k, n)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    gs = jnp.asarray([3, 0, 8, 1], jnp.int32)                 # an empty expert, one row past the groups
+    kernel = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=True))
+    y = kernel(x, w, gs)
+    base = jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
+    assert rel_err(y, np.asarray(base, np.float64)) < TOL_BF16
+    assert np.all(np.asarray(y, np.float32)[12:] == 0)
+    parts = [w[0], quantized_expert(k, n, 3, 64, 8, rng), w[2], quantized_expert(k, n, 4, 64, 0, rng)]
+    e64 = [(np.asarray(p.astype(jnp.float32), np.float64), None, None) if isinstance(p, jax.Array)
+           else dense64(p) for p in parts]
+    assert rel_err(kernel(x, parts, gs), ref64(x, e64, gs)) < TOL_BF16
+
+
+def test_kernel_bad_shapes_raise():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        api.grouped_matmul(jnp.ones((4, 64), jnp.bfloat16), jnp.ones((2, 64, 96), jnp.bfloat16),
                            jnp.array([2, 2], jnp.int32), impl="kernel", interpret=True)

@@ -84,9 +84,25 @@ class ExpertClass:
 
 
 @dataclasses.dataclass(frozen=True)
+class FloatClass:
+    """bf16 experts stacked transposed: w_t [Ec * N, K_pad] (row e*N + n = column n of expert e's W,
+    K zero-padded to a multiple of FLOAT_BLOCK_K), the wgmma A operand as the quantized kernel's."""
+    w_t: jax.Array
+    experts: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+    k: int = dataclasses.field(default=0, metadata=dict(static=True))
+    n: int = dataclasses.field(default=0, metadata=dict(static=True))
+    k_pad: int = dataclasses.field(default=0, metadata=dict(static=True))
+    bits: int = dataclasses.field(default=16, metadata=dict(static=True))
+    u = None
+
+
+FLOAT_BLOCK_K = 64     # bf16 K tile: 128-byte swizzle
+
+
+@dataclasses.dataclass(frozen=True)
 class GroupedKernelWeights:
     """All E experts of one projection, as one or more bit-width classes."""
-    classes: tuple                                                       # of ExpertClass
+    classes: tuple                                                       # of ExpertClass / FloatClass
     num_experts: int = dataclasses.field(default=0, metadata=dict(static=True))
     k: int = dataclasses.field(default=0, metadata=dict(static=True))
     n: int = dataclasses.field(default=0, metadata=dict(static=True))
@@ -103,29 +119,24 @@ def _register(cls):
 
 
 _register(ExpertClass)
+_register(FloatClass)
 _register(GroupedKernelWeights)
 
 
 def _split_experts(w) -> list:
-    """Any accepted weight form -> list of E 2-D QuantizedTensors (ValueError for float experts)."""
+    """Any accepted weight form -> list of E 2-D weights (QuantizedTensors or float arrays)."""
     if isinstance(w, (list, tuple)):
-        parts = list(w)
-    elif isinstance(w, QuantizedTensor):
+        return list(w)
+    if isinstance(w, QuantizedTensor):
         e = w.shape[0]
         u = v = None
         if w.u is not None:   # any factor kind (quantized, ragged) -> dense [E, K, r] / [E, r, N]
             u, v = materialize_factor(w.u, jnp.bfloat16), materialize_factor(w.v, jnp.bfloat16)
         base = dataclasses.replace(w, u=u, v=v)
-        parts = [dataclasses.replace(jax.tree_util.tree_map(lambda a, i=i: a[i], base), shape=tuple(w.shape[1:]))
-                 for i in range(e)]
-    else:
-        raise ValueError(f"grouped_matmul kernel: weights must be quantized (QuantizedTensor or a list of "
-                         f"them), got {type(w).__name__}; the float path is jax.lax.ragged_dot (impl='reference')")
-    bad = [i for i, p in enumerate(parts) if not isinstance(p, QuantizedTensor)]
-    if bad:
-        raise ValueError(f"grouped_matmul kernel: expert {bad[0]} is {type(parts[bad[0]]).__name__}, not a "
-                         "QuantizedTensor (mixed float / quantized lists run on impl='reference')")
-    return parts
+        return [dataclasses.replace(jax.tree_util.tree_map(lambda a, i=i: a[i], base), shape=tuple(w.shape[1:]))
+                for i in range(e)]
+    w = jnp.asarray(w)
+    return [w[i] for i in range(w.shape[0])]
 
 
 def prepare_grouped(w) -> GroupedKernelWeights:
@@ -133,11 +144,20 @@ def prepare_grouped(w) -> GroupedKernelWeights:
     if isinstance(w, GroupedKernelWeights):
         return w
     e, k, n = reference.expert_shape(w)
-    kws = [layout.prepare(p) for p in _split_experts(w)]
+    parts = _split_experts(w)
+    floats = [i for i, p in enumerate(parts) if not isinstance(p, QuantizedTensor)]
+    kws = {i: layout.prepare(p) for i, p in enumerate(parts) if isinstance(p, QuantizedTensor)}
     buckets: dict = {}
-    for i, kw in enumerate(kws):
+    for i, kw in kws.items():
         buckets.setdefault((kw.bits, kw.group_rows, kw.slab, kw.k_pad, kw.group_size), []).append(i)
     classes = []
+    if floats:
+        if n % 64:
+            raise ValueError(f"grouped_matmul kernel: N={n} must be a multiple of 64 (kernel column tile)")
+        k_pad = -(-k // FLOAT_BLOCK_K) * FLOAT_BLOCK_K
+        w_t = jnp.concatenate([jnp.pad(jnp.asarray(parts[i]).astype(jnp.bfloat16).T, ((0, 0), (0, k_pad - k)))
+                               for i in floats])
+        classes.append(FloatClass(w_t=w_t, experts=tuple(floats), k=k, n=n, k_pad=k_pad))
     for (bits, rows, slab, k_pad, g), ids in sorted(buckets.items()):
         members = [kws[i] for i in ids]
         u = v_t = None
@@ -161,6 +181,9 @@ def dequantize_grouped(gkw: GroupedKernelWeights):
     us, vs = [None] * gkw.num_experts, [None] * gkw.num_experts
     for c in gkw.classes:
         for i, e in enumerate(c.experts):
+            if isinstance(c, FloatClass):
+                dense[e] = c.w_t[i * c.n:(i + 1) * c.n, :c.k].T
+                continue
             kw = c.expert_kernel_weights(i)
             dense[e] = dequantize_kernel_weights(kw)
             if kw.u is not None:
@@ -180,6 +203,11 @@ def dequantize_grouped(gkw: GroupedKernelWeights):
 def default_config(m: int, c: ExpertClass) -> Config:
     """MB from the rows per active expert; chunk/split-K as quant_matmul's decode default."""
     mb = min(64, max(8, -(-m // 8) * 8))
+    if isinstance(c, FloatClass):
+        steps = c.k_pad // FLOAT_BLOCK_K
+        blocks = min(-(-m // mb) + len(c.experts), max(1, m))
+        return Config(block_n=64, block_m=mb, chunk_slots=1, stages=4,
+                      k_splits=_pick_splits(steps, (c.n // 64) * blocks))
     per = packing.slots_per_tile(c.bits)
     steps = c.k_pad // (per * c.slab)
     # active CTAs: at most min(rows, experts) blocks per column tile
@@ -187,6 +215,88 @@ def default_config(m: int, c: ExpertClass) -> Config:
     splits = _pick_splits(steps, (c.n // 64) * blocks)
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
     return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits)
+
+
+def _block_expert(counts, mi, num_experts: int):
+    """(local expert owning row block mi, whether mi is a real block). Unrolled over the (few dozen
+    at most) experts with static GMEM reads, as jax's ragged_dot_mgpu.py does; blocks past the last
+    real one are skipped by the caller."""
+    expert = jnp.int32(0)
+    end = jnp.int32(0)
+    for i in range(num_experts):
+        start = end
+        end = start + counts[i]
+        expert = lax.select((start <= mi) & (mi < end), jnp.int32(i), expert)
+    return expert, mi < end
+
+
+def _interpret_params(interpret: bool) -> dict:
+    if not interpret:
+        return {}
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return dict(interpret=InterpretGPUParams())
+
+
+@functools.lru_cache(maxsize=None)
+def build_float(k_pad: int, n: int, num_experts: int, num_blocks: int, cfg: Config, interpret: bool):
+    """bf16 experts: f(block_counts [Ec], w_t [Ec*N, k_pad], x [B*MB, k_pad]) -> [splits*N, B*MB].
+
+    Same grid and skipping as `build`; per K step acc[BN, MB] += W^T tile [BN, 64] @ x tile^T."""
+    bk = FLOAT_BLOCK_K
+    steps_total = k_pad // bk
+    splits = cfg.k_splits
+    if steps_total % splits:
+        raise ValueError(f"k_splits={splits} does not divide the {steps_total} K tiles")
+    steps = steps_total // splits
+    bn, mb = cfg.block_n, cfg.block_m
+    if n % bn:
+        raise ValueError(f"N={n} not tiled by BN={bn}")
+    n_blocks = n // bn
+    tr = _swizzle_transforms(bk)
+    out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
+    wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+    def kernel(counts, w_t, x, out, o_smem):
+        ni = lax.axis_index("n")
+        mi = lax.axis_index("m")
+        ki = lax.axis_index("k")
+        off = ki * steps
+        expert, valid = _block_expert(counts, mi, num_experts)
+
+        @pl.when(valid)
+        def _():
+            row_block = expert * n_blocks + ni
+            acc_holder = [None]
+
+            def body(_, w_ref, x_ref):
+                _mma_xt(acc_holder[0], w_ref, x_ref, interpret)
+                plgpu.wgmma_wait(1)
+
+            in_specs = [plgpu.BlockSpec((bn, bk), lambda s: (row_block, s + off), transforms=tr, delay_release=1),
+                        plgpu.BlockSpec((mb, bk), lambda s: (mi, s + off), transforms=tr, delay_release=1)]
+
+            def compute(acc_ref):
+                acc_holder[0] = acc_ref
+                plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs,
+                                    max_concurrent_steps=max(cfg.stages, 2))(w_t, x)
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
+
+            if interpret:
+                def compute_interpret(acc_ref):
+                    acc_ref[...] = jnp.zeros((bn, mb), jnp.float32)
+                    return compute(acc_ref)
+                res = pl.run_scoped(compute_interpret, plgpu.SMEM((bn, mb), jnp.float32))
+            else:
+                res = pl.run_scoped(compute, plgpu.ACC((bn, mb), jnp.float32))
+            o_smem[...] = res.astype(out_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)])
+            plgpu.wait_smem_to_gmem(0)
+
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
+                        grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
+                        scratch_types=[plgpu.SMEM((bn, mb), out_dtype)], **_interpret_params(interpret))
 
 
 @functools.lru_cache(maxsize=None)
@@ -236,15 +346,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         mi = lax.axis_index("m")
         ki = lax.axis_index("k")
         off = ki * steps
-        # Which local expert owns row block mi: unrolled over the (few dozen at most) experts with
-        # static GMEM reads, as jax's ragged_dot_mgpu does; blocks past the last one are skipped.
-        expert = jnp.int32(0)
-        end = jnp.int32(0)
-        for i in range(num_experts):
-            start = end
-            end = start + counts[i]
-            expert = lax.select((start <= mi) & (mi < end), jnp.int32(i), expert)
-        valid = mi < end
+        expert, valid = _block_expert(counts, mi, num_experts)
 
         @pl.when(valid)
         def _():
@@ -311,13 +413,9 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.Barrier(num_arrivals=2)]
-    extra = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        extra = dict(interpret=InterpretGPUParams())
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
                         grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
-                        scratch_types=scratch, **extra)
+                        scratch_types=scratch, **_interpret_params(interpret))
 
 
 def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret: bool):
@@ -330,7 +428,8 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
         cfg = dataclasses.replace(cfg, block_m=base.block_m)
     if cfg.k_splits == 0:
         cfg = dataclasses.replace(cfg, k_splits=base.k_splits)
-    per = packing.slots_per_tile(c.bits)
+    is_float = isinstance(c, FloatClass)
+    per = 1 if is_float else packing.slots_per_tile(c.bits)
     if per % cfg.chunk_slots:
         cfg = dataclasses.replace(cfg, chunk_slots=per)
     mb = cfg.block_m
@@ -351,6 +450,10 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
                      num_blocks * mb)
     xb = x.astype(jnp.bfloat16)
     x_pad = jnp.zeros((num_blocks * mb, c.k_pad), jnp.bfloat16).at[dest, :k].set(xb, mode="drop")
+    if is_float:
+        f = build_float(c.k_pad, c.n, ec, num_blocks, cfg, bool(interpret))
+        out_t = f(counts, c.w_t, x_pad)
+        return _read_back(out_t, dest, in_class, num_blocks * mb, cfg.k_splits, c.n)
     args = [counts, c.codes, c.scales, c.zeros, x_pad]
     rank_pad = 0
     if c.u is not None:
@@ -362,10 +465,15 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
         args += [xu, c.v_t]
     f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, ec, num_blocks, rank_pad, cfg, bool(interpret))
     out_t = f(*args)                                     # [splits * N, B * MB]
-    if cfg.k_splits > 1:
-        out_t = out_t.reshape(cfg.k_splits, c.n, -1).sum(0)
+    return _read_back(out_t, dest, in_class, num_blocks * mb, cfg.k_splits, c.n)
+
+
+def _read_back(out_t, dest, in_class, rows_pad: int, splits: int, n: int):
+    """[splits*N, rows_pad] kernel output -> [M, N] float32 rows of this class (zeros elsewhere)."""
+    if splits > 1:
+        out_t = out_t.reshape(splits, n, -1).sum(0)
     # blocks the kernel skipped hold garbage: only rows of this class are read back
-    y = jnp.take(out_t, jnp.minimum(dest, num_blocks * mb - 1), axis=1).T
+    y = jnp.take(out_t, jnp.minimum(dest, rows_pad - 1), axis=1).T
     return jnp.where(in_class[:, None], y.astype(jnp.float32), 0.0)
 
 
