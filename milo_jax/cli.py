@@ -68,8 +68,8 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     from milo_jax.serve import generate, load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, args.dtype)
+    tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     result = generate(
         model, list(args.prompt), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, seed=args.seed, tokenizer=tokenizer, max_len=args.max_len,
@@ -99,12 +99,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
-    tokens = load_tokenizer(args.model).encode(text)
-    if args.max_windows is not None:
-        if args.max_windows < 1:
-            raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
-        tokens = tokens[: args.max_windows * args.window]
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
     model = load_model(args.model, args.dtype)
+    tokens = load_tokenizer(args.model, model.config.vocab_size).encode(text)
+    if args.max_windows is not None:
+        tokens = tokens[: args.max_windows * args.window]
     result = perplexity(model, tokens, window=args.window, batch_size=args.batch_size)
     print(f"perplexity {result.ppl:.4f} (nll {result.nll:.6f} nats over {result.num_tokens} tokens, "
           f"{result.num_windows} windows of {result.window}, {result.dropped_tokens} trailing tokens dropped)")

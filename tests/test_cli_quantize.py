@@ -107,3 +107,25 @@ def test_layerwise_budget_and_frequency_match_in_memory(tmp_path):
     qf, _ = quantize(model, cfg)
     assert_same_model(load(tmp_path / "f"), qf)
     assert os.path.isfile(os.path.join(layer_dir(str(tmp_path / "f"), 1), "calib_hidden.npy"))
+
+
+def test_eval_on_quantized_byte_level_model(tmp_path, capsys):
+    """A byte-level checkpoint (no tokenizer.json): the quantized output has no config.json, so the
+    byte tokenizer must take the vocabulary from the loaded model, not from the directory."""
+    from tests.conftest import make_hf_model
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_hf_model("mixtral", seed=3, vocab_size=256, hidden_size=64, intermediate_size=64,
+                  num_key_value_heads=4).save_pretrained(src)
+    text = tmp_path / "t.txt"
+    text.write_text("All the world's a stage, and all the men and women merely players. " * 8)
+    assert main(["quantize", "--model", str(src), "--preset", "hqq-3bit", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert not (out / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--text", str(text), "--window", "32"]) == 0
+    quant = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "--model", str(src), "--text", str(text), "--window", "32"]) == 0
+    dense = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert quant["num_tokens"] == dense["num_tokens"] > 0
+    assert np.isfinite(quant["ppl"]) and quant["ppl"] != dense["ppl"]

@@ -82,16 +82,19 @@ class HFTokenizer:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(model_dir: str) -> Tokenizer:
-    """Tokenizer for a checkpoint directory (see the module docstring for the rule)."""
+def load_tokenizer(model_dir: str, vocab_size: int | None = None) -> Tokenizer:
+    """Tokenizer for a checkpoint directory (see the module docstring for the rule).
+
+    vocab_size: the model's, when the caller has loaded it (a milo-jax checkpoint keeps its config
+    in its own metadata, not in config.json); otherwise read from the directory's config.json.
+    """
     if not os.path.isdir(model_dir):
         raise ValueError(f"load_tokenizer: {model_dir} is not a directory")
     tok_json = os.path.join(model_dir, "tokenizer.json")
     if os.path.isfile(tok_json):
         return HFTokenizer(tok_json)
     cfg_path = os.path.join(model_dir, "config.json")
-    vocab_size = None
-    if os.path.isfile(cfg_path):
+    if vocab_size is None and os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             vocab_size = json.load(f).get("vocab_size")
     if vocab_size is not None and BYTE_VOCAB <= int(vocab_size) <= MAX_BYTE_LEVEL_VOCAB:
