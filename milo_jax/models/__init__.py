@@ -22,7 +22,8 @@ through models.linear (bf16 + QuantizedTensor: pallas_kernels.quant_matmul).
 
 from milo_jax.models.config import ModelConfig
 from milo_jax.models.decoder import DecoderLayer, MoECausalLM
-from milo_jax.models.linear import Linear, expert_linear, gathered_expert_linear, linear
+from milo_jax.models.linear import (Linear, expert_linear, gathered_expert_linear,
+                                     grouped_expert_linear, linear)
 from milo_jax.models.registry import (ATTENTION, ROUTERS, register_attention, register_router)
 from milo_jax.models.rope import apply_rope, register_rope, rope_frequencies
 # Importing these registers the DeepSeek parts: attention "mla", routers "deepseek_moe",
@@ -30,5 +31,5 @@ from milo_jax.models.rope import apply_rope, register_rope, rope_frequencies
 from milo_jax.models import deepseek_router, mla  # noqa: F401  (registration side effects)
 
 __all__ = ["ModelConfig", "MoECausalLM", "DecoderLayer", "Linear", "linear", "expert_linear",
-           "gathered_expert_linear", "ATTENTION", "ROUTERS", "register_attention",
+           "gathered_expert_linear", "grouped_expert_linear", "ATTENTION", "ROUTERS", "register_attention",
            "register_router", "apply_rope", "register_rope", "rope_frequencies"]
