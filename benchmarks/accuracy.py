@@ -158,6 +158,7 @@ def goals(records) -> dict:
 
 
 def write_markdown(path, result):
+    """The .md beside the JSON (also re-renders a saved JSON: write_markdown(md, json.load(f)))."""
     recs, g = result["records"], result["goals"]
     lines = [
         "# Perplexity vs bits per weight (benchmarks/accuracy.py)", "",
@@ -168,7 +169,14 @@ def write_markdown(path, result):
         f"row; {result['seconds_per_eval']:.1f} s per evaluation on average.", "",
         "**Caveat.** The testbed is the interim CPU-trained model (milo_jax/assets/testbed/README.md): "
         "its RTN-3bit gap to bf16 is only about 0.3% on the whole held-out text, so the differences "
-        "between quantizers below are small and may sit in the noise of this slice.", "",
+        "between quantizers below are small and may sit in the noise of this slice (no confidence "
+        "interval is computed; a different slice can reorder rows that differ by < 0.1%).", "",
+        "Reading the goals: 'below' is strict, so a budget row whose solver picks rank 0 at one bit "
+        "width (it is then HQQ itself, same perplexity) counts as not below. The budget solver "
+        "(quant.ranks.budget_ranks) minimises the weights' squared error; on this model it spends the "
+        "bytes mostly on 4-bit base tensors, not on ranks (mean ranks in the notes). HQQ's front "
+        "below 3.5 bits per weight has only its 2-bit point, while the budget rows below 3.5 mix "
+        "2- and 3-bit tensors.", "",
         "Bits per weight: over the quantized tensors (attention projections and routed experts; "
         "codes + 16-bit scale and zero per 64, + compensator factors for MiLo). Whole model: all "
         "parameters, untouched ones at 16 bits (embeddings, lm_head and norms dominate this tiny "
