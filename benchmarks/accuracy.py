@@ -170,7 +170,8 @@ def write_markdown(path, result):
         "**Caveat.** The testbed is the interim CPU-trained model (milo_jax/assets/testbed/README.md): "
         "its RTN-3bit gap to bf16 is only about 0.3% on the whole held-out text, so the differences "
         "between quantizers below are small and may sit in the noise of this slice (no confidence "
-        "interval is computed; a different slice can reorder rows that differ by < 0.1%).", "",
+        "interval on the slice's choice; the '±' is the standard error of the delta over the "
+        "slice's equal chunks, paired with bf16's, a rough guide only).", "",
         "Reading the goals: 'below' is strict, so a budget row whose solver picks rank 0 at one bit "
         "width (it is then HQQ itself, same perplexity) counts as not below. The budget solver "
         "(quant.ranks.budget_ranks) minimises the weights' squared error; on this model it spends the "
@@ -183,14 +184,18 @@ def write_markdown(path, result):
         "model). Budget rows (milo-Yb pw-q): a whole-model QuantConfig budget converted exactly to "
         "Y bits per weight over the quantized tensors; '+2bit': 2-bit g64 also offered to the budget "
         "solver, since 3-bit g64 alone costs 3.5.".replace("Yb pw", "Ybpw"), "",
-        "| config | method | bits | bits/weight (quantized) | whole model | perplexity | vs bf16 | "
+        "| config | method | bits | bits/weight (quantized) | whole model | perplexity | vs bf16 (± s.e.) | "
         "HQQ-3bit gap recovered | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def se(r):
+        v = r.get("delta_stderr")
+        return "" if not v else f" ± {100 * v:.3f}%"
+
     for r in recs:
         rec = "" if r.get("gap_recovered") is None else f"{100 * r['gap_recovered']:.0f}%"
         lines.append(f"| {r['config']} | {r['method']} | {r['bits'] if r['bits'] else '-'} | "
                      f"{r['bits_per_weight']:.3f} | {r['whole_model_bits_per_weight']:.3f} | "
-                     f"{r['ppl']:.4f} | {100 * r['delta_vs_bf16']:+.3f}% | {rec} | "
+                     f"{r['ppl']:.4f} | {100 * r['delta_vs_bf16']:+.3f}%{se(r)} | {rec} | "
                      f"{r['seconds']:.1f} |")
     lines += ["", "## The issue's goals on this testbed", ""]
     fr = g["gap_recovered_at_3_75"]
@@ -253,6 +258,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS),
                     help="MiLo budgets, bits per weight over the quantized tensors")
     ap.add_argument("--configs", default=None, help="comma-separated subset of the config names")
+    ap.add_argument("--chunks", type=int, default=8,
+                    help="equal parts of the slice scored separately (standard error of the delta)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
 
@@ -287,6 +294,7 @@ def main(argv=None) -> dict:
     if n_windows < 1:
         raise ValueError(f"{text_path}: {len(tokens)} tokens, fewer than one window of {args.window}")
     tokens = tokens[: n_windows * args.window]
+    n_chunks = max(c for c in range(1, min(args.chunks, n_windows) + 1) if n_windows % c == 0)
     summary = (f"{cfg.model_type}, {cfg.num_hidden_layers} layers, {cfg.num_experts} experts "
                f"(top-{cfg.num_experts_per_tok}), hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
     print(f"model: {model_dir} ({summary})\ntext: {text_path}: {len(tokens):,} tokens, "
@@ -344,20 +352,29 @@ def main(argv=None) -> dict:
                 notes.append(f"{name}: base bits {bits_used}, mean rank "
                              f"{np.mean([r for t in rep.tensors for r in t.ranks] or [0]):.1f}")
         t1 = time.perf_counter()
-        r = perplexity(m, tokens, window=args.window, batch_size=args.batch_size)
+        # the slice in equal chunks of whole windows: the pooled nll is exactly the whole slice's,
+        # and the per-chunk deltas to bf16 give a standard error for the delta
+        parts = [perplexity(m, c, window=args.window, batch_size=args.batch_size)
+                 for c in np.split(tokens, n_chunks)]
+        n_scored = sum(p.num_tokens for p in parts)
+        nll = sum(p.nll * p.num_tokens for p in parts) / n_scored
         t2 = time.perf_counter()
         eval_seconds.append(t2 - t1)
         records.append(dict(config=name, method=method, bits=bits, bits_per_weight=bpw,
-                            whole_model_bits_per_weight=whole, ppl=float(r.ppl), nll=float(r.nll),
-                            num_tokens=int(r.num_tokens), quantize_seconds=t1 - t0,
+                            whole_model_bits_per_weight=whole, ppl=math.exp(nll), nll=float(nll),
+                            chunk_nll=[float(p.nll) for p in parts], num_tokens=int(n_scored),
+                            quantize_seconds=t1 - t0,
                             eval_seconds=t2 - t1, seconds=t2 - t0))
-        print(f"{name:22s} {bpw:7.3f} bpw  (whole {whole:6.3f})  ppl {r.ppl:.5f}  "
+        print(f"{name:22s} {bpw:7.3f} bpw  (whole {whole:6.3f})  ppl {math.exp(nll):.5f}  "
               f"quantize {t1 - t0:5.1f}s  eval {t2 - t1:5.1f}s", flush=True)
 
     base = records[0]["ppl"]
     hqq3 = next((r["ppl"] for r in records if r["config"] == f"hqq-3bit-g{GROUP}"), None)
+    base_chunks = np.asarray(records[0]["chunk_nll"])
     for r in records:
         r["delta_vs_bf16"] = r["ppl"] / base - 1.0
+        d = np.exp(np.asarray(r["chunk_nll"]) - base_chunks) - 1.0
+        r["delta_stderr"] = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else None
         r["gap_recovered"] = None
         if r["method"] == "milo" and hqq3 is not None and hqq3 != base:
             r["gap_recovered"] = (hqq3 - r["ppl"]) / (hqq3 - base)
@@ -370,7 +387,7 @@ def main(argv=None) -> dict:
         command="python -m benchmarks.accuracy " + " ".join(sys.argv[1:] if argv is None else argv),
         model=("milo_jax/assets/testbed" if args.model is None else model_dir), model_summary=summary,
         text=("milo_jax/assets/testbed/heldout.txt" if args.text is None else text_path),
-        num_tokens=int(len(tokens)), window=args.window, num_windows=n_windows,
+        num_tokens=int(len(tokens)), window=args.window, num_windows=n_windows, num_chunks=n_chunks,
         seconds_per_eval=float(np.mean(eval_seconds)), records=records, goals=goals(records),
         notes=notes)
     out = args.out

@@ -31,6 +31,7 @@ def test_main_on_a_tiny_slice(tmp_path):
     recs = {r["config"]: r for r in result["records"]}
     assert list(recs) == configs.split(",")
     assert recs["bf16"]["delta_vs_bf16"] == 0.0 and recs["bf16"]["bits_per_weight"] == 16.0
+    assert recs["bf16"]["delta_stderr"] == 0.0 and recs["rtn-2bit-g64"]["delta_stderr"] > 0
     for r in recs.values():
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1.0, r
         for key in ("method", "bits", "bits_per_weight", "whole_model_bits_per_weight",
