@@ -44,7 +44,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from benchmarks.quant_matmul import ON_CPU, cupti_us, jax_copy_tbps, torch_ceilings
 from milo_jax.models.linear import linear

@@ -26,7 +26,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from milo_jax.quant import packing
 from pallas_kernels.quant_matmul import api, layout, mgpu_sm90

@@ -26,7 +26,6 @@ Cost per factor element: b + 16 / group_size bits (int8 g64: 8.25, int4 g64: 4.2
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Union
 
 import jax

@@ -39,7 +39,9 @@ from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
-from pallas_kernels.quant_matmul.mgpu_sm90 import _mma_xt, _pick_splits, _swizzle_transforms, _unpack_slot
+from pallas_kernels.quant_matmul.mgpu_sm90 import (_accumulate_and_store, _decode_scratch,
+                                                   _interpret_params, _mma_xt, _pick_splits,
+                                                   _swizzle_transforms, _unpack_slot)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,13 +232,6 @@ def _block_expert(counts, mi, num_experts: int):
     return expert, mi < end
 
 
-def _interpret_params(interpret: bool) -> dict:
-    if not interpret:
-        return {}
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return dict(interpret=InterpretGPUParams())
-
-
 @functools.lru_cache(maxsize=None)
 def build_float(k_pad: int, n: int, num_experts: int, num_blocks: int, cfg: Config, interpret: bool):
     """bf16 experts: f(block_counts [Ec], w_t [Ec*N, k_pad], x [B*MB, k_pad]) -> [splits*N, B*MB].
@@ -282,17 +277,9 @@ def build_float(k_pad: int, n: int, num_experts: int, num_blocks: int, cfg: Conf
                 plgpu.wgmma_wait(0)
                 return acc_ref[...]
 
-            if interpret:
-                def compute_interpret(acc_ref):
-                    acc_ref[...] = jnp.zeros((bn, mb), jnp.float32)
-                    return compute(acc_ref)
-                res = pl.run_scoped(compute_interpret, plgpu.SMEM((bn, mb), jnp.float32))
-            else:
-                res = pl.run_scoped(compute, plgpu.ACC((bn, mb), jnp.float32))
-            o_smem[...] = res.astype(out_dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)])
-            plgpu.wait_smem_to_gmem(0)
+            _accumulate_and_store(compute, o_smem,
+                                  out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
+                                  bn, mb, interpret)
 
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
                         grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
@@ -395,24 +382,11 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
                     plgpu.wgmma_wait(0)
                 return acc_ref[...]
 
-            if interpret:   # GPU interpret mode cannot mix REGS and SMEM scratch (quant_matmul NOTES)
-                def compute_interpret(acc_ref):
-                    acc_ref[...] = jnp.zeros((bn, mb), jnp.float32)
-                    return compute(acc_ref)
-                res = pl.run_scoped(compute_interpret, plgpu.SMEM((bn, mb), jnp.float32))
-            else:
-                res = pl.run_scoped(compute, plgpu.ACC((bn, mb), jnp.float32))
-            o_smem[...] = res.astype(out_dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)])
-            plgpu.wait_smem_to_gmem(0)
+            _accumulate_and_store(compute, o_smem,
+                                  out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
+                                  bn, mb, interpret)
 
-    scratch = [plgpu.SMEM((nbuf, bn, chunk * slab), jnp.bfloat16, transforms=tr),
-               plgpu.SMEM((bn, mb), out_dtype)]
-    if comp:
-        scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
-                    plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
-                    plgpu.Barrier(num_arrivals=2)]
+    scratch = _decode_scratch(nbuf, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
                         grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
                         scratch_types=scratch, **_interpret_params(interpret))

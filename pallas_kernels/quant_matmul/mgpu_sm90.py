@@ -100,6 +100,44 @@ def _swizzle_transforms(cols: int):
 
 
 @functools.lru_cache(maxsize=None)
+def _interpret_params(interpret: bool) -> dict:
+    """plgpu.kernel keyword for GPU interpret mode (CPU tests), empty for native runs."""
+    if not interpret:
+        return {}
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return dict(interpret=InterpretGPUParams())
+
+
+def _accumulate_and_store(compute, o_smem, out_tile, bn: int, mb: int, interpret: bool):
+    """Run `compute(acc_ref)` on a [bn, mb] float32 accumulator, then store its result through SMEM
+    to the GMEM tile `out_tile`. The accumulator lives in its own scope: registers natively, SMEM in
+    GPU interpret mode, which cannot mix register and SMEM scratch."""
+    if interpret:
+        def compute_interpret(acc_ref):
+            acc_ref[...] = jnp.zeros((bn, mb), jnp.float32)
+            return compute(acc_ref)
+        res = pl.run_scoped(compute_interpret, plgpu.SMEM((bn, mb), jnp.float32))
+    else:
+        res = pl.run_scoped(compute, plgpu.ACC((bn, mb), jnp.float32))
+    o_smem[...] = res.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_tile)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _decode_scratch(nbuf: int, bn: int, chunk: int, slab: int, mb: int, out_dtype, comp: bool,
+                    rank_pad: int, tr, tr_r) -> list:
+    """SMEM of the decode kernel: the dequantized A buffers, the output tile and, with a
+    compensator, the x @ u tile, the v^T tile and their barrier."""
+    scratch = [plgpu.SMEM((nbuf, bn, chunk * slab), jnp.bfloat16, transforms=tr),
+               plgpu.SMEM((bn, mb), out_dtype)]
+    if comp:
+        scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
+                    plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
+                    plgpu.Barrier(num_arrivals=2)]
+    return scratch
+
+
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
           cfg: Config, interpret: bool):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [splits, m_pad, Rp], v_t [N, Rp]]) -> [splits*N, m_pad].
@@ -190,32 +228,13 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             return acc_ref[...]
 
         acc = None
-        # The accumulator lives in its own scope: GPU interpret mode cannot mix REGS and SMEM scratch.
-        if interpret:
-            def compute_interpret(acc_ref):
-                acc_ref[...] = jnp.zeros((bn, mb), jnp.float32)
-                return compute(acc_ref)
-            res = pl.run_scoped(compute_interpret, plgpu.SMEM((bn, mb), jnp.float32))
-        else:
-            res = pl.run_scoped(compute, plgpu.ACC((bn, mb), jnp.float32))
-        o_smem[...] = res.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)])
-        plgpu.wait_smem_to_gmem(0)
+        _accumulate_and_store(compute, o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
+                              bn, mb, interpret)
 
-    scratch = [plgpu.SMEM((nbuf, bn, chunk * slab), jnp.bfloat16, transforms=tr),
-               plgpu.SMEM((bn, mb), out_dtype)]
-    if comp:
-        scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
-                    plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
-                    plgpu.Barrier(num_arrivals=2)]
-    extra = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        extra = dict(interpret=InterpretGPUParams())
+    scratch = _decode_scratch(nbuf, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, m_pad), out_dtype),
                         grid=(n // bn, m_pad // mb, splits), grid_names=("n", "m", "k"), compiler_params=wg,
-                        scratch_types=scratch, **extra)
+                        scratch_types=scratch, **_interpret_params(interpret))
 
 
 def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None,
@@ -307,14 +326,10 @@ def build_dequant(bits: int, slab: int, group_rows: int, k_pad: int, n: int, chu
             *([codes] * wps), scales, zeros)
         plgpu.wait_smem_to_gmem(0)
 
-    extra = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        extra = dict(interpret=InterpretGPUParams())
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((n, k_pad), jnp.bfloat16),
                         grid=(n // bn,), grid_names=("n",), compiler_params=wg,
                         scratch_types=[plgpu.SMEM((2, bn, chunk * slab), jnp.bfloat16, transforms=tr)],
-                        **extra)
+                        **_interpret_params(interpret))
 
 
 def dequantize_mgpu(kw: KernelWeights, *, interpret: bool = False) -> jax.Array:
