@@ -41,7 +41,7 @@ from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
 from pallas_kernels.quant_matmul.mgpu_sm90 import (_accumulate_and_store, _decode_scratch,
                                                    _interpret_params, _mma_xt, _pick_splits,
-                                                   _swizzle_transforms, _unpack_slot)
+                                                   _swizzle_transforms, _tiling, _unpack_slot)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,20 +293,9 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials).
 
     block_counts[e] = number of MB-row blocks of local expert e (its rows rounded up)."""
-    per = packing.slots_per_tile(bits)
-    wps = packing.words_per_slab_row(bits)
-    tile_rows = per * slab
-    steps_total = k_pad // tile_rows
-    splits = cfg.k_splits
-    if steps_total % splits:
-        raise ValueError(f"k_splits={splits} does not divide the {steps_total} K tiles")
-    steps = steps_total // splits
-    bn, mb, chunk = cfg.block_n, cfg.block_m, cfg.chunk_slots
-    if per % chunk:
-        raise ValueError(f"chunk_slots={chunk} must divide the {per} slots of a {bits}-bit tile")
-    nchunks = per // chunk
-    if n % bn or k_pad % tile_rows:
-        raise ValueError(f"shape N={n}, K={k_pad} not tiled by BN={bn}, tile={tile_rows}")
+    tl = _tiling(bits, slab, k_pad, n, cfg)
+    wps, tile_rows, steps, splits = tl.wps, tl.tile_rows, tl.steps, tl.splits
+    bn, mb, chunk, nchunks = tl.bn, tl.mb, tl.chunk, tl.nchunks
     gp = k_pad // group_rows                   # scale rows per expert
     if group_rows >= tile_rows:
         g_block = 1

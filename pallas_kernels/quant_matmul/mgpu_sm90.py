@@ -100,6 +100,37 @@ def _swizzle_transforms(cols: int):
 
 
 @functools.lru_cache(maxsize=None)
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """How a decode kernel walks K: planar tiles of `tile_rows` rows, `steps` per K split."""
+    per: int          # slots (slabs) per planar tile
+    wps: int          # words per slab row (3 for 3-bit, else 1)
+    tile_rows: int    # K rows per planar tile
+    steps: int        # pipeline steps per K split
+    splits: int
+    bn: int
+    mb: int
+    chunk: int        # slots unpacked per chunk
+    nchunks: int
+
+
+def _tiling(bits: int, slab: int, k_pad: int, n: int, cfg) -> _Tiling:
+    """Derive and check the K tiling shared by the dense and grouped decode kernels."""
+    per = packing.slots_per_tile(bits)
+    tile_rows = per * slab
+    bn, mb, chunk, splits = cfg.block_n, cfg.block_m, cfg.chunk_slots, cfg.k_splits
+    if n % bn or k_pad % tile_rows:
+        raise ValueError(f"shape N={n}, K={k_pad} not tiled by BN={bn}, tile={tile_rows}")
+    steps_total = k_pad // tile_rows
+    if steps_total % splits:
+        raise ValueError(f"k_splits={splits} does not divide the {steps_total} K tiles")
+    if per % chunk:
+        raise ValueError(f"chunk_slots={chunk} must divide the {per} slots of a {bits}-bit tile")
+    return _Tiling(per=per, wps=packing.words_per_slab_row(bits), tile_rows=tile_rows,
+                   steps=steps_total // splits, splits=splits, bn=bn, mb=mb, chunk=chunk,
+                   nchunks=per // chunk)
+
+
 def _interpret_params(interpret: bool) -> dict:
     """plgpu.kernel keyword for GPU interpret mode (CPU tests), empty for native runs."""
     if not interpret:
@@ -144,20 +175,11 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
 
     Output is bf16 for one split, else float32 partial sums (split i in rows i*N .. (i+1)*N).
     """
-    per = packing.slots_per_tile(bits)
-    wps = packing.words_per_slab_row(bits)
-    tile_rows = per * slab
-    steps_total = k_pad // tile_rows
-    splits = cfg.k_splits
-    if steps_total % splits:
-        raise ValueError(f"k_splits={splits} does not divide the {steps_total} K tiles")
-    steps = steps_total // splits
-    bn, mb, chunk = cfg.block_n, cfg.block_m, cfg.chunk_slots
-    if per % chunk:
-        raise ValueError(f"chunk_slots={chunk} must divide the {per} slots of a {bits}-bit tile")
-    nchunks = per // chunk
-    if n % bn or m_pad % mb or k_pad % tile_rows:
-        raise ValueError(f"shape N={n}, M={m_pad}, K={k_pad} not tiled by BN={bn}, MB={mb}, tile={tile_rows}")
+    tl = _tiling(bits, slab, k_pad, n, cfg)
+    wps, tile_rows, steps, splits = tl.wps, tl.tile_rows, tl.steps, tl.splits
+    bn, mb, chunk, nchunks = tl.bn, tl.mb, tl.chunk, tl.nchunks
+    if m_pad % mb:
+        raise ValueError(f"M={m_pad} is not tiled by MB={mb}")
     if group_rows >= tile_rows:
         if group_rows % tile_rows and group_rows != k_pad:
             raise ValueError(f"group of {group_rows} rows does not align with tiles of {tile_rows}")
