@@ -98,23 +98,11 @@ def _torch_greedy(model, tokens: np.ndarray, steps: int) -> np.ndarray:
 
 
 def jax_greedy(model, tokens: np.ndarray, steps: int) -> np.ndarray:
-    """Prefill + `steps - 1` single-token decode steps through the model's KV cache (jitted)."""
-    b, s = tokens.shape
-    graphdef, state = nnx.split(model)
+    """Greedy decoding of equal-length prompts through the KV cache (the parity tests' ragged
+    decoder with every row at full length)."""
+    from tests.test_models_hf_parity import jax_greedy as ragged_greedy
 
-    @jax.jit
-    def step(state, cache, toks, pos):
-        return nnx.merge(graphdef, state)(toks, positions=pos, cache=cache)
-
-    cache = model.init_cache(b, s + steps)
-    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    logits, cache = step(state, cache, jnp.asarray(tokens), pos)
-    out = [jnp.argmax(logits[:, -1], -1)]
-    for t in range(steps - 1):
-        pos = jnp.full((b, 1), s + t, jnp.int32)
-        logits, cache = step(state, cache, out[-1][:, None].astype(jnp.int32), pos)
-        out.append(jnp.argmax(logits[:, -1], -1))
-    return np.stack([np.asarray(o) for o in out], 1)
+    return ragged_greedy(model, tokens, [tokens.shape[1]] * tokens.shape[0], steps)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
