@@ -21,8 +21,11 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+import numpy as np
+
 from converters.errors import CheckpointError
-from converters.registry import NO_MATH_FIELDS, ArchSpec, KeyRule, register_arch
+from converters.registry import (HF_LAYER, NO_MATH_FIELDS, OUR_LAYER, ArchSpec, KeyRule,
+                                 decoder_rules, register_arch)
 from milo_jax.models import deepseek_router as _routers  # noqa: F401  (registers the routers)
 from milo_jax.models import mla as _mla  # noqa: F401  (registers attention kind "mla")
 from milo_jax.models.config import ModelConfig
@@ -207,18 +210,11 @@ def parse_config(hf: Mapping[str, Any], source: str = "config.json") -> ModelCon
 # Key map (converters.registry KeyRule templates). Dense layers and MoE layers share the prefix;
 # a rule whose target the configured model lacks is reported by the loader as unexpected.
 
-L = "model.layers.{i}."
-T = "layers.{i}."
+L, T = HF_LAYER, OUR_LAYER
 
 
 def _rules():
-    r = [
-        KeyRule("model.embed_tokens.weight", "embed_tokens.embedding", "copy"),
-        KeyRule("model.norm.weight", "norm.scale", "copy"),
-        KeyRule("lm_head.weight", "lm_head.kernel", "linear"),
-        KeyRule(L + "input_layernorm.weight", T + "input_norm.scale", "copy"),
-        KeyRule(L + "post_attention_layernorm.weight", T + "post_attn_norm.scale", "copy"),
-    ]
+    r = decoder_rules()
     # attention: Llama GQA (deepseek v1) and MLA (V2/V3); HF name -> our attribute
     linears = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "o_proj",
                "q_a_proj": "q_a_proj", "q_b_proj": "q_b_proj",
@@ -279,10 +275,8 @@ for _mt in MODEL_TYPES:
 FP8_SCALE_SUFFIX = "_scale_inv"
 
 
-def dequantize_fp8_block(weight, scale_inv, block: tuple) -> "np.ndarray":
+def dequantize_fp8_block(weight, scale_inv, block: tuple) -> np.ndarray:
     """float8 [out, in] * float32 per-block scales [ceil(out/bm), ceil(in/bn)] -> float32 [out, in]."""
-    import numpy as np
-
     bm, bn = block
     out_f, in_f = weight.shape
     want = (-(-out_f // bm), -(-in_f // bn))
@@ -302,8 +296,6 @@ def dequantize_fp8_checkpoint(src: str, dst: str, dtype: str = "bfloat16") -> st
     import shutil
 
     import ml_dtypes
-    import numpy as np
-
     from converters.hf import find_weight_files
     from converters.safetensors_io import SafetensorsFile, write_safetensors
 

@@ -13,21 +13,15 @@ Semantics follow transformers' modeling_{mixtral,qwen2_moe,qwen3_moe,olmoe}.py (
 
 from __future__ import annotations
 
-from converters.registry import ArchSpec, ConfigReader, KeyRule, parse_rope, register_arch
+from converters.registry import (HF_LAYER, OUR_LAYER, ArchSpec, ConfigReader, KeyRule,
+                                 decoder_rules, parse_rope, register_arch)
 from milo_jax.models.config import ModelConfig
 
-L = "model.layers.{i}."
-T = "layers.{i}."
+L, T = HF_LAYER, OUR_LAYER
 
 
 def _common_rules(qkv_bias: bool, o_bias: bool, qk_norm: bool):
-    rules = [
-        KeyRule("model.embed_tokens.weight", "embed_tokens.embedding", "copy"),
-        KeyRule("model.norm.weight", "norm.scale", "copy"),
-        KeyRule("lm_head.weight", "lm_head.kernel", "linear"),
-        KeyRule(L + "input_layernorm.weight", T + "input_norm.scale", "copy"),
-        KeyRule(L + "post_attention_layernorm.weight", T + "post_attn_norm.scale", "copy"),
-    ]
+    rules = decoder_rules()
     for p in ("q", "k", "v", "o"):
         rules.append(KeyRule(L + f"self_attn.{p}_proj.weight", T + f"attn.{p}_proj.kernel", "linear"))
     # biases are mapped whenever present; a bias the config did not ask for has no target and is

@@ -207,3 +207,20 @@ def parse_rope(r: ConfigReader, default_theta: float, supported=("default",)):
                                   "for the default rope")
         return float(theta), None
     return float(theta), merged
+
+
+# Prefixes of one decoder layer's keys: Hugging Face's and ours.
+HF_LAYER = "model.layers.{i}."
+OUR_LAYER = "layers.{i}."
+
+
+def decoder_rules() -> list:
+    """Key rules every supported decoder shares: embeddings, final norm, lm_head, the two norms of
+    each layer. Architectures add their attention and MLP rules."""
+    return [
+        KeyRule("model.embed_tokens.weight", "embed_tokens.embedding", "copy"),
+        KeyRule("model.norm.weight", "norm.scale", "copy"),
+        KeyRule("lm_head.weight", "lm_head.kernel", "linear"),
+        KeyRule(HF_LAYER + "input_layernorm.weight", OUR_LAYER + "input_norm.scale", "copy"),
+        KeyRule(HF_LAYER + "post_attention_layernorm.weight", OUR_LAYER + "post_attn_norm.scale", "copy"),
+    ]
