@@ -257,29 +257,33 @@ def build_float(k_pad: int, n: int, num_experts: int, num_blocks: int, cfg: Conf
         ki = lax.axis_index("k")
         off = ki * steps
         expert, valid = _block_expert(counts, mi, num_experts)
+        row_block = expert * n_blocks + ni
+        acc_holder = [None]
 
-        @pl.when(valid)
-        def _():
-            row_block = expert * n_blocks + ni
-            acc_holder = [None]
+        def body(_, w_ref, x_ref):
+            _mma_xt(acc_holder[0], w_ref, x_ref, interpret)
+            plgpu.wgmma_wait(1)
 
-            def body(_, w_ref, x_ref):
-                _mma_xt(acc_holder[0], w_ref, x_ref, interpret)
-                plgpu.wgmma_wait(1)
+        in_specs = [plgpu.BlockSpec((bn, bk), lambda s: (row_block, s + off), transforms=tr, delay_release=1),
+                    plgpu.BlockSpec((mb, bk), lambda s: (mi, s + off), transforms=tr, delay_release=1)]
 
-            in_specs = [plgpu.BlockSpec((bn, bk), lambda s: (row_block, s + off), transforms=tr, delay_release=1),
-                        plgpu.BlockSpec((mb, bk), lambda s: (mi, s + off), transforms=tr, delay_release=1)]
+        def compute(acc_ref):
+            acc_holder[0] = acc_ref
 
-            def compute(acc_ref):
-                acc_holder[0] = acc_ref
+            # The skip sits inside the accumulator scope, around emit_pipeline only, exactly as
+            # jax's transposed_ragged_dot_mgpu.py skips empty groups; a skipped block stores its
+            # zero accumulator into padding rows nobody reads back.
+            @pl.when(valid)
+            def _():
                 plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs,
                                     max_concurrent_steps=max(cfg.stages, 2))(w_t, x)
                 plgpu.wgmma_wait(0)
-                return acc_ref[...]
 
-            _accumulate_and_store(compute, o_smem,
-                                  out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
-                                  bn, mb, interpret)
+            return acc_ref[...]
+
+        _accumulate_and_store(compute, o_smem,
+                              out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
+                              bn, mb, interpret)
 
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
                         grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
@@ -323,57 +327,62 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         ki = lax.axis_index("k")
         off = ki * steps
         expert, valid = _block_expert(counts, mi, num_experts)
+        if comp:   # compensator operands arrive while the main loop runs (in range for skipped blocks too)
+            plgpu.copy_gmem_to_smem(xu.at[ki, pl.ds(mi * mb, mb)], xu_smem, bar)
+            plgpu.copy_gmem_to_smem(v_t.at[pl.ds(expert * n + ni * bn, bn)], v_smem, bar)
+        row_block = expert * n_blocks + ni            # this expert's column tile in stacked codes
+        scale_base = expert * scale_blocks_per_expert
 
-        @pl.when(valid)
-        def _():
-            if comp:
-                plgpu.copy_gmem_to_smem(xu.at[ki, pl.ds(mi * mb, mb)], xu_smem, bar)
-                plgpu.copy_gmem_to_smem(v_t.at[pl.ds(expert * n + ni * bn, bn)], v_smem, bar)
-            row_block = expert * n_blocks + ni            # this expert's column tile in stacked codes
-            scale_base = expert * scale_blocks_per_expert
+        def body(_, *step_refs):
+            planes = [r[...] for r in step_refs[:wps]]
+            s_ref, z_ref, x_ref = step_refs[wps:]
+            for c in range(nchunks):
+                buf = a_buf.at[c % nbuf]
+                for jj in range(chunk):
+                    j = c * chunk + jj
+                    g = (j * slab) // group_rows if g_block > 1 else 0
+                    sc = s_ref[g, :].astype(jnp.float32)
+                    bc = -(z_ref[g, :].astype(jnp.float32) * sc)
+                    q = _unpack_slot(planes, bits, j).astype(jnp.int32).astype(jnp.float32)
+                    d = q * lax.broadcast_in_dim(sc, (bn, slab), (0,)) + lax.broadcast_in_dim(bc, (bn, slab), (0,))
+                    buf[:, pl.ds(jj * slab, slab)] = d.astype(jnp.bfloat16)
+                plgpu.commit_smem()
+                _mma_xt(acc_holder[0], buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
+                plgpu.wgmma_wait(1 if overlap else 0)
 
-            def body(_, *step_refs):
-                planes = [r[...] for r in step_refs[:wps]]
-                s_ref, z_ref, x_ref = step_refs[wps:]
-                for c in range(nchunks):
-                    buf = a_buf.at[c % nbuf]
-                    for jj in range(chunk):
-                        j = c * chunk + jj
-                        g = (j * slab) // group_rows if g_block > 1 else 0
-                        sc = s_ref[g, :].astype(jnp.float32)
-                        bc = -(z_ref[g, :].astype(jnp.float32) * sc)
-                        q = _unpack_slot(planes, bits, j).astype(jnp.int32).astype(jnp.float32)
-                        d = q * lax.broadcast_in_dim(sc, (bn, slab), (0,)) + lax.broadcast_in_dim(bc, (bn, slab), (0,))
-                        buf[:, pl.ds(jj * slab, slab)] = d.astype(jnp.bfloat16)
-                    plgpu.commit_smem()
-                    _mma_xt(acc_holder[0], buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
-                    plgpu.wgmma_wait(1 if overlap else 0)
+        code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (row_block, wps * (s + off) + p)))
+                      for p in range(wps)]
+        in_specs = code_specs + [
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+            plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s + off), transforms=tr,
+                            delay_release=1 if overlap else 0),
+        ]
+        acc_holder = [None]
 
-            code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (row_block, wps * (s + off) + p)))
-                          for p in range(wps)]
-            in_specs = code_specs + [
-                plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
-                plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
-                plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s + off), transforms=tr,
-                                delay_release=1 if overlap else 0),
-            ]
-            acc_holder = [None]
+        def compute(acc_ref):
+            acc_holder[0] = acc_ref
 
-            def compute(acc_ref):
-                acc_holder[0] = acc_ref
+            # Skip blocks past the last real one: inside the accumulator scope, around emit_pipeline
+            # only, as jax's transposed_ragged_dot_mgpu.py skips empty groups (no weight reads). The
+            # compensator copies / barrier stay unconditional (as quant_matmul); a skipped block
+            # stores its accumulator into padding rows that are never read back.
+            @pl.when(valid)
+            def _():
                 plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs,
                                     max_concurrent_steps=max(cfg.stages, 2 if overlap else 1))(
                     *([codes] * wps), scales, zeros, x)
                 plgpu.wgmma_wait(0)
-                if comp:
-                    plgpu.barrier_wait(bar)
-                    _mma_xt(acc_ref, v_smem, xu_smem, interpret)
-                    plgpu.wgmma_wait(0)
-                return acc_ref[...]
 
-            _accumulate_and_store(compute, o_smem,
-                                  out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
-                                  bn, mb, interpret)
+            if comp:
+                plgpu.barrier_wait(bar)
+                _mma_xt(acc_ref, v_smem, xu_smem, interpret)
+                plgpu.wgmma_wait(0)
+            return acc_ref[...]
+
+        _accumulate_and_store(compute, o_smem,
+                              out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
+                              bn, mb, interpret)
 
     scratch = _decode_scratch(nbuf, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
