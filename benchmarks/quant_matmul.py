@@ -1,13 +1,18 @@
 """Benchmark: quantized matmul y = x @ deq(Q) (+ (x @ U) @ V) on the GPU, against the copy ceiling,
-bf16 jnp.dot and torch's bf16 matmul, all measured in the same run.
+bf16 jnp.dot, torch's bf16 matmul and peers (torch int4 tinygemm, gemlite 4/2-bit), all measured
+in the same run.
 
-    python -m benchmarks.quant_matmul --out benchmarks/results/quant_matmul.json
+    python -m benchmarks.quant_matmul --out benchmarks/results/quant_matmul.json      # issue plan
+    python -m benchmarks.quant_matmul --shapes 2048x1408 --append --out ...            # add to a JSON
     python -m benchmarks.quant_matmul --tune --out /tmp/tune.json     # kernel config sweep
+    JAX_PLATFORMS=cpu python -m benchmarks.quant_matmul --smoke --out /tmp/qm.json     # CPU dry run
 
 Timing: CUPTI kernel time (jax.experimental.mosaic.gpu.profiler.measure) of one jit that runs the
 op over R separate weight buffers (a static Python loop, R buffers > 120 MB so L2 cannot serve
-them), median over iterations, divided by R. Torch: CUDA events around the same rotation.
+them), median over iterations, divided by R. Torch and its peers: CUDA graph of the same rotation,
+CUDA events (quant_matmul_peers.py).
 Bytes that must move: codes + scales + zeros (+ u + v) at their logical (unpadded) size, x and y.
+Table and roofline: benchmarks/plot_quant_matmul.py (the table is rewritten after every shape).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 
+from benchmarks import plot_quant_matmul, quant_matmul_peers as peers
 from milo_jax.quant import packing
 from pallas_kernels.quant_matmul import api, layout, mgpu_sm90
 
@@ -121,31 +127,6 @@ def torch_ceilings():
     return out
 
 
-def torch_bf16_us(k, n, m, reps):
-    import torch
-    dev = torch.device("cuda")
-    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(reps)]
-    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    def run():
-        for w in ws:
-            torch.nn.functional.linear(x, w)
-    for _ in range(2):
-        run()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(5):
-            run()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) / 5 / reps * 1e3)
-    del ws
-    torch.cuda.empty_cache()
-    return statistics.median(ts)
-
-
 def jax_copy_tbps():
     a = jax.random.normal(jax.random.key(0), (1 << (20 if ON_CPU else 28),), jnp.float32)
     f = jax.jit(lambda a: a * 1.0001)
@@ -168,7 +149,7 @@ def check_kernel(kw, x, y):
 def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=None):
     """Time each impl (and kernel config) at every M; records carry the relative error too."""
     wbytes = logical_weight_bytes(k, n, bits, group_size, rank)
-    reps = max(2, min(64, math.ceil(ROTATE_BYTES / wbytes)))
+    reps = 2 if ON_CPU else max(2, min(64, math.ceil(ROTATE_BYTES / wbytes)))
     keys = jax.random.split(jax.random.key(k * 7 + n + bits), reps)
     kws = [random_kernel_weights(kk, k, n, bits, group_size, rank) for kk in keys]
     jax.block_until_ready(kws)
@@ -178,28 +159,37 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
         for impl in impls:
             cfg_list = configs if (impl == "mgpu" and configs) else [None]
             for cfg in cfg_list:
-                name = impl if cfg is None else (
+                name = ("milo" if impl == "auto" else impl) if cfg is None else (
                     f"mgpu bn{cfg.block_n} c{cfg.chunk_slots} s{cfg.stages} split{cfg.k_splits}"
                     + ("" if cfg.overlap else " no-overlap"))
                 if impl == "mgpu" and m > 512:
                     continue
                 if "dequant_dot" in impl and m < 64:
                     continue
+                if impl == "auto":
+                    # api.matmul's own choice on sm90 (kernel up to PREFILL_THRESHOLD); on CPU the
+                    # same choice forced, the kernel interpreted
+                    path = "kernel" if m <= api.PREFILL_THRESHOLD else "dequant_dot"
+                    call_impl, interp = (path, path == "kernel") if ON_CPU else (None, None)
+                else:
+                    path = call_impl = "kernel" if impl == "mgpu" else impl
+                    interp = ON_CPU and "mgpu" in impl
                 try:
                     # nested jit: the kernel is lowered once and called on every rotated buffer
-                    one = jax.jit(lambda x, kw: api.matmul(x, kw, impl="kernel" if impl == "mgpu" else impl,
-                                                       config=cfg, interpret=ON_CPU and "mgpu" in impl))
+                    one = jax.jit(lambda x, kw, call_impl=call_impl, interp=interp, cfg=cfg:
+                                  api.matmul(x, kw, impl=call_impl, config=cfg, interpret=interp))
                     fn = jax.jit(lambda x, *ws: [one(x, w) for w in ws])
                     ys = jax.block_until_ready(fn(x, *kws))
                     err, fin = check_kernel(kws[0], x, ys[0])
                     us = cupti_us(fn, (x, *kws), reps)
                     bf = bf16_us.get(m)
                     record(op="quant_matmul", impl=name, shape=[k, n], m=m, bits=bits,
-                           group_size=group_size or "channel", rank=rank, time_us=us,
+                           group_size=group_size or "channel", rank=rank, time_us=us, bytes=byts,
                            tbps=byts / (us * 1e-6) / 1e12, frac_copy=byts / (us * 1e-6) / 1e12 / ceil,
                            tflops=2 * m * k * n / (us * 1e-6) / 1e12,
                            speedup_vs_bf16=(bf / us) if bf else None, relerr=err, finite=fin,
-                           config=None if cfg is None else str(cfg), rotated=reps)
+                           config=None if cfg is None else str(cfg), path=path, rotated=reps,
+                           timing="cupti" if not ON_CPU else "wall_cpu")
                 except Exception as e:
                     msg = " | ".join(str(e).strip().split("\n")[:3])[:500]
                     record(op="quant_matmul", impl=name, shape=[k, n], m=m, bits=bits,
@@ -210,7 +200,7 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
 
 def bench_bf16(k, n, ms, ceil, use_torch):
     wbytes = k * n * 2
-    reps = max(2, min(16, math.ceil(ROTATE_BYTES / wbytes)))
+    reps = 2 if ON_CPU else max(2, min(16, math.ceil(ROTATE_BYTES / wbytes)))
     ws = [jax.random.normal(kk, (k, n), jnp.float32).astype(jnp.bfloat16)
           for kk in jax.random.split(jax.random.key(n), reps)]
     out = {}
@@ -221,18 +211,56 @@ def bench_bf16(k, n, ms, ceil, use_torch):
         us = cupti_us(fn, (x, *ws), reps)
         out[m] = us
         record(op="matmul", impl="bf16_jnp_dot", shape=[k, n], m=m, bits=16, group_size=None, rank=0,
-               time_us=us, tbps=byts / (us * 1e-6) / 1e12, frac_copy=byts / (us * 1e-6) / 1e12 / ceil,
-               tflops=2 * m * k * n / (us * 1e-6) / 1e12, speedup_vs_bf16=1.0, rotated=reps)
+               time_us=us, bytes=byts, tbps=byts / (us * 1e-6) / 1e12, frac_copy=byts / (us * 1e-6) / 1e12 / ceil,
+               tflops=2 * m * k * n / (us * 1e-6) / 1e12, speedup_vs_bf16=1.0, rotated=reps,
+               timing="cupti" if not ON_CPU else "wall_cpu")
         if use_torch:
             try:
-                tus = torch_bf16_us(k, n, m, reps)
+                r = peers.torch_bf16(k, n, m, reps)
+                tus = r["time_us"]
                 record(op="matmul", impl="torch_bf16", shape=[k, n], m=m, bits=16, group_size=None, rank=0,
-                       time_us=tus, tbps=byts / (tus * 1e-6) / 1e12, frac_copy=byts / (tus * 1e-6) / 1e12 / ceil,
-                       tflops=2 * m * k * n / (tus * 1e-6) / 1e12, speedup_vs_bf16=us / tus, rotated=reps)
-            except Exception as e:
-                log("torch bf16 failed:", e)
+                       time_us=tus, bytes=byts, tbps=byts / (tus * 1e-6) / 1e12,
+                       frac_copy=byts / (tus * 1e-6) / 1e12 / ceil, tflops=2 * m * k * n / (tus * 1e-6) / 1e12,
+                       speedup_vs_bf16=us / tus, rotated=reps, timing=r["timing"])
+            except Exception as e:  # noqa: BLE001 - a failing peer is recorded, the run goes on
+                peer_error("torch_bf16", k, n, m, 16, None, e)
     del ws
     return out
+
+
+PEERS = {
+    # name: (bits, group, runner(k, n, m, opts) -> dict)
+    "torch_int4_g64": (4, 64, lambda k, n, m, o: peers.torch_int4(k, n, m, 64)),
+    "torch_int4_g128": (4, 128, lambda k, n, m, o: peers.torch_int4(k, n, m, 128)),
+    "gemlite_w4_g64": (4, 64, lambda k, n, m, o: peers.gemlite_w(k, n, m, 4, 64, o.gemlite_autotune)),
+    "gemlite_w2_g64": (2, 64, lambda k, n, m, o: peers.gemlite_w(k, n, m, 2, 64, o.gemlite_autotune)),
+}
+
+
+def peer_error(name, k, n, m, bits, group, e):
+    msg = " | ".join(str(e).strip().split("\n")[:3])[:500]
+    record(op="peer", impl=name, shape=[k, n], m=m, bits=bits, group_size=group, rank=0,
+           error=f"{type(e).__name__}: {msg}")
+    traceback.print_exc(limit=3)
+
+
+def bench_peers(k, n, ms, names, ceil, bf16_us, opts):
+    """Torch-side peers at every M; each in try/except (a failure is recorded, the run goes on)."""
+    for name in names:
+        bits, group, run = PEERS[name]
+        for m in ms:
+            try:
+                r = run(k, n, m, opts)
+                byts = r["weight_bytes"] + m * k * 2 + m * n * 2
+                us = r["time_us"]
+                bf = bf16_us.get(m)
+                record(op="peer", impl=name, shape=[k, n], m=m, bits=bits, group_size=group, rank=0,
+                       time_us=us, bytes=byts, tbps=byts / (us * 1e-6) / 1e12,
+                       frac_copy=byts / (us * 1e-6) / 1e12 / ceil, tflops=2 * m * k * n / (us * 1e-6) / 1e12,
+                       speedup_vs_bf16=(bf / us) if bf else None, relerr=r.get("relerr"),
+                       rotated=r.get("rotated"), timing=r["timing"], config=r.get("config"))
+            except Exception as e:  # noqa: BLE001
+                peer_error(name, k, n, m, bits, group, e)
 
 
 def native_checks():
@@ -255,70 +283,65 @@ def native_checks():
                     log(f"CHECK bits={bits} g={g} FAILED {type(e).__name__}: {str(e)[:300]}")
 
 
-def run_final_plan(shapes, ms, ceil, use_torch, save, t0):
-    """The issue's table: first shape in full (kernel variants, ranks 0/32), others at decode M."""
-    k, n = shapes[0]
-    bf = bench_bf16(k, n, ms, ceil["copy_tbps"], use_torch)
-    ceil["bf16_tflops"] = max(r["tflops"] for r in RESULTS if r.get("impl") == "bf16_jnp_dot")
-    dec = [m for m in ms if m <= 256]
-    bench_quant(k, n, dec, 3, 64, 0, ["mgpu"], ceil["copy_tbps"], bf)
-    bench_quant(k, n, [m for m in ms if m >= 64], 3, 64, 0, ["mgpu_dequant_dot", "dequant_dot"], ceil["copy_tbps"], bf)
-    bench_quant(k, n, [m for m in ms if m in (1, 16, 4096)], 3, 64, 32, ["mgpu", "dequant_dot"], ceil["copy_tbps"], bf)
-    variants = [mgpu_sm90.Config(chunk_slots=4, k_splits=2), mgpu_sm90.Config(chunk_slots=4, k_splits=4),
-                mgpu_sm90.Config(chunk_slots=8, k_splits=2)]
-    bench_quant(k, n, [m for m in ms if m in (1, 16)], 3, 64, 0, ["mgpu"], ceil["copy_tbps"], bf, variants)
-    log(f"  shape {k}x{n} done at {time.time() - t0:.0f}s")
-    save()
-    for k, n in shapes[1:]:
-        small = [m for m in ms if m in (1, 16)]
-        bf = bench_bf16(k, n, small, ceil["copy_tbps"], use_torch)
-        bench_quant(k, n, small, 3, 64, 0, ["mgpu"], ceil["copy_tbps"], bf)
+GOAL_SHAPE = (4096, 14336)
+
+
+def run_issue_plan(shapes, ms, ceil, opts, save, t0):
+    """Issue 6's table: per shape, bf16 (jnp + torch), our kernel (api's default choice, 3-bit g64)
+    and the peers at every M; on the goal shape also rank 32 at M in {1, 16, 4096}."""
+    for k, n in shapes:
+        bf = bench_bf16(k, n, ms, ceil["copy_tbps"], not opts.no_torch)
+        ceil["bf16_tflops"] = max([ceil.get("bf16_tflops", 0)] + [r["tflops"] for r in RESULTS if r.get("impl") == "bf16_jnp_dot"])
+        bench_quant(k, n, ms, 3, 64, 0, ["auto"], ceil["copy_tbps"], bf)
+        if (k, n) == GOAL_SHAPE and opts.ranks != "0":
+            for rank in [int(r) for r in opts.ranks.split(",") if int(r)]:
+                bench_quant(k, n, [m for m in ms if m in (1, 16, 4096)], 3, 64, rank, ["auto"], ceil["copy_tbps"], bf)
+        if not opts.no_torch and opts.peers:
+            bench_peers(k, n, ms, opts.peers.split(","), ceil["copy_tbps"], bf, opts)
         log(f"  shape {k}x{n} done at {time.time() - t0:.0f}s")
         save()
 
 
-def write_markdown(path, meta):
-    lines = [f"# quant_matmul on {meta['device']} ({meta['date']}, jax {meta['jax']})", "",
-             f"Command: `{meta['command']}`", "",
-             f"Copy ceiling: {meta['ceilings'].get('copy_tbps', float('nan')):.2f} TB/s "
-             f"(torch {meta['ceilings'].get('copy_tbps_torch', float('nan')):.2f}, jax {meta['ceilings'].get('copy_tbps_jax', float('nan')):.2f}).",
-             "", "| impl | K x N | M | bits | g | rank | us | TB/s | frac copy | TFLOP/s | vs bf16 | relerr |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in meta["records"]:
-        if r.get("op") == "check":
-            lines.append(f"| check {r['impl']} | {r['shape'][0]}x{r['shape'][1]} | {r['m']} | {r['bits']} | {r['group_size']} | "
-                         f"{r['rank']} | | | | | | {r['relerr']:.1e} |")
-            continue
-        if "error" in r:
-            lines.append(f"| {r['impl']} | {r['shape'][0]}x{r['shape'][1]} | {r['m']} | {r['bits']} | {r['group_size']} | {r['rank']} | FAILED: {r['error'][:80]} |||||| ")
-            continue
-        f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
-        lines.append(f"| {r['impl']} | {r['shape'][0]}x{r['shape'][1]} | {r['m']} | {r['bits']} | {r['group_size']} | "
-                     f"{r['rank']} | {f(r['time_us'], 1)} | {f(r['tbps'])} | {f(r['frac_copy'])} | {f(r['tflops'], 1)} | "
-                     f"{f(r.get('speedup_vs_bf16'))} | {'' if r.get('relerr') is None else format(r['relerr'], '.1e')} |")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+def load_previous(path):
+    """Records and runs of an earlier JSON (for --append); none if it does not exist."""
+    if not os.path.exists(path):
+        return [], []
+    with open(path) as fh:
+        old = json.load(fh)
+    runs = old.get("runs") or [dict(command=old.get("command"), ceilings=old.get("ceilings"), date=old.get("date"))]
+    return old.get("records", []), runs
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/quant_matmul.json")
-    ap.add_argument("--shapes", default=None, help="e.g. 4096x14336,2048x1408")
-    ap.add_argument("--ms", default=None, help="e.g. 1,16,4096")
-    ap.add_argument("--bits", default="3")
-    ap.add_argument("--group", default="64")
-    ap.add_argument("--ranks", default="0,32")
-    ap.add_argument("--impls", default="mgpu,dequant_dot")
-    ap.add_argument("--tune", action="store_true", help="sweep kernel configs (first shape only)")
-    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--shapes", default=None, help="K x N list, e.g. 4096x14336,2048x1408 (default: the issue's 5)")
+    ap.add_argument("--ms", default=None, help="e.g. 1,16,4096 (default 1,4,16,64,256,4096)")
+    ap.add_argument("--append", action="store_true", help="add to the records already in --out")
+    ap.add_argument("--bits", default="3", help="grid plan only")
+    ap.add_argument("--group", default="64", help="grid plan only")
+    ap.add_argument("--ranks", default="0,32", help="issue plan: nonzero ranks measured on 4096x14336 at M 1/16/4096")
+    ap.add_argument("--impls", default="mgpu,dequant_dot", help="grid plan only: mgpu, auto, dequant_dot, mgpu_dequant_dot")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {list(PEERS)}; empty for none")
+    ap.add_argument("--gemlite-autotune", default="default", choices=["default", "fast"],
+                    help="default: gemlite's shipped H100 configs where they exist, else its default config")
+    ap.add_argument("--tune", action="store_true", help="sweep kernel configs (grid plan)")
+    ap.add_argument("--no-torch", action="store_true", help="no torch ceiling, torch bf16 or peers")
     ap.add_argument("--check", action="store_true", help="native correctness of every bit width first")
-    ap.add_argument("--plan", default="final", choices=["final", "grid"],
-                    help="final: the issue's table with kernel variants on the first shape; grid: full product")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run: 256x128 and 128x192, M 1 and 300, interpret mode")
+    ap.add_argument("--plan", default="issue", choices=["issue", "grid"],
+                    help="issue: the issue's table (bf16, our default, peers); grid: full product of --bits/--group/--ranks/--impls")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.shapes = args.shapes or "256x128,128x192"
+        args.ms = args.ms or "1,300"
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = MS if not args.ms else [int(v) for v in args.ms.split(",")]
     dev = jax.devices()[0]
     log("jax", jax.__version__, dev.device_kind)
+    if ON_CPU and not args.no_torch:
+        log("CPU: no torch ceiling, torch bf16 or peers (they need CUDA)")
+        args.no_torch = True
     ceil = torch_ceilings() if not args.no_torch else {}
     ceil["copy_tbps_jax"] = jax_copy_tbps()  # one jnp elementwise pass over 1 GiB, read + write
     ceil["copy_tbps"] = max(ceil.get("copy_tbps_torch", 0), ceil["copy_tbps_jax"])
@@ -333,27 +356,32 @@ def main(argv=None):
                     configs.append(mgpu_sm90.Config(block_n=bn, block_m=0, chunk_slots=chunk, stages=stages))
         configs.append(mgpu_sm90.Config(block_n=64, block_m=0, chunk_slots=8, stages=2, overlap=False))
     t0 = time.time()
+    command = "python -m benchmarks.quant_matmul " + " ".join(argv if argv is not None else sys.argv[1:])
+    old_records, runs = load_previous(args.out) if args.append else ([], [])
+    runs = runs + [dict(command=command, ceilings=ceil, date=datetime.date.today().isoformat(),
+                        device=dev.device_kind, jax=jax.__version__)]
 
     def save():
+        records = old_records + RESULTS
+        bf16_tf = [r["tflops"] for r in records if r.get("impl") == "bf16_jnp_dot" and "tflops" in r]
+        top = dict(ceil, bf16_tflops=max(bf16_tf)) if bf16_tf else dict(ceil)
         meta = dict(device=dev.device_kind, date=datetime.date.today().isoformat(), jax=jax.__version__,
-                    command="python -m benchmarks.quant_matmul " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    ceilings=ceil, records=RESULTS)
+                    command=" ; ".join(r["command"] for r in runs), ceilings=top, runs=runs, records=records)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump(meta, fh, indent=1)
-        write_markdown(os.path.splitext(args.out)[0] + ".md", meta)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+            fh.write(plot_quant_matmul.markdown(meta))
         return meta
 
     if args.check:
         native_checks()
         save()
-    if args.plan == "final":
-        run_final_plan(shapes, ms, ceil, not args.no_torch, save, t0)
+    if args.plan == "issue":
+        run_issue_plan(shapes, ms, ceil, args, save, t0)
         shapes = []
     for k, n in shapes:
         bf = bench_bf16(k, n, ms, ceil["copy_tbps"], not args.no_torch)
-        if (k, n) == shapes[0]:
-            ceil["bf16_tflops"] = max(r["tflops"] for r in RESULTS if r.get("impl") == "bf16_jnp_dot" and r["shape"] == [k, n])
         for bits in [int(b) for b in args.bits.split(",")]:
             for g in args.group.split(","):
                 for rank in [int(r) for r in args.ranks.split(",")]:
@@ -362,15 +390,15 @@ def main(argv=None):
         log(f"  shape {k}x{n} done at {time.time() - t0:.0f}s")
         save()
     save()
-    log("\n==== summary ====")
+    log(f"\n==== summary ({time.time() - t0:.0f}s) ====")
     for r in RESULTS:
         if r.get("op") == "check":
             continue
         if "error" in r:
-            log(f"{r['impl'][:60]:60s} {r['shape']} m={r['m']:5d} r={r['rank']} FAILED {r['error'][:150]}")
+            log(f"{r['impl'][:40]:40s} {r['shape']} m={r['m']:5d} r={r['rank']} FAILED {r['error'][:150]}")
         else:
             sp = r.get("speedup_vs_bf16")
-            log(f"{r['impl'][:60]:60s} {r['shape']} m={r['m']:5d} b={r['bits']} r={r['rank']:3d} {r['time_us']:9.1f} us "
+            log(f"{r['impl'][:40]:40s} {r['shape']} m={r['m']:5d} b={r['bits']} r={r['rank']:3d} {r['time_us']:9.1f} us "
                 f"{r['tbps']:5.2f} TB/s {r['frac_copy']:5.2f} {r['tflops']:6.1f} TF x{(sp or 0):5.2f} "
                 f"err={r.get('relerr') or 0:.1e}")
 
