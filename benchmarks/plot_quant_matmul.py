@@ -1,7 +1,8 @@
 """Table and roofline for benchmarks/results/quant_matmul.json (written by benchmarks.quant_matmul).
 
-    python -m benchmarks.plot_quant_matmul benchmarks/results/quant_matmul.json
-        -> quant_matmul.md (tables) and quant_matmul_roofline.png beside the JSON
+    python -m benchmarks.plot_quant_matmul benchmarks/results/quant_matmul.json [--merge other.json ...]
+        -> quant_matmul.md (tables) and quant_matmul_roofline.png beside the JSON (with --merge,
+           the other JSONs' records and runs are appended to the first JSON first)
 
 Roofline: x = arithmetic intensity, FLOP (2 M K N) per byte that must move (codes + scales +
 zeros (+ compensator) + x + y); y = TFLOP/s. Ceilings from the same run: the measured copy
@@ -137,13 +138,14 @@ def roofline(meta: dict, path: str) -> str:
     ms = sorted({r["m"] for r in recs})
     cmap = plt.get_cmap("viridis")
     color = {m: cmap(i / max(1, len(ms) - 1)) for i, m in enumerate(ms)}
-    for impl, (marker, label) in STYLE.items():
+    extra = {r["impl"]: ("P", r["impl"]) for r in recs if r["impl"].startswith("milo_w")}
+    for impl, (marker, label) in {**STYLE, **extra}.items():
         pts = [(a, r) for a, r in zip(ais, recs) if r["impl"] == impl]
         if not pts:
             continue
         ax.scatter([a for a, _ in pts], [r["tflops"] for _, r in pts], marker=marker,
-                   c=[color[r["m"]] for _, r in pts], s=110 if impl == OURS else 40,
-                   edgecolors="red" if impl == OURS else "none", label=label, alpha=0.9)
+                   c=[color[r["m"]] for _, r in pts], s=110 if impl.startswith(OURS) else 40,
+                   edgecolors="red" if impl.startswith(OURS) else "none", label=label, alpha=0.9)
     for m in ms:
         ax.scatter([], [], marker="o", color=color[m], label=f"M={m}")
     ax.set_xscale("log")
@@ -160,14 +162,34 @@ def roofline(meta: dict, path: str) -> str:
     return path
 
 
+def merge(meta: dict, other: dict) -> dict:
+    """Records and runs of `other` appended to `meta` (two commands of one benchmark); the top-level
+    ceilings keep meta's copy ceiling and take the best bf16 TFLOP/s of both."""
+    runs = (meta.get("runs") or [dict(command=meta.get("command"), ceilings=meta.get("ceilings"))]) + \
+        (other.get("runs") or [dict(command=other.get("command"), ceilings=other.get("ceilings"))])
+    ceil = dict(meta.get("ceilings") or {})
+    tf = [c.get("bf16_tflops") for c in (meta.get("ceilings") or {}, other.get("ceilings") or {}) if c.get("bf16_tflops")]
+    if tf:
+        ceil["bf16_tflops"] = max(tf)
+    return dict(meta, ceilings=ceil, runs=runs, command=" ; ".join(str(r.get("command")) for r in runs),
+                records=meta.get("records", []) + other.get("records", []))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("json", nargs="?", default="benchmarks/results/quant_matmul.json")
+    ap.add_argument("--merge", nargs="*", default=[], help="JSONs of other commands: their records are appended to JSON (rewritten)")
     ap.add_argument("--png", default=None, help="default: <json stem>_roofline.png")
     ap.add_argument("--md", default=None, help="default: <json stem>.md")
     args = ap.parse_args(argv)
     with open(args.json) as fh:
         meta = json.load(fh)
+    for path in args.merge:
+        with open(path) as fh:
+            meta = merge(meta, json.load(fh))
+    if args.merge:
+        with open(args.json, "w") as fh:
+            json.dump(meta, fh, indent=1)
     stem = os.path.splitext(args.json)[0]
     with open(args.md or stem + ".md", "w") as fh:
         fh.write(markdown(meta))

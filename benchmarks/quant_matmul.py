@@ -159,7 +159,8 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
         for impl in impls:
             cfg_list = configs if (impl == "mgpu" and configs) else [None]
             for cfg in cfg_list:
-                name = ("milo" if impl == "auto" else impl) if cfg is None else (
+                name = (("milo" if bits == 3 and group_size == 64 else f"milo_w{bits}g{group_size or 'ch'}")
+                        if impl == "auto" else impl) if cfg is None else (
                     f"mgpu bn{cfg.block_n} c{cfg.chunk_slots} s{cfg.stages} split{cfg.k_splits}"
                     + ("" if cfg.overlap else " no-overlap"))
                 if impl == "mgpu" and m > 512:
@@ -283,17 +284,16 @@ def native_checks():
                     log(f"CHECK bits={bits} g={g} FAILED {type(e).__name__}: {str(e)[:300]}")
 
 
-GOAL_SHAPE = (4096, 14336)
-
-
 def run_issue_plan(shapes, ms, ceil, opts, save, t0):
     """Issue 6's table: per shape, bf16 (jnp + torch), our kernel (api's default choice, 3-bit g64)
-    and the peers at every M; on the goal shape also rank 32 at M in {1, 16, 4096}."""
+    and the peers at every M; on --rank-shape (the goal shape) also the nonzero --ranks at M in
+    {1, 16, 4096}."""
     for k, n in shapes:
         bf = bench_bf16(k, n, ms, ceil["copy_tbps"], not opts.no_torch)
         ceil["bf16_tflops"] = max([ceil.get("bf16_tflops", 0)] + [r["tflops"] for r in RESULTS if r.get("impl") == "bf16_jnp_dot"])
-        bench_quant(k, n, ms, 3, 64, 0, ["auto"], ceil["copy_tbps"], bf)
-        if (k, n) == GOAL_SHAPE and opts.ranks != "0":
+        for bits in [int(b) for b in opts.ours_bits.split(",")]:
+            bench_quant(k, n, ms, bits, 64, 0, ["auto"], ceil["copy_tbps"], bf)
+        if f"{k}x{n}" == opts.rank_shape:
             for rank in [int(r) for r in opts.ranks.split(",") if int(r)]:
                 bench_quant(k, n, [m for m in ms if m in (1, 16, 4096)], 3, 64, rank, ["auto"], ceil["copy_tbps"], bf)
         if not opts.no_torch and opts.peers:
@@ -320,9 +320,11 @@ def main(argv=None):
     ap.add_argument("--append", action="store_true", help="add to the records already in --out")
     ap.add_argument("--bits", default="3", help="grid plan only")
     ap.add_argument("--group", default="64", help="grid plan only")
-    ap.add_argument("--ranks", default="0,32", help="issue plan: nonzero ranks measured on 4096x14336 at M 1/16/4096")
+    ap.add_argument("--ranks", default="0,32", help="issue plan: nonzero ranks measured on --rank-shape at M 1/16/4096")
+    ap.add_argument("--rank-shape", default="4096x14336", help="issue plan: the shape that gets the compensator cases")
     ap.add_argument("--impls", default="mgpu,dequant_dot", help="grid plan only: mgpu, auto, dequant_dot, mgpu_dequant_dot")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {list(PEERS)}; empty for none")
+    ap.add_argument("--ours-bits", default="3", help="issue plan: bit widths of our kernel (g64, rank 0); 3 is 'milo'")
     ap.add_argument("--gemlite-autotune", default="default", choices=["default", "fast"],
                     help="default: gemlite's shipped H100 configs where they exist, else its default config")
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs (grid plan)")
@@ -335,6 +337,7 @@ def main(argv=None):
     if args.smoke:
         args.shapes = args.shapes or "256x128,128x192"
         args.ms = args.ms or "1,300"
+        args.rank_shape = args.shapes.split(",")[0]
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ms = MS if not args.ms else [int(v) for v in args.ms.split(",")]
     dev = jax.devices()[0]

@@ -85,7 +85,7 @@ def torch_bf16(k: int, n: int, m: int, reps: int) -> dict:
     ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(reps)]
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     us, method = time_rotation(lambda: [torch.nn.functional.linear(x, w) for w in ws], reps)
-    del ws
+    ws.clear()
     torch.cuda.empty_cache()
     return dict(time_us=us, timing=method, weight_bytes=k * n * 2)
 
@@ -138,7 +138,8 @@ def torch_int4(k: int, n: int, m: int, group_size: int, inner_k_tiles: int = 8) 
         return [torch.ops.aten._weight_int4pack_mm(x, w, group_size, sz) for w, sz in zip(packed, szs)]
 
     us, method = time_rotation(step, reps)
-    del packed, szs
+    packed.clear()
+    szs.clear()
     torch.cuda.empty_cache()
     return dict(time_us=us, timing=method, weight_bytes=wbytes, relerr=err, rotated=reps,
                 config=f"innerKTiles={inner_k_tiles}")
@@ -203,7 +204,7 @@ def gemlite_w(k: int, n: int, m: int, bits: int, group_size: int, autotune: str 
     del first, w_hat, y
     mtype = get_matmul_type(m, bits)
     us, method = time_rotation(lambda: [lin(x) for lin in layers], reps)
-    del layers
+    layers.clear()
     torch.cuda.empty_cache()
     return dict(time_us=us, timing=method, weight_bytes=wbytes, relerr=err, rotated=reps,
                 config=f"{mtype} autotune={autotune} h100_cache={gemlite_cached(gemlite, mtype, m, k, n, group_size, bits)}")

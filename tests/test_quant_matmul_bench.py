@@ -8,7 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks import plot_quant_matmul, quant_matmul_peers as peers  # noqa: E402
+from benchmarks import plot_quant_matmul
+from benchmarks import quant_matmul_peers as peers
 
 
 def test_tinygemm_convention_matches_cpu_kernel():
@@ -89,15 +90,32 @@ def test_append_keeps_earlier_records(tmp_path, monkeypatch):
     out = str(tmp_path / "qm.json")
     qm.RESULTS.clear()
     qm.main(["--shapes", "128x64", "--ms", "300", "--ranks", "0", "--out", out])
-    first = json.load(open(out))
+    with open(out) as fh:
+        first = json.load(fh)
     n_first = len(first["records"])
     assert n_first == 2 and {r["impl"] for r in first["records"]} == {"bf16_jnp_dot", "milo"}
-    milo = [r for r in first["records"] if r["impl"] == "milo"][0]
+    milo = next(r for r in first["records"] if r["impl"] == "milo")
     assert milo["path"] == "dequant_dot" and milo["relerr"] < 1e-2
     qm.RESULTS.clear()
     qm.main(["--shapes", "64x128", "--ms", "300", "--ranks", "0", "--append", "--out", out])
-    both = json.load(open(out))
+    with open(out) as fh:
+        both = json.load(fh)
     assert len(both["records"]) == 2 * n_first and len(both["runs"]) == 2
     assert {tuple(r["shape"]) for r in both["records"]} == {(128, 64), (64, 128)}
     assert os.path.exists(str(tmp_path / "qm.md"))
     qm.RESULTS.clear()
+
+
+def test_merge_two_commands(tmp_path):
+    pytest.importorskip("matplotlib")
+    a, b = _fake_meta(), _fake_meta()
+    b["records"] = b["records"][:3]
+    b["ceilings"] = dict(copy_tbps=2.8, bf16_tflops=700.0)
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    plot_quant_matmul.main([str(pa), "--merge", str(pb), "--png", str(tmp_path / "a.png")])
+    merged = json.loads(pa.read_text())
+    assert len(merged["records"]) == len(a["records"]) + 3 and len(merged["runs"]) == 4
+    assert merged["ceilings"] == dict(copy_tbps=3.0, bf16_tflops=700.0)
+    assert (tmp_path / "a.md").exists() and (tmp_path / "a.png").exists()
