@@ -20,9 +20,17 @@ SiLU(gate)*up, combine back to tokens, plus the shared expert(s). Impls:
 - q3_kernel         the same through the grouped Mosaic GPU kernel (impl="kernel")
 - mixed234_grouped  per-expert 2/3/4-bit lists (gate/up and down with different assignments)
 - mixed234_kernel   the same through the kernel (one launch per bit-width class)
+- tokamax_int4      tokamax.ragged_dot (implementation="mosaic": its sm90 int4 Mosaic kernel) on int4
+                    weights quantized by qwix (per output column, K tiles of 128, bf16 scales), shared
+                    expert int4 through the same call with one group; needs the carried wheels
+                    (tokamax, qwix, ...); recorded as an error where it cannot import or run
 Timing: CUPTI kernel time of one jit that runs the FFN over R separate weight sets (a static Python
 loop; R sets of the ACTIVE experts' bytes exceed 160 MB so L2 cannot serve them), median over
 iterations, divided by R (benchmarks.quant_matmul.cupti_us). On CPU: wall clock, interpret mode.
+Robust for blind runs: every (model, tokens, impl) case runs in its own try (a failure prints its
+traceback, is recorded with the stage that failed, and the run goes on); the JSON is rewritten after
+every case; `--budget-s` stops starting cases in time; `--append --resume` skips cases already in
+the JSON without an error, so a command cut off at its limit can simply be run again.
 Bytes that must move: the distinct routed experts' weights (logical: codes + scales + zeros), the
 shared experts, x and y. speedup_vs_ragged_dot and speedup_vs_bf16 (grouped_bf16) are from the
 same run.
@@ -66,15 +74,40 @@ SMALL_MODELS = {
 TOKENS = [1, 16, 64, 512, 4096]
 SMALL_TOKENS = [1, 16, 64]
 IMPLS = ["ragged_dot_bf16", "grouped_bf16", "model_bf16", "bf16_kernel", "q3_grouped", "q3_model", "q3_kernel",
-         "mixed234_grouped", "mixed234_kernel"]
+         "mixed234_grouped", "mixed234_kernel", "tokamax_int4"]
+TOKAMAX_TILE_K = 128      # int4 scale tile along K for tokamax (its sm90 kernel's block_k divides it)
+# tokamax's sm90 Mosaic kernel on the GPU; its XLA path for the CPU smoke run (there is no interpret mode)
+TOKAMAX_IMPL = "xla" if ON_CPU else "mosaic"
 ROTATE_BYTES = 160e6
 MAX_SET_BYTES = 24e9          # cap on the rotated copies held at once
 GROUP = 64
 RESULTS = []
 
 
+T_START = time.time()
+
+
 def log(*a):
-    print(*a, flush=True)
+    print(time.strftime("%H:%M:%S"), f"+{time.time() - T_START:.0f}s", *a, flush=True)
+
+
+def import_tokamax():
+    """(tokamax, qwix). tokamax imports xprof (for its own profiler timer only) at import time; xprof
+    and its dependencies are ~40 MB of wheels, so where it is missing an empty stand-in module is
+    installed (this benchmark times with CUPTI, never through tokamax's xprof timer)."""
+    import importlib.util
+    import types
+    import qwix   # noqa: F401 -- a missing dependency fails here, before any stand-in is installed
+    if "xprof" not in sys.modules and importlib.util.find_spec("xprof") is None:
+        names = ["xprof", "xprof.cli", "xprof.cli.tools", "xprof.cli.tools.get_kernel_stats_tool"]
+        mods = {n: types.ModuleType(n) for n in names}
+        for parent, child in zip(names, names[1:]):
+            setattr(mods[parent], child.rsplit(".", 1)[1], mods[child])
+        for n, mod in mods.items():
+            sys.modules.setdefault(n, mod)
+    import qwix
+    import tokamax
+    return tokamax, qwix
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -116,6 +149,11 @@ def make_layer(key, m, kind):
     elif kind == "q3":
         gate, up, down = (random_qt(next(keys), (e,), h, i, 3), random_qt(next(keys), (e,), h, i, 3),
                           random_qt(next(keys), (e,), i, h, 3))
+    elif kind == "int4":   # tokamax peer: bf16 weights quantized by qwix (int4, K tiles, per column)
+        _, qwix = import_tokamax()
+        q = lambda w: qwix.quantize(w, jnp.int4, tiled_axes={0: 1, 1: TOKAMAX_TILE_K, 2: 1})
+        gate, up, down = (q(random_bf16(next(keys), (e, h, i))), q(random_bf16(next(keys), (e, h, i))),
+                          q(random_bf16(next(keys), (e, i, h))))
     elif kind == "mixed234":
         gu, dn = mixed_bits(e, "gate_up"), mixed_bits(e, "down")
         gate = [random_qt(next(keys), (), h, i, b) for b in gu]
@@ -127,6 +165,8 @@ def make_layer(key, m, kind):
     if s:
         if kind == "bf16":
             shared = (random_bf16(next(keys), (h, s)), random_bf16(next(keys), (h, s)), random_bf16(next(keys), (s, h)))
+        elif kind == "int4":  # one group of the same ragged_dot
+            shared = tuple(q(random_bf16(next(keys), (1, a, b))) for a, b in ((h, s), (h, s), (s, h)))
         else:   # the shared expert at 3 bits for every quantized variant, repacked once for quant_matmul
             shared = tuple(prepare_dense(random_qt(next(keys), (), a, b, 3)) for a, b in ((h, s), (h, s), (s, h)))
     sg = random_bf16(next(keys), (h, 1)) if m["shared_gate"] else None
@@ -141,11 +181,17 @@ def prepare_dense(qt):
         return qt
 
 
+def int4_bytes(k, n):
+    return k * n / 2 + 2 * n * (k // TOKAMAX_TILE_K)
+
+
 def expert_bytes(m, kind, expert):
     """Bytes of one routed expert's three matrices."""
     h, i = m["h"], m["i"]
     if kind == "bf16":
         return 3 * h * i * 2
+    if kind == "int4":
+        return 2 * int4_bytes(h, i) + int4_bytes(i, h)
     if kind == "q3":
         return 2 * qt_bytes(h, i, 3) + qt_bytes(i, h, 3)
     gu, dn = mixed_bits(m["e"], "gate_up")[expert], mixed_bits(m["e"], "down")[expert]
@@ -156,6 +202,8 @@ def shared_bytes(m, kind):
     h, s = m["h"], m["shared"]
     if not s:
         return 0
+    if kind == "int4":
+        return 2 * int4_bytes(h, s) + int4_bytes(s, h)
     return 3 * h * s * 2 if kind == "bf16" else 2 * qt_bytes(h, s, 3) + qt_bytes(s, h, 3)
 
 
@@ -179,14 +227,32 @@ def ffn(x, weights, ids, layer, matmul, num_experts):
     return out + shared_ffn(x, layer)
 
 
-def shared_ffn(x, layer):
+def shared_ffn(x, layer, lin=None):
     if layer["shared"] is None:
         return jnp.zeros_like(x)
+    lin = lin or linear
     g, u, d = layer["shared"]
-    s = linear(jax.nn.silu(linear(x, g)) * linear(x, u), d)
+    s = lin(jax.nn.silu(lin(x, g)) * lin(x, u), d)
     if layer["shared_gate"] is not None:
         s = jax.nn.sigmoid(linear(x, layer["shared_gate"])) * s
     return s
+
+
+def tokamax_ffn(x, weights, ids, layer, num_experts, reference=False):
+    """Routed + shared experts through tokamax.ragged_dot (int4 qwix weights). reference=True: the
+    same weights dequantized to float32 through jax.lax.ragged_dot (HIGHEST): the relerr baseline."""
+    tokamax, qwix = import_tokamax()
+    if reference:
+        def mm(xs, w, gs):
+            wd = qwix.dequantize(w).astype(jnp.float32)
+            return jax.lax.ragged_dot(xs.astype(jnp.float32), wd, gs, precision=jax.lax.Precision.HIGHEST,
+                                      preferred_element_type=jnp.float32)
+    else:
+        def mm(xs, w, gs):
+            return tokamax.ragged_dot(xs, w, gs, preferred_element_type=jnp.bfloat16, implementation=TOKAMAX_IMPL)
+    one_group = lambda a, w: mm(a, w, jnp.full((1,), a.shape[0], jnp.int32))
+    routed = ffn(x, weights, ids, dict(layer, shared=None), mm, num_experts)
+    return routed + shared_ffn(x, layer, lin=one_group).astype(routed.dtype)
 
 
 def model_ffn(x, weights, ids, layer, num_experts):
@@ -216,6 +282,9 @@ def impl_fn(impl, num_experts, interpret):
     if impl in ("bf16_kernel", "q3_kernel", "mixed234_kernel"):
         mm = lambda xs, w, gs: gapi.grouped_matmul(xs, w, gs, impl="kernel", interpret=interpret)
         return impl.split("_")[0], lambda x, w, i, L: ffn(x, w, i, L, mm, num_experts)
+    if impl == "tokamax_int4":
+        import_tokamax()   # ImportError here: recorded as this case's error
+        return "int4", lambda x, w, i, L: tokamax_ffn(x, w, i, L, num_experts)
     if impl in ("model_bf16", "q3_model"):
         return impl.split("_")[0] if impl == "q3_model" else "bf16", lambda x, w, i, L: model_ffn(x, w, i, L, num_experts)
     raise ValueError(impl)
@@ -229,56 +298,111 @@ def prepare_for_kernel(layer):
 
 
 # ----------------------------------------------------------------------------------- the cases
-def bench_model(name, m, tokens, impls, ceil, interpret):
+class Budget:
+    """Stop starting new cases once `seconds` have passed since the start (a run under a command
+    time limit then still writes its JSON); cases already recorded without error are skipped when
+    resuming."""
+
+    def __init__(self, seconds, done=()):
+        self.seconds = seconds
+        self.done = set(done)
+
+    def out_of_time(self):
+        return self.seconds is not None and time.time() - T_START > self.seconds
+
+
+def case_key(model, impl, t):
+    return (model, impl, int(t))
+
+
+def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=None, check=True):
     e, k, h, i = m["e"], m["k"], m["h"], m["i"]
+    budget = budget or Budget(None)
     layers = {}
+    inputs = {}
     for t in tokens:
         weights, ids = routing(t, m, seed=t)
         active = sorted(set(np.asarray(ids).reshape(-1).tolist()))
         x = (jax.random.normal(jax.random.key(t + 1), (t, h), jnp.float32)).astype(jnp.bfloat16)
-        flops = 2 * t * k * 3 * h * i + 2 * t * 3 * h * m["shared"]
-        base = {}
-        for impl in impls:
-            kind, f = impl_fn(impl, e, interpret)
-            moved = (sum(expert_bytes(m, kind, a) for a in active) + shared_bytes(m, kind) + 2 * 2 * t * h)
-            full = e * expert_bytes(m, kind, 0) + shared_bytes(m, kind)
-            reps = max(1, min(math.ceil(ROTATE_BYTES / moved), int(MAX_SET_BYTES // max(full, 1))))
-            if ON_CPU:
-                reps = 1
+        inputs[t] = (weights, ids, active, x)
+    # impl-major order: one impl's weight sets serve all token counts (regenerated only when the
+    # number of rotated copies changes); ragged_dot_bf16 / grouped_bf16 come first, so speedups exist
+    for impl in impls:
+        for t in tokens:
+            weights, ids, active, x = inputs[t]
+            flops = 2 * t * k * 3 * h * i + 2 * t * 3 * h * m["shared"]
+            base = {r["impl"]: r["time_us"] for r in RESULTS        # speedups against a resumed run too
+                    if r.get("model") == name and r.get("m") == t and r.get("time_us")}
+            if case_key(name, impl, t) in budget.done:
+                log(f"skip {name} T={t} {impl}: already in the JSON")
+                continue
+            if budget.out_of_time():
+                log(f"budget of {budget.seconds:.0f}s spent: not starting {name} T={t} {impl} "
+                    "(run the same command again with --append --resume)")
+                return False
+            log(f"case {name} T={t} {impl} ...")
+            stage = "setup"
+            t_case = time.time()
+            common = dict(op="moe_ffn", model=name, impl=impl, shape=[h, i], m=t, top_k=k, experts=e)
             try:
+                kind, f = impl_fn(impl, e, interpret)
+                moved = (sum(expert_bytes(m, kind, a) for a in active) + shared_bytes(m, kind) + 2 * 2 * t * h)
+                full = e * expert_bytes(m, kind, 0) + shared_bytes(m, kind)
+                reps = max(1, min(math.ceil(ROTATE_BYTES / moved), int(MAX_SET_BYTES // max(full, 1))))
+                if ON_CPU:
+                    reps = 1
+                stage = "weights"
                 key = (kind, reps, "kernel" in impl)
                 if key not in layers:
-                    layers = {kk: v for kk, v in layers.items() if kk[0] == kind and kk[2] == key[2]}   # free others
+                    # free other kinds' weight sets before making new ones (keep other copy counts)
+                    layers = {kk: v for kk, v in layers.items() if kk[0] == kind and kk[2] == key[2]}
                     sets = [make_layer(jax.random.key(1000 * r + 7), m, kind) for r in range(reps)]
                     if "kernel" in impl:
                         sets = [prepare_for_kernel(s) for s in sets]
                     layers[key] = jax.block_until_ready(sets)
                 sets = layers[key]
+                stage = "compile+run"
                 one = jax.jit(f)
                 fn = jax.jit(lambda x, w, i, *ls: [one(x, w, i, L) for L in ls])
                 ys = jax.block_until_ready(fn(x, weights, ids, *sets))
+                t_compiled = time.time() - t_case
                 finite = bool(jnp.all(jnp.isfinite(ys[0].astype(jnp.float32))))
-                # correctness on the device: against the float32 grouped reference on the same weights
-                ref = jax.jit(lambda x, w, i, L: ffn(x.astype(jnp.float32), w, i, L, gapi.grouped_matmul, e))(
-                    x, weights, ids, sets[0])
-                y0 = ys[0].astype(jnp.float32)
-                relerr = float(jnp.linalg.norm(y0 - ref) / jnp.linalg.norm(ref))
+                relerr = None
+                if check:   # on the device: against float32 math on the same weights
+                    stage = "reference"
+                    if kind == "int4":
+                        ref_f = lambda x, w, i, L: tokamax_ffn(x.astype(jnp.float32), w, i, L, e, reference=True)
+                    else:
+                        ref_f = lambda x, w, i, L: ffn(x.astype(jnp.float32), w, i, L, gapi.grouped_matmul, e)
+                    ref = jax.jit(ref_f)(x, weights, ids, sets[0])
+                    y0 = ys[0].astype(jnp.float32)
+                    relerr = float(jnp.linalg.norm(y0 - ref) / jnp.linalg.norm(ref))
+                    del ref
+                del ys
+                stage = "timing"
                 us = cupti_us(fn, (x, weights, ids, *sets), reps)
-                base[impl] = us
                 rd, bf = base.get("ragged_dot_bf16"), base.get("grouped_bf16")
                 tbps = moved / (us * 1e-6) / 1e12
-                record(op="moe_ffn", model=name, impl=impl, shape=[h, i], m=t, top_k=k, experts=e,
-                       active_experts=len(active), bits={"bf16": 16, "q3": 3, "mixed234": "2/3/4"}[kind],
-                       group_size=None if kind == "bf16" else GROUP, rank=0, time_us=us, bytes_moved=moved,
+                record(**common, active_experts=len(active),
+                       bits={"bf16": 16, "q3": 3, "mixed234": "2/3/4", "int4": 4}[kind],
+                       group_size=(None if kind == "bf16" else TOKAMAX_TILE_K if kind == "int4" else GROUP),
+                       rank=0, time_us=us, bytes_moved=moved,
                        tbps=tbps, frac_copy=tbps / ceil, tflops=flops / (us * 1e-6) / 1e12,
                        speedup_vs_ragged_dot=(rd / us) if rd else None, speedup_vs_bf16=(bf / us) if bf else None,
-                       finite=finite, relerr=relerr, rotated=reps, router_included=False)
-            except Exception as ex:
+                       finite=finite, relerr=relerr, rotated=reps, router_included=False,
+                       compile_s=round(t_compiled, 1), case_s=round(time.time() - t_case, 1))
+            except Exception as ex:   # noqa: BLE001 -- a blind run must go on past any one case
+                tb = traceback.format_exc()
+                log(f"FAILED {name} T={t} {impl} at stage {stage}:\n{tb}")
                 msg = " | ".join(str(ex).strip().split("\n")[:3])[:500]
-                record(op="moe_ffn", model=name, impl=impl, shape=[h, i], m=t, top_k=k, experts=e,
-                       error=f"{type(ex).__name__}: {msg}")
-                traceback.print_exc(limit=3)
+                record(**common, error=f"{type(ex).__name__}: {msg}", stage=stage,
+                       traceback=tb[-3000:], case_s=round(time.time() - t_case, 1))
+                if "RESOURCE_EXHAUSTED" in tb or "out of memory" in tb.lower():
+                    layers.clear()
+            if on_record is not None:
+                on_record()
     layers.clear()
+    return True
 
 
 def record(**kw):
@@ -300,7 +424,8 @@ def write_markdown(path, meta):
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in meta["records"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['m']} | {r['impl']} | | FAILED: {r['error'][:100]} ||||||")
+            err = r['error'][:100].replace("|", "/").replace("\n", " ")
+            lines.append(f"| {r['model']} | {r['m']} | {r['impl']} | | FAILED ({r.get('stage', '?')}): {err} ||||||")
             continue
         lines.append(f"| {r['model']} | {r['m']} | {r['impl']} | {r['bits']} | {fmt(r['time_us'], 1)} | {fmt(r['tbps'])} | "
                      f"{fmt(r['frac_copy'])} | {fmt(r['tflops'], 1)} | {fmt(r.get('speedup_vs_ragged_dot'))} | "
@@ -316,24 +441,45 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="tiny models, few tokens (CPU smoke run)")
     ap.add_argument("--models", default=None, help="comma list of model names")
     ap.add_argument("--tokens", default=None, help="e.g. 1,16,4096")
-    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma list of: " + ",".join(IMPLS))
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-check", action="store_true", help="skip the float32 relerr check (saves a compile per case)")
     ap.add_argument("--append", action="store_true",
                     help="keep the records already in --out (run one model per command under a time limit)")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --append: skip (model, impl, tokens) cases already recorded")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="with --resume: run cases recorded with an error again (their old records are dropped)")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="start no new case after this many seconds (JSON is complete up to there)")
     args = ap.parse_args(argv)
     if args.append and os.path.exists(args.out):
         with open(args.out) as fh:
             RESULTS.extend(json.load(fh)["records"])
     models = SMALL_MODELS if args.small else MODELS
     if args.models:
+        unknown = [n for n in args.models.split(",") if n not in models]
+        if unknown:
+            raise SystemExit(f"moe_layer: unknown model(s) {unknown}; known: {sorted(models)}")
         models = {n: models[n] for n in args.models.split(",")}
     tokens = [int(v) for v in args.tokens.split(",")] if args.tokens else (SMALL_TOKENS if args.small else TOKENS)
     impls = args.impls.split(",")
+    unknown = [v for v in impls if v not in IMPLS]
+    if unknown:
+        raise SystemExit(f"moe_layer: unknown impl(s) {unknown}; known: {IMPLS}")
+    if args.resume and args.retry_failed:
+        RESULTS[:] = [r for r in RESULTS if "error" not in r]
+    done = [case_key(r["model"], r["impl"], r["m"]) for r in RESULTS if "model" in r] if args.resume else []
+    budget = Budget(args.budget_s, done)
     dev = jax.devices()[0]
-    log("jax", jax.__version__, dev.device_kind)
-    ceil = torch_ceilings() if not (args.no_torch or ON_CPU) else {}
-    ceil["copy_tbps_jax"] = jax_copy_tbps()
-    ceil["copy_tbps"] = max(ceil.get("copy_tbps_torch", 0), ceil["copy_tbps_jax"])
+    log("jax", jax.__version__, dev.device_kind, "| models", list(models), "| tokens", tokens, "| impls", impls)
+    ceil = {}
+    try:
+        ceil = torch_ceilings() if not (args.no_torch or ON_CPU) else {}
+        ceil["copy_tbps_jax"] = jax_copy_tbps()
+    except Exception:   # noqa: BLE001 -- a ceiling is context, not a reason to stop
+        log("copy ceiling failed:\n" + traceback.format_exc())
+    ceil["copy_tbps"] = max(ceil.get("copy_tbps_torch", 0), ceil.get("copy_tbps_jax", 0)) or float("nan")
     log("ceilings", ceil)
     argv_s = " ".join(argv if argv is not None else sys.argv[1:])
 
@@ -341,17 +487,25 @@ def main(argv=None):
         meta = dict(device=dev.device_kind, date=datetime.date.today().isoformat(), jax=jax.__version__,
                     command="python -m benchmarks.moe_layer " + argv_s, ceilings=ceil, records=RESULTS)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
             json.dump(meta, fh, indent=1)
+        os.replace(tmp, args.out)    # never a half-written JSON if the command is killed
         return write_markdown(os.path.splitext(args.out)[0] + ".md", meta)
 
-    t0 = time.time()
+    finished = True
     for name, m in models.items():
-        bench_model(name, m, tokens, impls, ceil["copy_tbps"], interpret=ON_CPU)
-        log(f"  {name} done at {time.time() - t0:.0f}s")
+        finished = bench_model(name, m, tokens, impls, ceil["copy_tbps"], interpret=ON_CPU, budget=budget,
+                               on_record=save, check=not args.no_check) and finished
+        log(f"{name} {'done' if finished else 'stopped by --budget-s'}")
         save()
+        if not finished:
+            break
     lines = save()
     log("\n".join(lines))
+    failed = [r for r in RESULTS if "error" in r]
+    log(f"{len(RESULTS)} records, {len(failed)} failed" + ("" if finished else "; INCOMPLETE (budget): rerun "
+        "the same command with --append --resume"))
 
 
 if __name__ == "__main__":
