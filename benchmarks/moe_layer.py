@@ -303,9 +303,10 @@ class Budget:
     time limit then still writes its JSON); cases already recorded without error are skipped when
     resuming."""
 
-    def __init__(self, seconds, done=()):
+    def __init__(self, seconds, done=(), case_seconds=None):
         self.seconds = seconds
         self.done = set(done)
+        self.case_seconds = case_seconds
 
     def out_of_time(self):
         return self.seconds is not None and time.time() - T_START > self.seconds
@@ -313,6 +314,28 @@ class Budget:
 
 def case_key(model, impl, t):
     return (model, impl, int(t))
+
+
+def start_watchdog(seconds, common, state, on_record):
+    """A native kernel that deadlocks never returns: after `seconds` record the case as timed out
+    (with the stage it was in), write the JSON and exit the process (status 3), so that rerunning
+    with --append --resume skips it and goes on."""
+    if not seconds:
+        return None
+    import threading
+
+    def fire():
+        log(f"TIMEOUT {common['model']} T={common['m']} {common['impl']} after {seconds:.0f}s at stage "
+            f"{state['stage']}: recording it and exiting")
+        record(**common, error=f"Timeout: no result after {seconds:.0f}s (hang?)", stage=state["stage"])
+        if on_record is not None:
+            on_record()
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=None, check=True):
@@ -341,9 +364,10 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                     "(run the same command again with --append --resume)")
                 return False
             log(f"case {name} T={t} {impl} ...")
-            stage = "setup"
+            state = dict(stage="setup")
             t_case = time.time()
             common = dict(op="moe_ffn", model=name, impl=impl, shape=[h, i], m=t, top_k=k, experts=e)
+            timer = start_watchdog(budget.case_seconds, common, state, on_record)
             try:
                 kind, f = impl_fn(impl, e, interpret)
                 moved = (sum(expert_bytes(m, kind, a) for a in active) + shared_bytes(m, kind) + 2 * 2 * t * h)
@@ -351,7 +375,7 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                 reps = max(1, min(math.ceil(ROTATE_BYTES / moved), int(MAX_SET_BYTES // max(full, 1))))
                 if ON_CPU:
                     reps = 1
-                stage = "weights"
+                state["stage"] = "weights"
                 key = (kind, reps, "kernel" in impl)
                 if key not in layers:
                     # free other kinds' weight sets before making new ones (keep other copy counts)
@@ -361,7 +385,7 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                         sets = [prepare_for_kernel(s) for s in sets]
                     layers[key] = jax.block_until_ready(sets)
                 sets = layers[key]
-                stage = "compile+run"
+                state["stage"] = "compile+run"
                 one = jax.jit(f)
                 fn = jax.jit(lambda x, w, i, *ls: [one(x, w, i, L) for L in ls])
                 ys = jax.block_until_ready(fn(x, weights, ids, *sets))
@@ -369,7 +393,7 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                 finite = bool(jnp.all(jnp.isfinite(ys[0].astype(jnp.float32))))
                 relerr = None
                 if check:   # on the device: against float32 math on the same weights
-                    stage = "reference"
+                    state["stage"] = "reference"
                     if kind == "int4":
                         ref_f = lambda x, w, i, L: tokamax_ffn(x.astype(jnp.float32), w, i, L, e, reference=True)
                     else:
@@ -379,7 +403,7 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                     relerr = float(jnp.linalg.norm(y0 - ref) / jnp.linalg.norm(ref))
                     del ref
                 del ys
-                stage = "timing"
+                state["stage"] = "timing"
                 us = cupti_us(fn, (x, weights, ids, *sets), reps)
                 rd, bf = base.get("ragged_dot_bf16"), base.get("grouped_bf16")
                 tbps = moved / (us * 1e-6) / 1e12
@@ -393,12 +417,15 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                        compile_s=round(t_compiled, 1), case_s=round(time.time() - t_case, 1))
             except Exception as ex:   # noqa: BLE001 -- a blind run must go on past any one case
                 tb = traceback.format_exc()
-                log(f"FAILED {name} T={t} {impl} at stage {stage}:\n{tb}")
+                log(f"FAILED {name} T={t} {impl} at stage {state['stage']}:\n{tb}")
                 msg = " | ".join(str(ex).strip().split("\n")[:3])[:500]
-                record(**common, error=f"{type(ex).__name__}: {msg}", stage=stage,
+                record(**common, error=f"{type(ex).__name__}: {msg}", stage=state["stage"],
                        traceback=tb[-3000:], case_s=round(time.time() - t_case, 1))
                 if "RESOURCE_EXHAUSTED" in tb or "out of memory" in tb.lower():
                     layers.clear()
+            finally:
+                if timer is not None:
+                    timer.cancel()
             if on_record is not None:
                 on_record()
     layers.clear()
@@ -452,6 +479,9 @@ def main(argv=None):
                     help="with --resume: run cases recorded with an error again (their old records are dropped)")
     ap.add_argument("--budget-s", type=float, default=480.0,
                     help="start no new case after this many seconds (JSON is complete up to there)")
+    ap.add_argument("--case-timeout-s", type=float, default=None,
+                    help="record a case that runs longer as timed out and exit (status 3); 0: never "
+                         "(default 150 on the GPU, never on CPU)")
     args = ap.parse_args(argv)
     if args.append and os.path.exists(args.out):
         with open(args.out) as fh:
@@ -470,7 +500,8 @@ def main(argv=None):
     if args.resume and args.retry_failed:
         RESULTS[:] = [r for r in RESULTS if "error" not in r]
     done = [case_key(r["model"], r["impl"], r["m"]) for r in RESULTS if "model" in r] if args.resume else []
-    budget = Budget(args.budget_s, done)
+    case_s = args.case_timeout_s if args.case_timeout_s is not None else (0 if ON_CPU else 150.0)
+    budget = Budget(args.budget_s, done, case_seconds=case_s)
     dev = jax.devices()[0]
     log("jax", jax.__version__, dev.device_kind, "| models", list(models), "| tokens", tokens, "| impls", impls)
     ceil = {}

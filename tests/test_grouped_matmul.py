@@ -243,3 +243,82 @@ def test_kernel_bad_shapes_raise():
     with pytest.raises(ValueError, match="multiple of 64"):
         api.grouped_matmul(jnp.ones((4, 64), jnp.bfloat16), jnp.ones((2, 64, 96), jnp.bfloat16),
                            jnp.array([2, 2], jnp.int32), impl="kernel", interpret=True)
+
+
+# ------------------------------------------------------------------ native GPU (sm90 only)
+# The same kernel compiled by Mosaic GPU and run on the device (`-m gpu`; skipped without an sm90
+# GPU). Shapes are Mixtral-like in miniature: several column tiles, K padding, split-K by default
+# config, 1..300 rows; each m compiles once and all routings of that m reuse it.
+native = pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
+NATIVE_MS = (1, 2, 16, 300)
+
+
+def _native_kernel():
+    return jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel"))
+
+
+@pytest.mark.gpu
+@native
+@pytest.mark.parametrize("bits,rank", [(3, 0), (3, 16), (4, 0), (2, 8)])
+def test_sm90_native_stacked_routings(bits, rank):
+    """Stacked experts of one bit width: random routings, empty experts, every row on one expert,
+    rows past the groups; default config (split-K at decode) for each m."""
+    rng = _rng()
+    e, k, n = 8, 1408, 256                    # K = 1408 pads to the planar tile
+    parts = [quantized_expert(k, n, bits, 64, rank, rng) for _ in range(e)]
+    stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
+    gkw = mgpu_sm90.prepare_grouped(stacked)
+    experts64 = [dense64(p) for p in parts]
+    f = _native_kernel()
+    for m in NATIVE_MS:
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        for gs in routings(m, e, rng) if m > 3 else [jnp.asarray(np.bincount(rng.integers(0, e, m), minlength=e),
+                                                                  jnp.int32)]:
+            y = f(x, gkw, gs)
+            y64 = ref64(x, experts64, gs)
+            assert rel_err(y, y64) < TOL_BF16, (m, np.asarray(gs))
+            assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
+
+
+@pytest.mark.gpu
+@native
+def test_sm90_native_mixed_bits_and_bf16_expert():
+    """2/3/4-bit classes with different group sizes and ranks plus a bf16 expert (four launches),
+    an empty class, and split-K forced."""
+    rng = _rng()
+    k, n = 1024, 192
+    parts = [quantized_expert(k, n, 2, 64, 8, rng), quantized_expert(k, n, 3, 64, 0, rng),
+             quantized_expert(k, n, 4, 128, 16, rng), quantized_expert(k, n, 3, 64, 4, rng),
+             jnp.asarray(rng.standard_normal((k, n)) * 0.02, jnp.bfloat16),
+             quantized_expert(k, n, 4, 64, 0, rng)]
+    e = len(parts)
+    experts64 = [dense64(p) if not isinstance(p, jax.Array) else
+                 (np.asarray(p.astype(jnp.float32), np.float64), None, None) for p in parts]
+    gkw = mgpu_sm90.prepare_grouped(parts)
+    f = _native_kernel()
+    for m in (5, 64):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        for gs in routings(m, e, rng) + [jnp.asarray([0, m // 2, 0, m - m // 2, 0, 0], jnp.int32)]:
+            assert rel_err(f(x, gkw, gs), ref64(x, experts64, gs)) < TOL_BF16, (m, np.asarray(gs))
+    x = jnp.asarray(rng.standard_normal((40, k)), jnp.bfloat16)
+    gs = jnp.asarray([7, 3, 10, 0, 12, 8], jnp.int32)
+    y = api.grouped_matmul(x, gkw, gs, impl="kernel", config=mgpu_sm90.Config(k_splits=2))
+    assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16
+
+
+@pytest.mark.gpu
+@native
+def test_sm90_native_bf16_class_matches_ragged_dot():
+    """The bf16 path (the ragged_dot replacement) on every routing kind, decode and prefill rows."""
+    rng = _rng()
+    e, k, n = 8, 1024, 512
+    w = jnp.asarray(rng.standard_normal((e, k, n)) * 0.05, jnp.bfloat16)
+    gkw = mgpu_sm90.prepare_grouped(w)
+    f = _native_kernel()
+    for m in (1, 16, 512):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        for gs in routings(m, e, rng) if m > 3 else [jnp.asarray(np.eye(e, dtype=np.int64)[3] * m, jnp.int32)]:
+            y = f(x, gkw, gs)
+            base = jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
+            assert rel_err(y, np.asarray(base, np.float64)) < TOL_BF16, (m, np.asarray(gs))
+            assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
