@@ -37,8 +37,7 @@ def _on_sm90() -> bool:
 
 def dequantize_kernel_weights(kw: layout.KernelWeights) -> jax.Array:
     """W_hat [K, N] bf16 (no compensator) from the kernel layout."""
-    from milo_jax.quant import packing
-    codes = packing.unpack(kw.codes.T, kw.bits, kw.k_pad, kw.slab).astype(jnp.float32)
+    codes = layout.unpack_codes(kw).astype(jnp.float32)           # either kernel layout
     rows = kw.group_rows
     s = kw.scales.astype(jnp.float32)
     z = kw.zeros.astype(jnp.float32)

@@ -16,6 +16,20 @@ rows, and a slab it can swizzle (16 or 32 codes = 32 or 64 bytes of bf16):
 
 K is padded to Kp, a multiple of one planar tile (per * slab rows); padded rows have code 0,
 scale 0 and zero 0, and x is zero-padded to match, so they contribute exactly 0.
+
+Second kernel layout "planar_pairs" (3-bit only, `prepare(qt, layout=PAIRS_LAYOUT)`): the same
+tile of 32 * slab K rows in the same three [N, slab] planes, but the two codes that form one
+bf16x2 (or f16x2) register of the dequantized A tile, rows k and k + 1, sit 16 bits apart in one
+word. Then ((w >> 3i) & 0x00070007) | 0x43004300 is two bf16 values 128 + code at once (the
+"magic number" conversion; 0x64006400 gives f16 1024 + code), about 2 instructions per pair
+instead of ~5 f32 instructions per code. Per tile: pair-slot jp (0..15) covers tile rows
+[jp * 2 * slab, (jp + 1) * 2 * slab); plane p holds pair-slots 5p + i (i < 5) at bits 3i (row
+k0) and 16 + 3i (row k0 + 1); pair-slot 15 keeps bit b of its two codes in plane b, bits 15 and
+31 (zero waste, 3.0 bits per code as in "planar"). Word column w of a pair-slot holds the pair
+starting at row k0(w) = 16 (w // 8) + 8 (w % 2) + 2 ((w % 8) // 2): with the u32 slab loaded in
+Mosaic's WGMMA register layout (each lane holds words 2l, 2l + 1 of an 8-word column tile), the
+two words of a lane become exactly the lane's bf16x2 registers of column tiles 2t and 2t + 1 of
+the WGMMA layout of the [BN, 2 * slab] bf16 result, so no data moves between lanes.
 """
 
 from __future__ import annotations
@@ -30,7 +44,10 @@ from milo_jax.quant import packing
 from milo_jax.quant.tensor import QuantizedTensor
 
 LAYOUT = "planar_nmajor"
+PAIRS_LAYOUT = "planar_pairs"
+LAYOUTS = (LAYOUT, PAIRS_LAYOUT)
 MAX_RANK = 128
+PAIR_SLOTS = 16          # 3-bit pair-slots per tile (32 slabs = 16 pairs of slabs)
 
 
 def kernel_slab(bits: int) -> int:
@@ -83,10 +100,81 @@ def _register():
 _register()
 
 
-def prepare(qt: QuantizedTensor, slab: int | None = None) -> KernelWeights:
-    """Repack a 2-D planar QuantizedTensor [K, N] into the kernel layout (run once, at load time)."""
+def pair_row(w: int) -> int:
+    """First K row (within a pair-slot) of the code pair held by word column w ("planar_pairs")."""
+    return 16 * (w // 8) + 8 * (w % 2) + 2 * ((w % 8) // 2)
+
+
+def _pair_rows(slab: int):
+    import numpy as np
+    if slab % 8:
+        raise ValueError(f"quant_matmul.layout: planar_pairs needs a slab that is a multiple of 8, got {slab}")
+    return np.array([pair_row(w) for w in range(slab)])
+
+
+def pack_pairs(codes: jax.Array, slab: int) -> jax.Array:
+    """3-bit codes [Kp, N] (Kp a multiple of 32 * slab) -> "planar_pairs" words [Kp * 3 // 32, N] uint32."""
+    kp, n = codes.shape
+    if kp % (32 * slab):
+        raise ValueError(f"quant_matmul.layout.pack_pairs: K={kp} is not a multiple of the tile {32 * slab}")
+    rows = _pair_rows(slab)
+    q = codes.astype(jnp.uint32).reshape(kp // (32 * slab), PAIR_SLOTS, 2 * slab, n)
+    lo, hi = q[:, :, rows, :], q[:, :, rows + 1, :]            # [T, 16, slab, N]
+    planes = []
+    for p in range(3):
+        word = jnp.zeros_like(lo[:, 0])
+        for i in range(5):
+            j = 5 * p + i
+            word = word | (lo[:, j] << jnp.uint32(3 * i)) | (hi[:, j] << jnp.uint32(16 + 3 * i))
+        bit = jnp.uint32(p)
+        word = word | (((lo[:, 15] >> bit) & 1) << jnp.uint32(15)) | (((hi[:, 15] >> bit) & 1) << jnp.uint32(31))
+        planes.append(word)
+    return jnp.stack(planes, axis=1).reshape(kp * 3 // 32, n)   # [T, 3, slab, N] -> words
+
+
+def unpack_pairs(words: jax.Array, slab: int) -> jax.Array:
+    """Inverse of `pack_pairs`: words [Kp * 3 // 32, N] -> codes [Kp, N] uint32."""
+    kw_, n = words.shape
+    t = kw_ // (3 * slab)
+    pl_ = words.reshape(t, 3, slab, n)
+    lo, hi = [], []
+    for j in range(PAIR_SLOTS):
+        if j < 15:
+            w = pl_[:, j // 5]
+            sh = 3 * (j % 5)
+            lo.append((w >> jnp.uint32(sh)) & 7)
+            hi.append((w >> jnp.uint32(16 + sh)) & 7)
+        else:
+            lo.append(sum(((pl_[:, b] >> jnp.uint32(15)) & 1) << jnp.uint32(b) for b in range(3)))
+            hi.append(sum(((pl_[:, b] >> jnp.uint32(31)) & 1) << jnp.uint32(b) for b in range(3)))
+    lo, hi = jnp.stack(lo, 1), jnp.stack(hi, 1)                 # [T, 16, slab, N]
+    order = _pair_rows(slab)
+    inv = jnp.argsort(jnp.asarray(order))                       # word column for pair row 2 * i
+    pairs = jnp.stack([lo[:, :, inv], hi[:, :, inv]], axis=3)   # [T, 16, slab (pair i), 2, N]
+    return pairs.reshape(t * 32 * slab, n)
+
+
+def unpack_codes(kw: "KernelWeights") -> jax.Array:
+    """Codes [Kp, N] uint32 of prepared weights, in either kernel layout."""
+    if kw.layout == PAIRS_LAYOUT:
+        return unpack_pairs(kw.codes.T, kw.slab)
+    return packing.unpack(kw.codes.T, kw.bits, kw.k_pad, kw.slab)
+
+
+def prepare(qt: QuantizedTensor, slab: int | None = None, layout: str = LAYOUT) -> KernelWeights:
+    """Repack a 2-D planar QuantizedTensor [K, N] into the kernel layout (run once, at load time).
+
+    layout: "planar_nmajor" (every bit width) or "planar_pairs" (3-bit, for the magic-number
+    unpack variants of the decode kernel, `Config(unpack="magic_bf16")`).
+    """
     if isinstance(qt, KernelWeights):
+        if qt.layout != layout and layout != LAYOUT:
+            raise ValueError(f"quant_matmul.prepare: weights are already in layout {qt.layout!r}, not {layout!r}")
         return qt
+    if layout not in LAYOUTS:
+        raise ValueError(f"quant_matmul.prepare: unknown kernel layout {layout!r} (one of {LAYOUTS})")
+    if layout == PAIRS_LAYOUT and qt.bits != 3:
+        raise ValueError(f"quant_matmul.prepare: layout {PAIRS_LAYOUT!r} is 3-bit only, got bits={qt.bits}")
     if qt.ndim != 2:
         raise ValueError(f"quant_matmul.prepare: expected a 2-D QuantizedTensor [K, N], got shape {qt.shape}")
     if qt.layout != "planar":
@@ -114,7 +202,10 @@ def prepare(qt: QuantizedTensor, slab: int | None = None) -> KernelWeights:
             extra = (k_pad - k) // qt.group_size
             scales = jnp.pad(scales, ((0, extra), (0, 0)))
             zeros = jnp.pad(zeros, ((0, extra), (0, 0)))
-    words = packing.pack(codes, qt.bits, slab)                    # [Kp*bits/32, N]
+    if layout == PAIRS_LAYOUT:
+        words = pack_pairs(codes, slab)                           # [Kp*3/32, N]
+    else:
+        words = packing.pack(codes, qt.bits, slab)                # [Kp*bits/32, N]
     u = v_t = None
     if qt.u is not None:
         r = qt.rank
@@ -122,4 +213,5 @@ def prepare(qt: QuantizedTensor, slab: int | None = None) -> KernelWeights:
         u = qt.u
         v_t = jnp.pad(qt.v.astype(jnp.bfloat16).T, ((0, 0), (0, rp - r)))
     return KernelWeights(codes=jnp.asarray(words.T), scales=scales, zeros=zeros, u=u, v_t=v_t,
-                         bits=qt.bits, group_size=qt.group_size, k=k, n=n, k_pad=k_pad, slab=slab)
+                         bits=qt.bits, group_size=qt.group_size, k=k, n=n, k_pad=k_pad, slab=slab,
+                         layout=layout)

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from milo_jax.quant import packing
+from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.layout import KernelWeights
 
 
@@ -36,6 +37,24 @@ class Config:
     stages: int = 2            # pipeline depth (max_concurrent_steps)
     overlap: bool = True       # double-buffered A + wgmma_wait(1); False: wait after every chunk
     k_splits: int = 1          # split K over this many CTAs (f32 partials summed by XLA)
+    # How a slab of codes becomes the bf16 A tile (see UNPACKS). "f32" is the measured default;
+    # "magic_*" need weights prepared with layout="planar_pairs" (3-bit).
+    unpack: str = "f32"
+
+
+# Unpack/dequant variants of the decode kernel (issue 6: the unpack chain is the bottleneck).
+#  f32        shift, mask, int->f32 convert, f32 FMA (q * s - z * s), round to bf16 (~5 instr/code).
+#  bf16       jnp level: convert straight to bf16, ((q - z_hi) - z_lo) * s in bf16 (z = z_hi + z_lo).
+#  magic_bf16 "planar_pairs" layout; per u32 word of codes (two codes 16 bits apart) inline PTX:
+#             shr, lop3 -> v = (128 + c0, 128 + c1) as bf16x2, then fma.bf16x2 v * s + hi and
+#             fma.bf16x2 (* 1) + lo, where hi + lo = -(128 + z) * s split into two bf16 (so the
+#             per-group offset keeps ~16 bits: with one bf16 offset, -z*s rounded per group gave
+#             1.2e-2 relative error per-channel); ~2 instructions per code, no f32, no convert. Needs plgpu.inline_mgpu (native only;
+#             interpret mode runs a jnp emulation with the same roundings).
+#  magic_f16  the same with 1024 + c as f16x2 and f16 arithmetic (4x finer rounding than bf16);
+#             the A tile and x are then f16 (x is converted in the wrapper: activations must be
+#             inside f16 range, |x| < 65504).
+UNPACKS = ("f32", "bf16", "magic_bf16", "magic_f16")
 
 
 # Split K until about this many CTAs run (H100: 132 SMs). Measured on 4096 x 14336, 3-bit g64:
@@ -61,7 +80,8 @@ def default_config(m: int, kw: KernelWeights) -> Config:
     splits = _pick_splits(steps, (kw.n // 64) * m_blocks)
     if splits > 1:
         chunk = max(1, min(per, 64 // kw.slab))   # smaller A buffers: more CTAs per SM (measured best)
-    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits)
+    unpack = "magic_bf16" if kw.layout == layout.PAIRS_LAYOUT else "f32"
+    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits, unpack=unpack)
 
 
 def _unpack_slot(planes, bits: int, j: int):
@@ -77,6 +97,130 @@ def _unpack_slot(planes, bits: int, j: int):
     low = planes[j - 30] >> jnp.uint32(30)
     high = (planes[2] >> jnp.uint32(j)) & jnp.uint32(1)
     return low | (high << jnp.uint32(2))
+
+
+def _dequant_slab(planes, bits: int, j: int, s_ref, z_ref, g: int, bn: int, slab: int, unpack: str):
+    """Slot j dequantized at jnp level: [BN, slab] bf16 ("f32" or "bf16" arithmetic)."""
+    sc = s_ref[g, :].astype(jnp.float32)                                # [BN]
+    bc = -(z_ref[g, :].astype(jnp.float32) * sc)
+    q = _unpack_slot(planes, bits, j).astype(jnp.int32)
+    if unpack == "bf16":
+        # codes straight to bf16 (exact: < 256), then ((q - z_hi) - z_lo) * s in bf16 with
+        # z_hi + z_lo = z: q - z_hi is exact, every later rounding is relative to |q - z|
+        # (q * s + bf16(-z * s) gave ~1.1e-2 relative error: the offset rounds once per group)
+        zf = z_ref[g, :].astype(jnp.float32)
+        z_hi = zf.astype(jnp.bfloat16)
+        z_lo = (zf - z_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        wide = lambda v: lax.broadcast_in_dim(v, (bn, slab), (0,))
+        return ((q.astype(jnp.bfloat16) - wide(z_hi)) - wide(z_lo)) * wide(sc.astype(jnp.bfloat16))
+    d = q.astype(jnp.float32) * lax.broadcast_in_dim(sc, (bn, slab), (0,)) + lax.broadcast_in_dim(bc, (bn, slab), (0,))
+    return d.astype(jnp.bfloat16)
+
+
+_MAGIC = {  # A dtype, magic pair (base + code as two 16-bit floats), base, 1.0 pair, PTX type
+    "magic_bf16": (jnp.bfloat16, 0x43004300, 128.0, 0x3F803F80, "bf16x2"),
+    "magic_f16": (jnp.float16, 0x64006400, 1024.0, 0x3C003C00, "f16x2"),
+}
+
+
+def _pair_words(planes, jp: int):
+    """(plane indices, PTX that leaves the pair-slot's two codes in bits 0-2 / 16-18 of `t`)."""
+    if jp < 15:
+        sh = 3 * (jp % 5)
+        return [jp // 5], (f"shr.b32 t, $1, {sh};" if sh else "mov.b32 t, $1;")
+    # pair-slot 15: bit b of both codes in plane b, bits 15 and 31
+    return [0, 1, 2], ("shr.b32 t, $1, 15; and.b32 t, t, 0x00010001;"
+                       " shr.b32 u, $2, 14; and.b32 u, u, 0x00020002; or.b32 t, t, u;"
+                       " shr.b32 u, $3, 13; and.b32 u, u, 0x00040004; or.b32 t, t, u;")
+
+
+def _magic_pair_native(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpack: str):
+    """Pair-slot jp of a "planar_pairs" tile -> [BN, 2 * slab] A-dtype values through inline PTX.
+
+    planes: [BN, slab] uint32 arrays; s2, hi2, lo2: [BN, 2 * slab] scale and the two parts of
+    -(base + zero) * scale, in the A dtype.
+    Inside inline_mgpu every array is in Mosaic's WGMMA layout: a lane's vector<2 x i32> of u32
+    column tile t holds words 8t + 2l and 8t + 2l + 1, which by the layout's word order are the
+    lane's bf16x2 registers of column tiles 2t and 2t + 1 of the result (layout.pair_row).
+    """
+    import numpy as np
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgu
+
+    dt, magic, _, one, ptx_ty = _MAGIC[unpack]
+    idx_planes, extract = _pair_words(planes, jp)
+    used = [planes[p] for p in idx_planes]
+    wgmma = plgpu.Layout.WGMMA
+
+    @plgpu.inline_mgpu(arg_types=(tuple(wgmma for _ in used), wgmma, wgmma, wgmma),
+                       return_type=plgpu.ShapeDtypeStruct((bn, 2 * slab), dt, layout=wgmma))
+    def convert(ctx, words, s_fa, hi_fa, lo_fa):
+        del ctx
+        i32 = ir.IntegerType.get_signless(32)
+        out_shape = s_fa.registers.shape
+        for w in words:
+            ws = w.registers.shape
+            if len(ws) != len(out_shape) or ws[1] * 2 != out_shape[1] or any(
+                    a != b for d, (a, b) in enumerate(zip(ws, out_shape)) if d != 1):
+                raise NotImplementedError(f"unexpected register grids {ws} vs {out_shape}")
+        n_in = len(words)
+        regs = np.empty(out_shape, dtype=object)
+        for idx in np.ndindex(*out_shape):
+            src = (idx[0], idx[1] // 2) + tuple(idx[2:])
+            ins = [vector.extract(w.registers[src], dynamic_position=[],
+                                  static_position=ir.DenseI64ArrayAttr.get([idx[1] % 2])) for w in words]
+            sreg = mgu.bitcast(s_fa.registers[idx], i32)
+            hreg = mgu.bitcast(hi_fa.registers[idx], i32)
+            lreg = mgu.bitcast(lo_fa.registers[idx], i32)
+            si, hi, lo = (f"${n_in + 1 + i}" for i in range(3))
+            asm = ("{ .reg .b32 t, u, c1; " + extract +
+                   f" lop3.b32 t, t, 0x00070007, {hex(magic)}, 0xea;"      # (t & 0x70007) | magic
+                   f" mov.b32 c1, {hex(one)};"
+                   f" fma.rn.{ptx_ty} t, t, {si}, {hi};"                   # (base + c) * s + hi
+                   f" fma.rn.{ptx_ty} $0, t, c1, {lo}; }}")                # + lo
+            r = llvm.inline_asm(i32, [*ins, sreg, hreg, lreg], asm, "=r" + ",r" * (n_in + 3))
+            regs[idx] = mgu.bitcast(r, s_fa.registers[idx].type)
+        return mgpu.FragmentedArray(_registers=regs, _layout=s_fa.layout, _is_signed=None)
+
+    return convert(tuple(used), s2, hi2, lo2)
+
+
+def _magic_pair_emulated(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpack: str):
+    """jnp twin of `_magic_pair_native` for interpret mode: same codes, same roundings.
+
+    The emulation interleaves the low/high codes with a stack + reshape, which only interprets
+    (interleaving does not lower on Mosaic GPU; the native path needs no data movement)."""
+    dt, base = _MAGIC[unpack][0], _MAGIC[unpack][2]
+    if jp < 15:
+        w = planes[jp // 5] >> jnp.uint32(3 * (jp % 5))
+    else:
+        w = (((planes[0] >> jnp.uint32(15)) & jnp.uint32(0x00010001))
+             | ((planes[1] >> jnp.uint32(14)) & jnp.uint32(0x00020002))
+             | ((planes[2] >> jnp.uint32(13)) & jnp.uint32(0x00040004)))
+    lo = (w & jnp.uint32(7)).astype(jnp.int32)
+    hi = ((w >> jnp.uint32(16)) & jnp.uint32(7)).astype(jnp.int32)
+    # word column w = 8a + 2l + e holds pair i = 8a + 4e + l (layout.pair_row(w) = 2i)
+    order = lambda v: v.reshape(bn, slab // 8, 4, 2).transpose(0, 1, 3, 2).reshape(bn, slab)
+    codes = jnp.stack([order(lo), order(hi)], axis=2).reshape(bn, 2 * slab)
+    # fma in the 16-bit type = f32 product (exact: <= 11 x 11 bits) + sum, rounded to the 16-bit type
+    f32 = lambda a: a.astype(jnp.float32)
+    t = (f32(codes) + base) * f32(s2) + f32(hi2)
+    return (f32(t.astype(dt)) + f32(lo2)).astype(dt)
+
+
+def _dequant_pair(planes, jp: int, s_ref, z_ref, g: int, bn: int, slab: int, unpack: str, interpret: bool):
+    """Pair-slot jp (two slabs, 2 * slab K rows) of a "planar_pairs" tile -> [BN, 2 * slab] A dtype."""
+    dt, base = _MAGIC[unpack][0], _MAGIC[unpack][2]
+    s16 = s_ref[g, :].astype(dt)
+    sc = s16.astype(jnp.float32)                                # the scale the product uses
+    off = -(z_ref[g, :].astype(jnp.float32) + base) * sc        # -(base + z) * s, f32
+    hi = off.astype(dt)
+    lo = (off - hi.astype(jnp.float32)).astype(dt)
+    wide = lambda v: lax.broadcast_in_dim(v, (bn, 2 * slab), (0,))
+    f = _magic_pair_emulated if interpret else _magic_pair_native
+    return f(planes, jp, wide(s16), wide(hi), wide(lo), bn, slab, unpack)
 
 
 def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool):
@@ -189,6 +333,14 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         g_block = tile_rows // group_rows
         scale_index = lambda s: s
     comp = rank_pad > 0
+    unpack = getattr(cfg, "unpack", "f32")
+    if unpack not in UNPACKS:
+        raise ValueError(f"unpack={unpack!r} is not one of {UNPACKS}")
+    pairs = unpack.startswith("magic")
+    if pairs and (bits != 3 or chunk % 2 or slab % 8):
+        raise ValueError(f"unpack={unpack!r} needs 3-bit planar_pairs weights, an even chunk_slots "
+                         f"and a slab multiple of 8 (bits={bits}, chunk_slots={chunk}, slab={slab})")
+    a_dtype = _MAGIC[unpack][0] if pairs else jnp.bfloat16
     tr = _swizzle_transforms(slab)
     tr_r = _swizzle_transforms(64)
     # Two alternating A buffers let wgmma of chunk c run while chunk c + 1 is unpacked. The
@@ -217,14 +369,17 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             planes = [r[...] for r in plane_refs]                       # [BN, slab] uint32
             for c in range(nchunks):
                 buf = a_buf.at[c % nbuf]
-                for jj in range(chunk):
-                    j = c * chunk + jj
-                    g = (j * slab) // group_rows if g_block > 1 else 0
-                    sc = s_ref[g, :].astype(jnp.float32)                # [BN]
-                    bc = -(z_ref[g, :].astype(jnp.float32) * sc)
-                    q = _unpack_slot(planes, bits, j).astype(jnp.int32).astype(jnp.float32)
-                    d = q * lax.broadcast_in_dim(sc, (bn, slab), (0,)) + lax.broadcast_in_dim(bc, (bn, slab), (0,))
-                    buf[:, pl.ds(jj * slab, slab)] = d.astype(jnp.bfloat16)
+                if pairs:
+                    for jj in range(chunk // 2):
+                        jp = c * chunk // 2 + jj                        # pair-slot: 2 * slab rows
+                        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
+                        buf[:, pl.ds(jj * 2 * slab, 2 * slab)] = _dequant_pair(
+                            planes, jp, s_ref, z_ref, g, bn, slab, unpack, interpret)
+                else:
+                    for jj in range(chunk):
+                        j = c * chunk + jj
+                        g = (j * slab) // group_rows if g_block > 1 else 0
+                        buf[:, pl.ds(jj * slab, slab)] = _dequant_slab(planes, bits, j, s_ref, z_ref, g, bn, slab, unpack)
                 plgpu.commit_smem()
                 _mma_xt(acc, buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
                 plgpu.wgmma_wait(1 if overlap else 0)
@@ -254,6 +409,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                               bn, mb, interpret)
 
     scratch = _decode_scratch(nbuf, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
+    if a_dtype != jnp.bfloat16:
+        scratch[0] = plgpu.SMEM((nbuf, bn, chunk * slab), a_dtype, transforms=tr)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, m_pad), out_dtype),
                         grid=(n // bn, m_pad // mb, splits), grid_names=("n", "m", "k"), compiler_params=wg,
                         scratch_types=scratch, **_interpret_params(interpret))
@@ -274,16 +431,23 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
     per = packing.slots_per_tile(kw.bits)
     if per % cfg.chunk_slots:
         cfg = dataclasses.replace(cfg, chunk_slots=per)
+    pairs = cfg.unpack.startswith("magic")
+    if pairs != (kw.layout == layout.PAIRS_LAYOUT):
+        raise ValueError(f"quant_matmul: unpack={cfg.unpack!r} does not read weights in layout {kw.layout!r} "
+                         f"(magic_* need layout.prepare(qt, layout={layout.PAIRS_LAYOUT!r}), the others "
+                         f"{layout.LAYOUT!r})")
     m_pad = -(-m // cfg.block_m) * cfg.block_m
     xb = x.astype(jnp.bfloat16)
     xp = jnp.pad(xb, ((0, m_pad - m), (0, kw.k_pad - k)))
+    if cfg.unpack == "magic_f16":
+        xp = xp.astype(jnp.float16)   # A tile is f16: wgmma needs both operands f16
     args = [kw.codes, kw.scales, kw.zeros, xp]
     rank_pad = 0
     if kw.u is not None:
         rank_pad = kw.v_t.shape[1]
         # x @ u from the row-padded x (>= 8 rows): measured, XLA's M=1 dot with 32 outputs took
         # ~40 us (rank-32 M=1 80 us against 37 us without), M=16 added only 2.6 us.
-        xu = jnp.dot(xp[:, :k], kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
         xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - kw.rank)))
         # one slice per K split; only split 0 adds the compensator (the others multiply zeros)
         xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))
