@@ -251,6 +251,8 @@ def test_kernel_bad_shapes_raise():
 # config, 1..300 rows; each m compiles once and all routings of that m reuse it.
 native = pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
 NATIVE_MS = (1, 16, 300)
+NATIVE_BF16_MS = (1, 16, 512)
+NATIVE_MIXED_MS = (5, 64)
 
 
 def _native_kernel():
@@ -296,7 +298,7 @@ def test_sm90_native_mixed_bits_and_bf16_expert():
                  (np.asarray(p.astype(jnp.float32), np.float64), None, None) for p in parts]
     gkw = mgpu_sm90.prepare_grouped(parts)
     f = _native_kernel()
-    for m in (5, 64):
+    for m in NATIVE_MIXED_MS:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         for gs in routings(m, e, rng) + [jnp.asarray([0, m // 2, 0, m - m // 2, 0, 0], jnp.int32)]:
             assert rel_err(f(x, gkw, gs), ref64(x, experts64, gs)) < TOL_BF16, (m, np.asarray(gs))
@@ -315,7 +317,7 @@ def test_sm90_native_bf16_class_matches_ragged_dot():
     w = jnp.asarray(rng.standard_normal((e, k, n)) * 0.05, jnp.bfloat16)
     gkw = mgpu_sm90.prepare_grouped(w)
     f = _native_kernel()
-    for m in (1, 16, 512):
+    for m in NATIVE_BF16_MS:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         for gs in routings(m, e, rng) if m > 3 else [jnp.asarray(np.eye(e, dtype=np.int64)[3] * m, jnp.int32)]:
             y = f(x, gkw, gs)
