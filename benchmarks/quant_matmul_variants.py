@@ -69,7 +69,8 @@ def log(*a):
     print(*a, flush=True)
 
 
-# name -> (unpack, overrides of default_config). Order = priority (a time budget may cut the tail).
+# name -> (unpack, overrides of default_config). Variants without overrides run first on every
+# shape, then the configuration sweep; a time budget (--budget-s) cuts the tail.
 VARIANTS = [
     ("f32 (default)", "f32", {}),
     ("magic_bf16", "magic_bf16", {}),
@@ -134,6 +135,8 @@ def run_shape(k, n, ms, group_size, variants, ceil, results, t0, budget_s):
             try:
                 cfg = dataclasses.replace(mgpu_sm90.default_config(m, ws[0]), unpack=unpack, **over)
                 rec["config"] = str(cfg)
+                rec["cfg"] = (f"bn{cfg.block_n} mb{cfg.block_m} c{cfg.chunk_slots} s{cfg.stages} "
+                              f"split{cfg.k_splits}")
                 one = jax.jit(lambda x, kw, cfg=cfg: api.matmul(x, kw, impl="kernel", config=cfg, interpret=ON_CPU))
                 fn = jax.jit(lambda x, *w: [one(x, wi) for wi in w])
                 ys = jax.block_until_ready(fn(x, *ws))
@@ -150,8 +153,8 @@ def run_shape(k, n, ms, group_size, variants, ceil, results, t0, budget_s):
                 log(f"RESULT {name:22s} {k}x{n} m={m:3d} {us:8.2f} us {tb:5.2f} TB/s "
                     f"{(tb / ceil if ceil else 0):5.1%} of copy relerr={rec['relerr']:.2e} ({rec['compile_run_s']} s)")
             except Exception as e:
-                traceback.print_exc()
-                msg = " | ".join(str(e).strip().split("\n")[:4])[:600]
+                traceback.print_exc(limit=-10)   # last frames (full error text in the JSON)
+                msg = " | ".join(str(e).strip().split("\n")[:12])[:3000]
                 rec["error"] = f"{type(e).__name__}: {msg}"
                 log(f"FAILED {name} {k}x{n} m={m}: {rec['error'][:300]}")
             results.append(rec)
@@ -165,7 +168,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="KxN list, default 4096x14336,14336x4096")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--variants", default=None, help="comma list of variant names (default: all)")
-    ap.add_argument("--budget-s", type=float, default=200.0, help="start no new variant after this")
+    ap.add_argument("--budget-s", type=float, default=170.0, help="start no new variant after this")
     args = ap.parse_args(argv)
     if args.cpu_smoke and not ON_CPU:
         raise SystemExit("--cpu-smoke runs on CPU only (JAX_PLATFORMS=cpu)")
@@ -198,10 +201,15 @@ def main(argv=None):
         with open(args.out, "w") as fh:
             json.dump(meta, fh, indent=1)
 
-    for k, n in shapes:
-        run_shape(k, n, ms, 64, variants, ceil, results, t0, args.budget_s)
-        save()
-        log(f"  shape {k}x{n} done at {time.time() - t0:.0f} s")
+    # phase 1: the unpack variants on every shape; phase 2: the configuration sweep (cut first)
+    core = [v for v in variants if not v[2]]
+    sweep = [v for v in variants if v[2]]
+    for phase in (core, sweep):
+        for k, n in shapes:
+            if phase:
+                run_shape(k, n, ms, 64, phase, ceil, results, t0, args.budget_s)
+                save()
+                log(f"  shape {k}x{n} done at {time.time() - t0:.0f} s")
     meta["total_s"] = time.time() - t0
     save()
     log("\n| variant | K x N | M | us | TB/s | % copy | relerr | config |")
@@ -210,9 +218,9 @@ def main(argv=None):
         head = f"| {r['variant']} | {r['shape'][0]}x{r['shape'][1]} | {r['m']} |"
         if "time_us" in r:
             log(f"{head} {r['time_us']:.2f} | {r['tbps']:.2f} | {100 * (r['frac_copy'] or 0):.1f} | "
-                f"{r['relerr']:.1e} | {r['config']} |")
+                f"{r['relerr']:.1e} | {r['cfg']} |")
         else:
-            log(f"{head} {'FAILED: ' + r['error'][:120] if 'error' in r else r.get('skipped')} ||||")
+            log(f"{head} {'FAILED: ' + r['error'][:100] if 'error' in r else r.get('skipped')} ||||")
     log(f"wrote {args.out} ({meta['total_s']:.0f} s)")
 
 
