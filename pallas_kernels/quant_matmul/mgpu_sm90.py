@@ -210,8 +210,9 @@ def _magic_pair_emulated(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpa
     return (f32(t.astype(dt)) + f32(lo2)).astype(dt)
 
 
-def _dequant_pair(planes, jp: int, s_ref, z_ref, g: int, bn: int, slab: int, unpack: str, interpret: bool):
-    """Pair-slot jp (two slabs, 2 * slab K rows) of a "planar_pairs" tile -> [BN, 2 * slab] A dtype."""
+def _pair_scales(s_ref, z_ref, g: int, bn: int, slab: int, unpack: str):
+    """Scale row g as the magic conversion uses it: (s, hi, lo), each [BN, 2 * slab] in the A dtype,
+    hi + lo = -(base + z) * s. Computed once per group and reused by its pair-slots."""
     dt, base = _MAGIC[unpack][0], _MAGIC[unpack][2]
     s16 = s_ref[g, :].astype(dt)
     sc = s16.astype(jnp.float32)                                # the scale the product uses
@@ -219,8 +220,13 @@ def _dequant_pair(planes, jp: int, s_ref, z_ref, g: int, bn: int, slab: int, unp
     hi = off.astype(dt)
     lo = (off - hi.astype(jnp.float32)).astype(dt)
     wide = lambda v: lax.broadcast_in_dim(v, (bn, 2 * slab), (0,))
+    return wide(s16), wide(hi), wide(lo)
+
+
+def _dequant_pair(planes, jp: int, scales, bn: int, slab: int, unpack: str, interpret: bool):
+    """Pair-slot jp (two slabs, 2 * slab K rows) of a "planar_pairs" tile -> [BN, 2 * slab] A dtype."""
     f = _magic_pair_emulated if interpret else _magic_pair_native
-    return f(planes, jp, wide(s16), wide(hi), wide(lo), bn, slab, unpack)
+    return f(planes, jp, *scales, bn, slab, unpack)
 
 
 def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool):
@@ -367,14 +373,18 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             plane_refs = step_refs[:wps]
             s_ref, z_ref, x_ref = step_refs[wps:]
             planes = [r[...] for r in plane_refs]                       # [BN, slab] uint32
+            group_scales = {}                                           # g -> (s, hi, lo)
             for c in range(nchunks):
                 buf = a_buf.at[c % nbuf]
                 if pairs:
                     for jj in range(chunk // 2):
                         jp = c * chunk // 2 + jj                        # pair-slot: 2 * slab rows
                         g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
+                        if g not in group_scales:
+                            group_scales.clear()                        # one group live at a time
+                            group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
                         buf[:, pl.ds(jj * 2 * slab, 2 * slab)] = _dequant_pair(
-                            planes, jp, s_ref, z_ref, g, bn, slab, unpack, interpret)
+                            planes, jp, group_scales[g], bn, slab, unpack, interpret)
                 else:
                     for jj in range(chunk):
                         j = c * chunk + jj
