@@ -1,4 +1,4 @@
-"""Quantization configs: ordered rules on parameter paths, rank policies and presets.
+r"""Quantization configs: ordered rules on parameter paths, rank policies and presets.
 
     config = QuantConfig((Rule("attention", method="milo", rank=HiddenFractionRank(1 / 8)),
                           Rule("routed_experts", method="milo", rank=KurtosisRank(c=2)),
