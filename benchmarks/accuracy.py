@@ -19,7 +19,9 @@ untouched):
                               (codes + 16-bit scale and zero per 64 weights)
     milo-3bit-s1, -s2         MiLo presets
     milo-<Y>bpw-q             MiLo budget presets with Y bits per weight over the QUANTIZED tensors
-                              (see below)
+                              (see below); the budget objective weighs a routed expert's squared
+                              error by 1 / (top_k * E) (QuantConfig.budget_weighting "routing")
+    milo-<Y>bpw-q-uniform     the same with the plain sum of squared weight errors
 
 Bits per weight, the x axis: over the quantized tensors (report.quantized_bits_per_weight). The
 testbed is tiny (hidden 256, vocab 256), so embeddings, lm_head and norms dominate the
@@ -57,11 +59,23 @@ def config_names(budgets=DEFAULT_BUDGETS) -> list[str]:
         names += [f"{method}-{b}bit-g{GROUP}" for b in (2, 3, 4)]
     names += ["milo-3bit-s1", "milo-3bit-s2"]
     names += [budget_name(y) for y in budgets]
+    names += [budget_name(y, "uniform") for y in budgets]
     return names
 
 
-def budget_name(y: float) -> str:
-    return f"milo-{y:g}bpw-q" + ("+2bit" if y < 3.5 else "")
+def budget_name(y: float, weighting: str = "routing") -> str:
+    """milo-<y>bpw-q[+2bit][-uniform]: the budget preset's default ("routing") weighting of the
+    experts' errors, or the plain sum of squared weight errors ("-uniform")."""
+    return (f"milo-{y:g}bpw-q" + ("+2bit" if y < 3.5 else "")
+            + ("" if weighting == "routing" else f"-{weighting}"))
+
+
+def parse_budget_name(name: str):
+    """(y, weighting) of a budget config name, or None."""
+    if not (name.startswith("milo-") and "bpw-q" in name):
+        return None
+    y = float(name[len("milo-"):name.index("bpw")])
+    return y, ("uniform" if name.endswith("-uniform") else "routing")
 
 
 def quantized_classes_config(method: str, bits: int):
@@ -72,7 +86,7 @@ def quantized_classes_config(method: str, bits: int):
                        name=f"{method}-{bits}bit-g{GROUP}")
 
 
-def budget_config(y: float, dry_report):
+def budget_config(y: float, dry_report, weighting: str = "routing"):
     """A MiLo budget QuantConfig whose whole-model budget gives the quantized tensors y bits per
     weight (module docstring). dry_report: a QuantizationReport over the same tensors."""
     import dataclasses
@@ -84,7 +98,8 @@ def budget_config(y: float, dry_report):
     whole = (y * q + 8.0 * u) / dry_report.total_weights
     cfg = preset(f"milo-{whole:.12f}bpw")
     cands = cfg.budget_candidates if y >= 3.5 else ((2, GROUP),) + tuple(cfg.budget_candidates)
-    return dataclasses.replace(cfg, budget_candidates=cands, name=budget_name(y))
+    return dataclasses.replace(cfg, budget_candidates=cands, budget_weighting=weighting,
+                               name=budget_name(y, weighting))
 
 
 def hqq_package_model(model, bits: int):
@@ -331,10 +346,10 @@ def main(argv=None) -> dict:
                 method, rest = name.split("-", 1)
                 bits = int(rest[0])
                 qcfg = quantized_classes_config(method, bits)
-            elif name.startswith("milo-") and name.endswith(("bpw-q", "bpw-q+2bit")):
+            elif parse_budget_name(name):
                 method = "milo"
-                y = float(name[len("milo-"):name.index("bpw")])
-                qcfg = budget_config(y, dry_report())
+                qcfg = budget_config(*parse_budget_name(name)[:1], dry_report(),
+                                     parse_budget_name(name)[1])
             else:
                 method, bits = "milo", 3
                 qcfg = name
@@ -343,8 +358,8 @@ def main(argv=None) -> dict:
                 dry = rep
             bpw = rep.quantized_bits_per_weight
             whole = whole_bpw(rep.quantized_nbytes, rep.quantized_weights, rep.total_weights)
-            if name.endswith(("bpw-q", "bpw-q+2bit")):
-                y = float(name[len("milo-"):name.index("bpw")])
+            if parse_budget_name(name):
+                y = parse_budget_name(name)[0]
                 if bpw > y + 1e-6:
                     raise RuntimeError(f"{name}: budget conversion gave {bpw} > {y} bits per weight")
                 bits_used = sorted({t.bits for t in rep.tensors})

@@ -185,3 +185,32 @@ def test_base_nbytes_matches_quantized_tensor():
     w = lowrank_plus_t((2, K, N), 2, 0.01, 5)
     for bits, g in [(2, 32), (3, 64), (4, 128)]:
         assert quantize_tensor(w, bits=bits, group_size=g).nbytes == 2 * R.base_nbytes(K, N, bits, g)
+
+
+def test_budget_importance_moves_bytes(synthetic_set):
+    """A tensor whose errors count 50x more gets at least the ranks it had, the others no more; the
+    plan still fits; unweighted sq_error is reported; bad importance is refused."""
+    ws = synthetic_set
+    nw = sum(w.size for w in ws.values())
+    nbytes, _ = uniform_cost(ws, 16)
+    target = 8 * nbytes / nw
+    plain = R.budget_ranks(ws, target_bits_per_weight=target)
+    heavy = R.budget_ranks(ws, target_bits_per_weight=target, importance={"spread": 50.0})
+    assert heavy.bits_per_weight <= target + 1e-12
+    assert heavy.tensors["spread"].ranks.sum() > plain.tensors["spread"].ranks.sum()
+    assert heavy.tensors["strong"].ranks.sum() <= plain.tensors["strong"].ranks.sum()
+    sv, _ = R.residual_spectrum(ws["spread"])
+    r = int(heavy.tensors["spread"].ranks)
+    assert heavy.tensors["spread"].sq_error == pytest.approx(float((sv[r:] ** 2).sum()), rel=1e-9)
+    # per-expert importance of the expert shape; scalars broadcast
+    per = R.budget_ranks(ws, target_bits_per_weight=target, importance={"strong": [1.0, 1e-3]})
+    assert per.tensors["strong"].ranks[0] >= per.tensors["strong"].ranks[1]
+    with pytest.raises(ValueError, match="expert shape"):
+        R.budget_ranks(ws, target_bits_per_weight=target, importance={"strong": [1.0, 2.0, 3.0]})
+    with pytest.raises(ValueError, match="not a tensor"):
+        R.budget_ranks(ws, target_bits_per_weight=target, importance={"missing": 1.0})
+    with pytest.raises(ValueError, match="> 0"):
+        R.budget_ranks(ws, target_bits_per_weight=target, importance={"noise": 0.0})
+    assert R.routing_importance(8, 2) == pytest.approx(1 / 16)
+    with pytest.raises(ValueError, match="experts_per_token"):
+        R.routing_importance(8, 9)

@@ -65,6 +65,7 @@ TENSOR_CLASSES = {
 
 DENSE_RANK_FRACTION = 1 / 8        # MiLo's rank 512 at Mixtral's hidden size 4096
 BUDGET_CANDIDATES = ((3, 64), (4, 64))
+BUDGET_WEIGHTINGS = ("routing", "uniform")
 
 
 # ------------------------------------------------------------------------------------ policies
@@ -158,11 +159,15 @@ class QuantConfig:
     budget_bits_per_weight: when set, every tensor of a "milo" rule gets its base bits / group
     size from `budget_candidates` and its ranks from quant.ranks.budget_ranks (the rules' own
     bits and rank are ignored for those tensors) so that the whole-model bits per weight (module
-    docstring) is at most the budget. name: for reports ("custom" unless a preset)."""
+    docstring) is at most the budget. budget_weighting: "routing" (default) weighs a routed
+    expert's squared error by quant.ranks.routing_importance (1 / (top_k * num_experts): the share
+    of the output an expert's error reaches) against the dense tensors'; "uniform": plain sum of
+    squared weight errors. name: for reports ("custom" unless a preset)."""
     rules: Tuple[Rule, ...]
     budget_bits_per_weight: Optional[float] = None
     budget_candidates: Tuple[Tuple[int, int], ...] = BUDGET_CANDIDATES
     budget_rank_step: int = 8
+    budget_weighting: str = "routing"
     name: str = "custom"
 
     def __post_init__(self):
@@ -173,6 +178,9 @@ class QuantConfig:
         b = self.budget_bits_per_weight
         if b is not None and not (b > 0):
             raise ValueError(f"QuantConfig: budget_bits_per_weight must be > 0, got {b}")
+        if self.budget_weighting not in BUDGET_WEIGHTINGS:
+            raise ValueError(f"QuantConfig: budget_weighting must be one of {BUDGET_WEIGHTINGS}, "
+                             f"got {self.budget_weighting!r}")
         for bits, g in self.budget_candidates:
             if bits not in packing.SUPPORTED_BITS or g not in SUPPORTED_GROUP_SIZES:
                 raise ValueError(f"QuantConfig: budget candidate (bits={bits}, group_size={g}) "
@@ -204,7 +212,8 @@ class QuantConfig:
         return {"name": self.name, "rules": [rule_dict(r) for r in self.rules],
                 "budget_bits_per_weight": self.budget_bits_per_weight,
                 "budget_candidates": [list(c) for c in self.budget_candidates],
-                "budget_rank_step": self.budget_rank_step}
+                "budget_rank_step": self.budget_rank_step,
+                "budget_weighting": self.budget_weighting}
 
 
 # ------------------------------------------------------------------------------------ presets

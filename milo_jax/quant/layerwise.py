@@ -291,7 +291,8 @@ def quantize_checkpoint(model_dir: str, out_dir: str, config, *, dtype="bfloat16
             milo = [n for n in names_all if chosen[n] is not None and chosen[n].method == "milo"]
             budget = budget_plan(config, _LazyWeights(reader, milo),
                                  other_nbytes=other_budget_nbytes(config, shapes),
-                                 total_weights=sum(logical_size(s) for s in shapes.values()))
+                                 total_weights=sum(logical_size(s) for s in shapes.values()),
+                                 experts_per_token=getattr(mc, "num_experts_per_tok", None))
             ckpt.write_json_atomic(plan_path, _plan_to_json(budget))
     needs_counts = (not budget) and any(r is not None and isinstance(r.rank, FrequencyRank)
                                         for r in chosen.values())

@@ -36,7 +36,7 @@ from flax import nnx
 from milo_jax.quant import ranks as rank_policies
 from milo_jax.quant.api import quantize_tensor, resolve_group_size
 from milo_jax.quant.config import (FrequencyRank, HiddenFractionRank, KurtosisRank, QuantConfig,
-                                   Rule, as_config)
+                                   TENSOR_CLASSES, Rule, as_config)
 from milo_jax.quant.lowrank import quantize_lowrank
 from milo_jax.quant.tensor import QuantizedTensor
 
@@ -272,8 +272,27 @@ def untouched_report(path: str, value) -> UntouchedReport:
 
 
 # ------------------------------------------------------------------------------------ budget
+def budget_importance(config: QuantConfig, paths, shapes: Mapping[str, tuple],
+                      experts_per_token: Optional[int]) -> dict:
+    """{path: weight} for budget_ranks: routed experts' 1 / (top_k * E) under "routing" weighting
+    ({} under "uniform"). Raises ValueError when routed experts are present but top_k is unknown."""
+    if config.budget_weighting == "uniform":
+        return {}
+    routed = re.compile(TENSOR_CLASSES["routed_experts"])
+    out = {}
+    for p in paths:
+        shape = tuple(shapes[p])
+        if routed.search(p) and len(shape) >= 3:
+            if not experts_per_token:
+                raise ValueError(f"{config.name}: budget_weighting='routing' needs the number of "
+                                 f"experts per token for {p} (pass experts_per_token=, the model "
+                                 "config's num_experts_per_tok, or use budget_weighting='uniform')")
+            out[p] = rank_policies.routing_importance(int(shape[0]), int(experts_per_token))
+    return out
+
+
 def budget_plan(config: QuantConfig, milo_weights: Mapping[str, object], *, other_nbytes: int,
-                total_weights: int):
+                total_weights: int, experts_per_token: Optional[int] = None):
     """quant.ranks.budget_ranks over the "milo" tensors with the whole-model budget minus
     `other_nbytes` (untouched parameters and rtn/hqq tensors). milo_weights may be a lazy mapping
     (each W read on access). Returns {path: ranks.TensorPlan} ({} when there are none)."""
@@ -284,6 +303,8 @@ def budget_plan(config: QuantConfig, milo_weights: Mapping[str, object], *, othe
     if len(dtypes) != 1:
         raise ValueError(f"{config.name}: budget configs need one compensator dtype for every "
                          f"milo rule, got {sorted(dtypes)}")
+    shapes = {p: _Shape(milo_weights, p).shape for p in milo_weights}
+    importance = budget_importance(config, list(milo_weights), shapes, experts_per_token)
     milo_count = sum(logical_size(_Shape(milo_weights, p)) for p in milo_weights)
     avail = math.floor(x * total_weights / 8.0 + 1e-9) - other_nbytes
     target = 8.0 * avail / milo_count
@@ -291,7 +312,8 @@ def budget_plan(config: QuantConfig, milo_weights: Mapping[str, object], *, othe
         plan = rank_policies.budget_ranks(milo_weights, target_bits_per_weight=target,
                                           candidates=config.budget_candidates,
                                           compensator_dtype=dtypes.pop(),
-                                          rank_step=config.budget_rank_step)
+                                          rank_step=config.budget_rank_step,
+                                          importance=importance)
     except ValueError as e:
         raise ValueError(f"{config.name}: a whole-model budget of {x} bits per weight leaves "
                          f"{target:.4f} bits per weight for the quantized tensors after "
@@ -426,6 +448,7 @@ def split_params(model_or_params):
 # ------------------------------------------------------------------------------------ quantize
 def quantize(model_or_params, config, *, strict: bool = False, hidden_size: Optional[int] = None,
              routing_counts: Optional[Mapping[int, np.ndarray]] = None,
+             experts_per_token: Optional[int] = None,
              progress: Optional[Callable[[str], None]] = None):
     """(quantized, QuantizationReport): see the module docstring.
 
@@ -433,6 +456,8 @@ def quantize(model_or_params, config, *, strict: bool = False, hidden_size: Opti
     the first match of at least one parameter (ValueError naming the first that is not). Raises ValueError when
     no parameter is quantized at all, or a matching parameter is already a QuantizedTensor.
     hidden_size: for HiddenFractionRank (default: the model's, or embed_tokens.embedding's width).
+    experts_per_token: top-k of the routers, for budget configs' "routing" weighting (default: the
+    model's num_experts_per_tok; required for a params pytree with routed experts).
     progress: called with each path before it is quantized.
     """
     config = as_config(config)
@@ -470,8 +495,11 @@ def quantize(model_or_params, config, *, strict: bool = False, hidden_size: Opti
     budget = {}
     if config.budget_bits_per_weight is not None:
         milo = {n: by_name[n] for n, r in chosen.items() if r.method == "milo"}
+        if experts_per_token is None and is_model:
+            experts_per_token = getattr(model_or_params.config, "num_experts_per_tok", None)
         budget = budget_plan(config, milo, other_nbytes=other_budget_nbytes(config, by_name),
-                             total_weights=sum(logical_size(v) for v in values))
+                             total_weights=sum(logical_size(v) for v in values),
+                             experts_per_token=experts_per_token)
     needs_counts = any(isinstance(r.rank, FrequencyRank) for r in chosen.values()) and not budget
     if needs_counts and routing_counts is None:
         if not is_model:

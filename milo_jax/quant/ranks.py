@@ -277,7 +277,8 @@ def _candidate(w, bits, group_size, step, max_rank, compensator_dtype, comp_grou
 def budget_ranks(weights: Mapping[str, object], *, target_bits_per_weight: float,
                  candidates: Sequence[tuple] = ((3, 64),), compensator_dtype: str = "bfloat16",
                  compensator_group_size: int = compensator.DEFAULT_FACTOR_GROUP,
-                 rank_step: int = 8, max_rank: int | None = None) -> BudgetPlan:
+                 rank_step: int = 8, max_rank: int | None = None,
+                 importance: Mapping[str, object] | None = None) -> BudgetPlan:
     """Choose ranks (multiples of rank_step) and one (bits, group_size) from `candidates` per tensor
     to minimise the predicted total squared error under a whole-set budget:
         8 * (all codes, scales, zeros and compensator bytes) / (all weights) <= target.
@@ -287,6 +288,9 @@ def budget_ranks(weights: Mapping[str, object], *, target_bits_per_weight: float
     Solver: a Lagrangian relaxation (each tensor picks the config and ranks minimising
     error + lambda * bytes; bisection on lambda for the smallest one within budget), then a greedy
     fill of the left-over bytes with the rank steps of best error decrease per byte that still fit.
+    importance: optional {name: a float, or an array of the tensor's leading (expert) shape}: each
+    matrix's squared error is multiplied by it in the objective (how much of the model's output an
+    error in that matrix reaches; see routing_importance). TensorPlan.sq_error stays unweighted.
     Raises ValueError when even the cheapest candidates at rank 0 exceed the budget.
     """
     if rank_step < 1:
@@ -311,6 +315,22 @@ def budget_ranks(weights: Mapping[str, object], *, target_bits_per_weight: float
             cands[name].append(_candidate(w, bits, g, rank_step, max_rank, compensator_dtype,
                                           compensator_group_size))
     budget = math.floor(target_bits_per_weight * num_weights / 8.0 + 1e-9)
+    raw_tail = {name: [c.tail for c in cands[name]] for name in names}
+    for name, imp in (importance or {}).items():
+        if name not in cands:
+            raise ValueError(f"budget_ranks: importance given for {name!r}, which is not a tensor "
+                             "of the budget")
+        lead = tuple(weights[name].shape[:-2])
+        arr = np.asarray(imp, np.float64)
+        try:
+            arr = np.broadcast_to(arr, lead).reshape(-1)
+        except ValueError:
+            raise ValueError(f"budget_ranks: importance of {name} has shape {arr.shape}; expected a "
+                             f"scalar or the expert shape {lead}") from None
+        if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+            raise ValueError(f"budget_ranks: importance of {name} must be finite and > 0")
+        for c in cands[name]:
+            c.tail = c.tail * arr[:, None]
 
     def solve(lam):
         """Per tensor: (candidate index, rank indices [M], bytes, sq error) minimising err + lam*bytes."""
@@ -384,13 +404,24 @@ def budget_ranks(weights: Mapping[str, object], *, target_bits_per_weight: float
         plans[name] = TensorPlan(bits=c.bits, group_size=c.group_size,
                                  ranks=(j * rank_step).reshape(lead).astype(np.int64),
                                  nbytes=m * c.base_bytes + int(c.comp_bytes[j].sum()),
-                                 sq_error=float(c.tail[np.arange(m), j].sum()))
+                                 sq_error=float(raw_tail[name][ci][np.arange(m), j].sum()))
     nbytes = sum(p.nbytes for p in plans.values())
     assert nbytes <= budget, (nbytes, budget)
     return BudgetPlan(tensors=plans, num_weights=num_weights, nbytes=nbytes,
                       target_bits_per_weight=float(target_bits_per_weight))
 
 
-__all__ = ["uniform_ranks", "excess_kurtosis", "kurtosis_rank", "kurtosis_ranks", "KURTOSIS_C",
+def routing_importance(num_experts: int, experts_per_token: int) -> float:
+    """Weight of a routed expert's squared error relative to a dense tensor's in the budget
+    objective: an expert sees a share k / E of the tokens (uniform routing) and its output reaches
+    the layer's output multiplied by a router weight of about 1 / k, so squared: (k / E) / k^2 =
+    1 / (k E). Calibration-free (no activations, no routing statistics)."""
+    if num_experts < 1 or not 1 <= experts_per_token <= num_experts:
+        raise ValueError(f"routing_importance: need 1 <= experts_per_token <= num_experts, got "
+                         f"{experts_per_token} of {num_experts}")
+    return 1.0 / (experts_per_token * num_experts)
+
+
+__all__ = ["routing_importance", "uniform_ranks", "excess_kurtosis", "kurtosis_rank", "kurtosis_ranks", "KURTOSIS_C",
            "frequency_ranks", "collect_routing_counts", "random_token_batches", "base_nbytes",
            "residual_spectrum", "budget_ranks", "BudgetPlan", "TensorPlan"]
