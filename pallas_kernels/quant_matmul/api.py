@@ -55,6 +55,22 @@ def _dequant_dot(x, kw: layout.KernelWeights):
     return y.astype(jnp.bfloat16)
 
 
+def _kernel_layout(qt, impl: str, config) -> str:
+    """3-bit weights go to the decode kernel in the "planar_pairs" layout, whose magic-number
+    unpack (Config.unpack="magic_bf16", picked by default_config for that layout) measured 24.0 us
+    against 31.5 us for the planar f32 unpack (4096 x 14336, M=1, H100, 2026-11-23,
+    benchmarks/results/quant_matmul_variants.md). Other widths and the Mosaic dequantize kernel
+    keep "planar_nmajor". KernelWeights already prepared keep their own layout; an explicit
+    config gets the layout its unpack reads."""
+    if isinstance(qt, layout.KernelWeights):
+        return qt.layout
+    if impl == "kernel" and config is not None:
+        return layout.PAIRS_LAYOUT if config.unpack.startswith("magic") else layout.LAYOUT
+    if impl == "kernel" and qt.bits == 3:
+        return layout.PAIRS_LAYOUT
+    return layout.LAYOUT
+
+
 def matmul(x: jax.Array, qt, *, interpret: bool | None = None, impl: str | None = None,
            config: mgpu_sm90.Config | None = None) -> jax.Array:
     """x [..., M, K] @ W_hat [K, N] (+ compensator) -> bf16 [..., M, N], float32 accumulation.
@@ -87,7 +103,7 @@ def matmul(x: jax.Array, qt, *, interpret: bool | None = None, impl: str | None 
             y = reference.matmul_reference(x2, qt)
     elif impl in ("kernel", "dequant_dot", "mgpu_dequant_dot"):
         try:
-            kw = layout.prepare(qt)
+            kw = layout.prepare(qt, layout=_kernel_layout(qt, impl, config))
         except ValueError:
             if impl == "kernel" or isinstance(qt, layout.KernelWeights):
                 raise

@@ -1,0 +1,40 @@
+#!/bin/bash
+# GPU runs of one session, batched into few device calls (each under the 600 s command limit):
+#   bash benchmarks/device_run.sh kernels     # native kernel tests, unpack variants, quantize speed
+#   bash benchmarks/device_run.sh bench       # quant_matmul (Mixtral shapes) + moe_layer (Mixtral)
+# Needs .whl (carry): hqq (+ termcolor) for the quantize-speed peer, gemlite for quant_matmul's
+# peers, tokamax + qwix (+ deps) for moe_layer's int4 peer. Everything lands in $OUT.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl > "$OUT/pip.txt" 2>&1 || { tail "$OUT/pip.txt"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+step() {  # step NAME TIMEOUT CMD...: run, keep the log, show its tail
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "=== $name: rc $rc in $(( $(date +%s) - t0 )) s"
+  tail -n "${TAIL:-25}" "$OUT/$name.txt"
+}
+case "$1" in
+  kernels)
+    TAIL=30 step native_tests 230 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py -q -m gpu -rfEs -p no:cacheprovider
+    TAIL=60 step variants 210 python3 -m benchmarks.quant_matmul_variants --budget-s 140
+    cp -f "$OUT"/quant_matmul_variants.json /tmp/ 2>/dev/null
+    step quantize_speed 140 python3 -m benchmarks.quantize_speed --repeats 2 \
+      --out "$OUT/quantize_speed.json"
+    ;;
+  bench)
+    TAIL=40 step quant_matmul 300 python3 -m benchmarks.quant_matmul --shapes 4096x14336,14336x4096 \
+      --out "$OUT/quant_matmul.json"
+    TAIL=40 step moe_layer 240 python3 -m benchmarks.moe_layer --models mixtral-8x7b \
+      --impls ragged_dot_bf16,q3_kernel,q3_model,bf16_kernel,q3_grouped --budget-s 200 \
+      --out "$OUT/moe_layer.json"
+    ;;
+  *) echo "usage: $0 kernels|bench"; exit 2 ;;
+esac
