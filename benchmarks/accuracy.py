@@ -96,7 +96,9 @@ def budget_config(y: float, dry_report, weighting: str = "routing"):
     q = dry_report.quantized_weights
     u = sum(t.nbytes for t in dry_report.untouched)
     whole = (y * q + 8.0 * u) / dry_report.total_weights
-    cfg = preset(f"milo-{whole:.12f}bpw")
+    # rounded UP to 1e-12: the preset floors the budget to whole bytes, and a whole-model X
+    # rounded down would leave the quantized tensors a hair under y (below 3.5 = 3-bit g64 at rank 0)
+    cfg = preset(f"milo-{math.ceil(whole * 1e12) / 1e12:.12f}bpw")
     cands = cfg.budget_candidates if y >= 3.5 else ((2, GROUP),) + tuple(cfg.budget_candidates)
     return dataclasses.replace(cfg, budget_candidates=cands, budget_weighting=weighting,
                                name=budget_name(y, weighting))
