@@ -179,19 +179,27 @@ def test_bad_input_raises():
 # CPU CI runs the kernel body in GPU interpret mode (as tests/test_quant_matmul.py does); the only
 # substitution there is the tensor-core product (quant_matmul.mgpu_sm90._mma_xt).
 from pallas_kernels.grouped_matmul import mgpu_sm90  # noqa: E402
+from pallas_kernels.quant_matmul import layout as qm_layout  # noqa: E402
+
+NMAJOR, PAIRS = qm_layout.LAYOUT, qm_layout.PAIRS_LAYOUT
 
 
-def test_kernel_interpret_mixed_bits_and_empty_experts():
+@pytest.mark.parametrize("layout_3bit", [NMAJOR, PAIRS])
+def test_kernel_interpret_mixed_bits_and_empty_experts(layout_3bit):
     """2/3/4-bit experts (three launches), compensators of different ranks, a per-channel expert,
-    K padded (384 -> 512), an empty expert and a whole empty class, rows past the groups."""
+    K padded (384 -> 512), an empty expert and a whole empty class, rows past the groups; the 3-bit
+    class in either kernel layout (f32 unpack / magic_bf16 unpack, picked from the layout)."""
     rng = _rng()
     k, n, m = 384, 64, 11
     parts = [quantized_expert(k, n, 3, 64, 8, rng), quantized_expert(k, n, 2, 128, 0, rng),
              quantized_expert(k, n, 3, 64, 0, rng), quantized_expert(k, n, 4, None, 4, rng),
              quantized_expert(k, n, 3, 64, 16, rng), quantized_expert(k, n, 4, None, 0, rng)]
     experts64 = [dense64(p) for p in parts]
-    gkw = mgpu_sm90.prepare_grouped(parts)
+    gkw = mgpu_sm90.prepare_grouped(parts, layout_3bit=layout_3bit)
     assert sorted(len(c.experts) for c in gkw.classes) == [1, 2, 3]
+    assert {c.bits: c.layout for c in gkw.classes} == {2: NMAJOR, 3: layout_3bit, 4: NMAJOR}
+    expect = {2: "f32", 3: "magic_bf16" if layout_3bit == PAIRS else "f32", 4: "f32"}
+    assert {c.bits: mgpu_sm90.default_config(m, c).unpack for c in gkw.classes} == expect
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     gs = jnp.asarray([3, 0, 4, 0, 2, 0], jnp.int32)          # 2-bit and 4-bit classes empty; 2 rows past
     kernel = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=True))
@@ -208,7 +216,8 @@ def test_kernel_interpret_mixed_bits_and_empty_experts():
 
 
 def test_kernel_interpret_one_expert_several_blocks_split_k():
-    """Stacked 3-bit experts, every row on the last expert (3 row blocks of 8), K split in 2."""
+    """Stacked 3-bit experts, every row on the last expert (3 row blocks of 8), K split in 2
+    (default 3-bit layout: planar_pairs, magic_bf16 unpack with a compensator)."""
     rng = _rng()
     e, k, n, m = 3, 1024, 64, 20
     parts = [quantized_expert(k, n, 3, 64, 8, rng) for _ in range(e)]
@@ -216,8 +225,37 @@ def test_kernel_interpret_one_expert_several_blocks_split_k():
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     gs = jnp.asarray([0, 0, m], jnp.int32)
     cfg = mgpu_sm90.Config(block_m=8, chunk_slots=8, k_splits=2)
+    assert mgpu_sm90.LAYOUT_3BIT == PAIRS
     y = api.grouped_matmul(x, stacked, gs, impl="kernel", interpret=True, config=cfg)
     assert rel_err(y, ref64(x, [dense64(p) for p in parts], gs)) < TOL_BF16
+
+
+def test_kernel_interpret_unpack_variants_and_mismatch():
+    """Explicit Config.unpack: magic_f16 (f16 A tile and x) on planar_pairs 3-bit experts of group
+    128 and per-channel next to a 4-bit class (which keeps f32), bf16 on planar_nmajor; an unpack
+    that does not read a 3-bit class's layout raises."""
+    rng = _rng()
+    k, n, m = 512, 64, 9
+    parts = [quantized_expert(k, n, 3, 128, 4, rng), quantized_expert(k, n, 4, 64, 0, rng),
+             quantized_expert(k, n, 3, None, 0, rng)]
+    experts64 = [dense64(p) for p in parts]
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    gs = jnp.asarray([4, 2, 3], jnp.int32)
+    y64 = ref64(x, experts64, gs)
+    pairs = mgpu_sm90.prepare_grouped(parts, layout_3bit=PAIRS)
+    nmajor = mgpu_sm90.prepare_grouped(parts, layout_3bit=NMAJOR)
+    run = lambda w, unpack: api.grouped_matmul(x, w, gs, impl="kernel", interpret=True,
+                                               config=mgpu_sm90.Config(unpack=unpack))
+    assert rel_err(run(pairs, "magic_f16"), y64) < TOL_BF16
+    assert rel_err(run(nmajor, "bf16"), y64) < TOL_BF16
+    with pytest.raises(ValueError, match="does not read"):
+        run(nmajor, "magic_bf16")
+    with pytest.raises(ValueError, match="does not read"):
+        run(pairs, "f32")
+    with pytest.raises(ValueError, match="not one of"):
+        run(pairs, "nope")
+    with pytest.raises(ValueError, match="layout_3bit"):
+        mgpu_sm90.prepare_grouped(parts, layout_3bit="planar")
 
 
 def test_kernel_interpret_bf16_and_float_quantized_mix():
@@ -245,18 +283,23 @@ def test_kernel_bad_shapes_raise():
                            jnp.array([2, 2], jnp.int32), impl="kernel", interpret=True)
 
 
-def test_kernel_lowers_natively_on_cpu():
+@pytest.mark.parametrize("layout_3bit", [NMAJOR, PAIRS])
+def test_kernel_lowers_natively_on_cpu(layout_3bit):
     """The native (non-interpret) kernels lower for CUDA from this CPU host: Pallas -> Mosaic GPU
     lowering (the pl.when skip inside the accumulator scope, GMEM scalar reads of the block
-    counts, dynamic BlockSpec indices, the compensator epilogue) runs here; only Mosaic GPU's C++
-    passes and ptxas are left to the device. Quantized classes with and without a compensator,
-    the bf16 class, split-K."""
+    counts, dynamic BlockSpec indices, the compensator epilogue, and for planar_pairs the
+    inline-PTX magic conversion, whose Python body runs in this lowering) runs here; only Mosaic
+    GPU's C++ passes and ptxas are left to the device. Quantized classes with and without a
+    compensator, the bf16 class, split-K; magic_f16 on the planar_pairs class."""
     rng = _rng()
     k, n = 1024, 128
     parts = [quantized_expert(k, n, 3, 64, 8, rng), quantized_expert(k, n, 2, 64, 0, rng),
              jnp.asarray(rng.standard_normal((k, n)) * 0.02, jnp.bfloat16), quantized_expert(k, n, 3, 64, 0, rng)]
-    gkw = mgpu_sm90.prepare_grouped(parts)
-    for m, cfg in ((1, None), (40, mgpu_sm90.Config(k_splits=2))):
+    gkw = mgpu_sm90.prepare_grouped(parts, layout_3bit=layout_3bit)
+    cases = [(1, None), (40, mgpu_sm90.Config(k_splits=2))]
+    if layout_3bit == PAIRS:
+        cases.append((3, mgpu_sm90.Config(unpack="magic_f16")))
+    for m, cfg in cases:
         f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=False, config=cfg))
         try:
             lowered = f.trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), gkw,
@@ -265,7 +308,10 @@ def test_kernel_lowers_natively_on_cpu():
             if m == 1 and "mosaic" not in str(e).lower() and "pl.when" not in str(e):
                 pytest.skip(f"this jaxlib cannot lower for CUDA on CPU: {type(e).__name__}: {str(e)[:200]}")
             raise
-        assert lowered.as_text().count("mosaic_gpu") >= 3, m      # one launch per class
+        text = lowered.as_text()
+        assert text.count("mosaic_gpu") >= 3, m      # one launch per class
+        # the magic conversion's inline PTX (lop3) is in the lowered kernel iff the 3-bit class is pairs
+        assert ("lop3.b32" in text) == (layout_3bit == PAIRS), (m, cfg)
 
 
 # ------------------------------------------------------------------ native GPU (sm90 only)
@@ -284,15 +330,17 @@ def _native_kernel():
 
 @pytest.mark.gpu
 @native
-@pytest.mark.parametrize("bits,rank", [(3, 0), (3, 16), (4, 0), (2, 8)])
-def test_sm90_native_stacked_routings(bits, rank):
+@pytest.mark.parametrize("bits,rank,layout_3bit", [(3, 0, PAIRS), (3, 16, PAIRS), (3, 16, NMAJOR),
+                                                  (4, 0, NMAJOR), (2, 8, NMAJOR)])
+def test_sm90_native_stacked_routings(bits, rank, layout_3bit):
     """Stacked experts of one bit width: random routings, empty experts, every row on one expert,
-    rows past the groups; default config (split-K at decode) for each m."""
+    rows past the groups; default config (split-K at decode; magic_bf16 for planar_pairs, f32
+    for planar_nmajor) for each m."""
     rng = _rng()
     e, k, n = 8, 1408, 256                    # K = 1408 pads to the planar tile
     parts = [quantized_expert(k, n, bits, 64, rank, rng) for _ in range(e)]
     stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
-    gkw = mgpu_sm90.prepare_grouped(stacked)
+    gkw = mgpu_sm90.prepare_grouped(stacked, layout_3bit=layout_3bit)
     experts64 = [dense64(p) for p in parts]
     f = _native_kernel()
     for m in NATIVE_MS:

@@ -1,10 +1,11 @@
 """Hopper (sm90) Mosaic GPU grouped kernel: token rows sorted by expert times their expert's
 quantized weight, all experts of one bit-width class in ONE launch.
 
-Weights are repacked once (`prepare_grouped`) into the quant_matmul kernel layout
-("planar_nmajor", pallas_kernels/quant_matmul/layout.py) per expert and stacked per class of equal
-(bits, group rows, slab, K_pad): codes [Ec*N, Kp*bits/32], scales / zeros [Ec*Gp, N], v_t [Ec*N, Rp],
-u [Ec, K, R]. Mixed precision per expert = several classes = one launch per class (the unpack is
+Weights are repacked once (`prepare_grouped`) into a quant_matmul kernel layout
+(pallas_kernels/quant_matmul/layout.py: "planar_pairs" for 3-bit experts by default, read by the
+magic-number unpack "magic_bf16"; "planar_nmajor", read by the f32 unpack, for the other widths or
+with layout_3bit="planar_nmajor") per expert and stacked per class of equal (bits, group rows, slab,
+K_pad, layout): codes [Ec*N, Kp*bits/32], scales / zeros [Ec*Gp, N], v_t [Ec*N, Rp], u [Ec, K, R]. Mixed precision per expert = several classes = one launch per class (the unpack is
 static per bit width); each launch only touches rows of its own experts.
 
 Row blocks: the wrapper copies each expert's rows into a padded buffer in which every expert's
@@ -16,7 +17,7 @@ past the last real one exit at once: experts without rows cost nothing and their
 read (decode reads only the active experts). Per block the body is the quant_matmul decode kernel
 (emit_pipeline over planar K tiles, chunked unpack into two alternating swizzled A buffers, wgmma
 acc[BN, MB] += A @ x^T, compensator epilogue acc += v_t @ (x@u)^T); its unpack and MMA helpers are
-imported from pallas_kernels.quant_matmul.mgpu_sm90, not copied.
+imported from pallas_kernels.quant_matmul.mgpu_sm90, not copied (Config.unpack picks the variant).
 
 NOT MEASURED on a GPU yet (written without device time); tested in GPU interpret mode on CPU.
 """
@@ -39,9 +40,15 @@ from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
-from pallas_kernels.quant_matmul.mgpu_sm90 import (_accumulate_and_store, _decode_scratch,
-                                                   _interpret_params, _mma_xt, _pick_splits,
-                                                   _swizzle_transforms, _tiling, _unpack_slot)
+from pallas_kernels.quant_matmul.mgpu_sm90 import (_MAGIC, UNPACKS, _accumulate_and_store, _decode_scratch,
+                                                   _dequant_pair, _dequant_slab, _interpret_params, _mma_xt,
+                                                   _pick_splits, _pair_scales, _swizzle_transforms, _tiling)
+
+# Kernel layout of 3-bit classes (`prepare_grouped(w, layout_3bit=...)`). "planar_pairs" feeds the
+# magic-number unpack (Config.unpack "magic_bf16", quant_matmul's measured decode default for 3-bit:
+# 24.0 vs 31.5 us dense at 4096 x 14336, M=1, H100); in THIS grouped kernel it is interpret-tested and
+# lowers for CUDA from CPU, but is NOT measured on a GPU yet. 2/4/8-bit classes stay "planar_nmajor".
+LAYOUT_3BIT = layout.PAIRS_LAYOUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,11 @@ class Config:
     chunk_slots: int = 4       # slots dequantized per wgmma
     stages: int = 2            # pipeline depth
     k_splits: int = 0          # 0 = heuristic (quant_matmul's target of ~7 CTAs per SM)
+    # quant_matmul's unpack variant (quant_matmul.mgpu_sm90.UNPACKS). "" = per class from its layout:
+    # "magic_bf16" for planar_pairs (3-bit) classes, "f32" otherwise. An explicit "magic_*" applies to
+    # the planar_pairs classes (2/4/8-bit classes, planar_nmajor only, keep "f32"); a 3-bit class
+    # whose layout the named unpack does not read raises ValueError.
+    unpack: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +81,7 @@ class ExpertClass:
     k_pad: int = dataclasses.field(default=0, metadata=dict(static=True))
     slab: int = dataclasses.field(default=32, metadata=dict(static=True))
     group_rows: int = dataclasses.field(default=64, metadata=dict(static=True))
+    layout: str = dataclasses.field(default=layout.LAYOUT, metadata=dict(static=True))   # quant_matmul layout
 
     @property
     def num_groups_pad(self) -> int:
@@ -82,7 +95,8 @@ class ExpertClass:
             u, v_t = self.u[i], self.v_t[i * n:(i + 1) * n]
         return layout.KernelWeights(codes=self.codes[i * n:(i + 1) * n], scales=self.scales[i * gp:(i + 1) * gp],
                                     zeros=self.zeros[i * gp:(i + 1) * gp], u=u, v_t=v_t, bits=self.bits,
-                                    group_size=self.group_size, k=self.k, n=self.n, k_pad=self.k_pad, slab=self.slab)
+                                    group_size=self.group_size, k=self.k, n=self.n, k_pad=self.k_pad, slab=self.slab,
+                                    layout=self.layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,17 +155,26 @@ def _split_experts(w) -> list:
     return [w[i] for i in range(w.shape[0])]
 
 
-def prepare_grouped(w) -> GroupedKernelWeights:
-    """Repack once (load time): stacked QuantizedTensor [E, K, N] or a list of per-expert ones."""
+def prepare_grouped(w, layout_3bit: str | None = None) -> GroupedKernelWeights:
+    """Repack once (load time): stacked QuantizedTensor [E, K, N] or a list of per-expert ones.
+
+    layout_3bit: kernel layout of the 3-bit experts, "planar_pairs" (magic-number unpack) or
+    "planar_nmajor" (f32 / bf16 unpack); None = LAYOUT_3BIT. Other widths are always planar_nmajor.
+    Already prepared weights are returned as they are (their classes keep their layouts)."""
+    if layout_3bit is None:
+        layout_3bit = LAYOUT_3BIT
+    if layout_3bit not in layout.LAYOUTS:
+        raise ValueError(f"grouped_matmul.prepare_grouped: layout_3bit={layout_3bit!r} is not one of {layout.LAYOUTS}")
     if isinstance(w, GroupedKernelWeights):
         return w
     e, k, n = reference.expert_shape(w)
     parts = _split_experts(w)
     floats = [i for i, p in enumerate(parts) if not isinstance(p, QuantizedTensor)]
-    kws = {i: layout.prepare(p) for i, p in enumerate(parts) if isinstance(p, QuantizedTensor)}
+    kws = {i: layout.prepare(p, layout=layout_3bit if p.bits == 3 else layout.LAYOUT)
+           for i, p in enumerate(parts) if isinstance(p, QuantizedTensor)}
     buckets: dict = {}
     for i, kw in kws.items():
-        buckets.setdefault((kw.bits, kw.group_rows, kw.slab, kw.k_pad, kw.group_size), []).append(i)
+        buckets.setdefault((kw.bits, kw.group_rows, kw.slab, kw.k_pad, kw.group_size, kw.layout), []).append(i)
     classes = []
     if floats:
         if n % 64:
@@ -160,7 +183,7 @@ def prepare_grouped(w) -> GroupedKernelWeights:
         w_t = jnp.concatenate([jnp.pad(jnp.asarray(parts[i]).astype(jnp.bfloat16).T, ((0, 0), (0, k_pad - k)))
                                for i in floats])
         classes.append(FloatClass(w_t=w_t, experts=tuple(floats), k=k, n=n, k_pad=k_pad))
-    for (bits, rows, slab, k_pad, g), ids in sorted(buckets.items()):
+    for (bits, rows, slab, k_pad, g, lay), ids in sorted(buckets.items()):
         members = [kws[i] for i in ids]
         u = v_t = None
         if any(m.u is not None for m in members):
@@ -173,7 +196,7 @@ def prepare_grouped(w) -> GroupedKernelWeights:
         classes.append(ExpertClass(
             codes=jnp.concatenate([m.codes for m in members]), scales=jnp.concatenate([m.scales for m in members]),
             zeros=jnp.concatenate([m.zeros for m in members]), u=u, v_t=v_t, experts=tuple(ids), bits=bits,
-            group_size=g, k=k, n=n, k_pad=k_pad, slab=slab, group_rows=rows))
+            group_size=g, k=k, n=n, k_pad=k_pad, slab=slab, group_rows=rows, layout=lay))
     return GroupedKernelWeights(classes=tuple(classes), num_experts=e, k=k, n=n)
 
 
@@ -216,7 +239,24 @@ def default_config(m: int, c: ExpertClass) -> Config:
     blocks = min(-(-m // mb) + len(c.experts), max(1, m))
     splits = _pick_splits(steps, (c.n // 64) * blocks)
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
-    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits)
+    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
+                  unpack=class_unpack("", c))
+
+
+def class_unpack(requested: str, c: ExpertClass) -> str:
+    """The unpack variant class c runs under Config.unpack=`requested` (see Config.unpack)."""
+    if requested and requested not in UNPACKS:
+        raise ValueError(f"grouped_matmul: unpack={requested!r} is not one of {UNPACKS}")
+    pairs = c.layout == layout.PAIRS_LAYOUT
+    if not requested:
+        return "magic_bf16" if pairs else "f32"
+    if requested.startswith("magic") == pairs:
+        return requested
+    if c.bits != 3:            # only planar_nmajor exists for this width: the magic request is for 3-bit
+        return "f32"
+    raise ValueError(f"grouped_matmul: unpack={requested!r} does not read the {c.layout!r} layout of the 3-bit "
+                     f"class {c.experts} (magic_* need prepare_grouped(w, layout_3bit={layout.PAIRS_LAYOUT!r}), "
+                     f"the others {layout.LAYOUT!r})")
 
 
 def _block_expert(counts, mi, num_experts: int):
@@ -296,7 +336,9 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     """f(block_counts [Ec] int32, codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [splits, B*MB, Rp],
     v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials).
 
-    block_counts[e] = number of MB-row blocks of local expert e (its rows rounded up)."""
+    block_counts[e] = number of MB-row blocks of local expert e (its rows rounded up).
+    cfg.unpack picks quant_matmul's unpack ("magic_*" read planar_pairs codes; x is then f16 for
+    "magic_f16"); the dequant helpers are quant_matmul's, this body only sequences them."""
     tl = _tiling(bits, slab, k_pad, n, cfg)
     wps, tile_rows, steps, splits = tl.wps, tl.tile_rows, tl.steps, tl.splits
     bn, mb, chunk, nchunks = tl.bn, tl.mb, tl.chunk, tl.nchunks
@@ -310,6 +352,14 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     scale_blocks_per_expert = gp // g_block
     n_blocks = n // bn
     comp = rank_pad > 0
+    unpack = cfg.unpack or "f32"
+    if unpack not in UNPACKS:
+        raise ValueError(f"unpack={unpack!r} is not one of {UNPACKS}")
+    pairs = unpack.startswith("magic")
+    if pairs and (bits != 3 or chunk % 2 or slab % 8):
+        raise ValueError(f"unpack={unpack!r} needs 3-bit planar_pairs weights, an even chunk_slots "
+                         f"and a slab multiple of 8 (bits={bits}, chunk_slots={chunk}, slab={slab})")
+    a_dtype = _MAGIC[unpack][0] if pairs else jnp.bfloat16
     tr = _swizzle_transforms(slab)
     tr_r = _swizzle_transforms(64)
     overlap = nchunks % 2 == 0
@@ -336,16 +386,24 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         def body(_, *step_refs):
             planes = [r[...] for r in step_refs[:wps]]
             s_ref, z_ref, x_ref = step_refs[wps:]
+            group_scales = {}                                           # g -> (s, hi, lo), magic only
             for c in range(nchunks):
                 buf = a_buf.at[c % nbuf]
-                for jj in range(chunk):
-                    j = c * chunk + jj
-                    g = (j * slab) // group_rows if g_block > 1 else 0
-                    sc = s_ref[g, :].astype(jnp.float32)
-                    bc = -(z_ref[g, :].astype(jnp.float32) * sc)
-                    q = _unpack_slot(planes, bits, j).astype(jnp.int32).astype(jnp.float32)
-                    d = q * lax.broadcast_in_dim(sc, (bn, slab), (0,)) + lax.broadcast_in_dim(bc, (bn, slab), (0,))
-                    buf[:, pl.ds(jj * slab, slab)] = d.astype(jnp.bfloat16)
+                if pairs:   # pair-slot jp = two slabs (2 * slab K rows), as quant_matmul's decode body
+                    for jj in range(chunk // 2):
+                        jp = c * chunk // 2 + jj
+                        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
+                        if g not in group_scales:
+                            group_scales.clear()                        # one group live at a time
+                            group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
+                        buf[:, pl.ds(jj * 2 * slab, 2 * slab)] = _dequant_pair(
+                            planes, jp, group_scales[g], bn, slab, unpack, interpret)
+                else:
+                    for jj in range(chunk):
+                        j = c * chunk + jj
+                        g = (j * slab) // group_rows if g_block > 1 else 0
+                        buf[:, pl.ds(jj * slab, slab)] = _dequant_slab(planes, bits, j, s_ref, z_ref, g, bn,
+                                                                       slab, unpack)
                 plgpu.commit_smem()
                 _mma_xt(acc_holder[0], buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
                 plgpu.wgmma_wait(1 if overlap else 0)
@@ -385,6 +443,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
                               bn, mb, interpret)
 
     scratch = _decode_scratch(nbuf, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
+    if a_dtype != jnp.bfloat16:   # magic_f16: f16 A buffers (x is f16 too)
+        scratch[0] = plgpu.SMEM((nbuf, bn, chunk * slab), a_dtype, transforms=tr)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
                         grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
                         scratch_types=scratch, **_interpret_params(interpret))
@@ -401,6 +461,8 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
     if cfg.k_splits == 0:
         cfg = dataclasses.replace(cfg, k_splits=base.k_splits)
     is_float = isinstance(c, FloatClass)
+    if not is_float:
+        cfg = dataclasses.replace(cfg, unpack=class_unpack(cfg.unpack, c))
     per = 1 if is_float else packing.slots_per_tile(c.bits)
     if per % cfg.chunk_slots:
         cfg = dataclasses.replace(cfg, chunk_slots=per)
@@ -435,6 +497,8 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
         xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - c.u.shape[2])))
         xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))   # only split 0 adds it
         args += [xu, c.v_t]
+    if cfg.unpack == "magic_f16":
+        args[4] = x_pad.astype(jnp.float16)   # the A tile is f16: wgmma needs both operands f16
     f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, ec, num_blocks, rank_pad, cfg, bool(interpret))
     out_t = f(*args)                                     # [splits * N, B * MB]
     return _read_back(out_t, dest, in_class, num_blocks * mb, cfg.k_splits, c.n)
