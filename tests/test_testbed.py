@@ -66,10 +66,13 @@ def test_transformers_matches_cli_eval(testbed, capsys):
 
 def test_demo_on_a_slice(capsys):
     """`python -m milo_jax.demo` end to end on two windows (the default slice is larger)."""
-    rows = demo.main(["--windows", "2", "--methods", "rtn"])
+    rows = demo.main(["--windows", "2", "--presets", "rtn-3bit"])
     out = capsys.readouterr().out
-    assert [r["weights"] for r in rows] == ["bf16", "rtn3-g64"]
+    assert [r["weights"] for r in rows] == ["bf16", "rtn-3bit"]
     assert rows[0]["bits_per_weight"] == 16.0 and rows[1]["bits_per_weight"] == pytest.approx(3.5)
+    assert 3.5 < rows[1]["whole_model_bits_per_weight"] < 16.0      # embeddings, lm_head at 16 bits
     assert rows[0]["num_tokens"] == rows[1]["num_tokens"] > 0
     assert all(1.0 < r["ppl"] < 256.0 for r in rows) and rows[1]["ppl"] != rows[0]["ppl"]
-    assert "rtn3-g64" in out and "perplexity" in out
+    assert "rtn-3bit" in out and "perplexity" in out
+    with pytest.raises(ValueError, match="unknown preset"):
+        demo.main(["--presets", "hqq-5bit"])
