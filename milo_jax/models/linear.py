@@ -7,8 +7,9 @@
                                        (reads only the selected experts' weights).
 
 `linear` with bf16 activations and a 2-D QuantizedTensor (or its kernel layout, `KernelWeights`
-from `pallas_kernels.quant_matmul.prepare`) runs `pallas_kernels.quant_matmul.matmul`: the Mosaic GPU
-kernel on Hopper, its jnp reference elsewhere. float32 activations (parity tests) and the stacked
+from `pallas_kernels.quant_matmul.prepare`; `milo_jax.prepare_for_kernels(model)` converts a whole
+model once, so the repack does not run inside every call) runs `pallas_kernels.quant_matmul.matmul`:
+the Mosaic GPU kernel on Hopper, its jnp reference elsewhere. float32 activations (parity tests) and the stacked
 expert variants dequantize and multiply with jnp; the grouped MoE kernel will plug in there. float32 inputs use Precision.HIGHEST so that GPUs
 do not silently drop to TF32 and parity holds there too.
 
@@ -28,7 +29,7 @@ from flax import nnx
 from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.quant_matmul import KernelWeights
 from pallas_kernels.quant_matmul import matmul as quant_matmul
-from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
+from pallas_kernels.quant_matmul.layout import unpack_codes
 from pallas_kernels.grouped_matmul.api import grouped_matmul
 
 
@@ -36,15 +37,27 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def _dequantize_kernel_weights_f32(kw: KernelWeights) -> jax.Array:
+    """W_hat (+ u v) [K, N] float32 from the kernel layout: the same float32 math as
+    QuantizedTensor.dequantize, so a prepared weight (milo_jax.prepare_for_kernels) gives a
+    float32 linear the values its QuantizedTensor gave (api.dequantize_kernel_weights rounds to bf16)."""
+    codes = unpack_codes(kw).astype(jnp.float32)                    # [K_pad, N]
+    rows = kw.group_rows
+    s = kw.scales.astype(jnp.float32)[:, None, :]
+    z = kw.zeros.astype(jnp.float32)[:, None, :]
+    w_hat = (s * (codes.reshape(kw.k_pad // rows, rows, kw.n) - z)).reshape(kw.k_pad, kw.n)[:kw.k]
+    if kw.u is not None:
+        w_hat = w_hat + jnp.matmul(kw.u.astype(jnp.float32), kw.v_t[:, :kw.rank].T.astype(jnp.float32),
+                                   precision=jax.lax.Precision.HIGHEST)
+    return w_hat
+
+
 def materialize(w, dtype) -> jax.Array:
     """The weight as a dense array in `dtype` (dequantizing a QuantizedTensor)."""
     if isinstance(w, QuantizedTensor):
         return w.dequantize(dtype)
     if isinstance(w, KernelWeights):
-        w_hat = dequantize_kernel_weights(w).astype(jnp.float32)
-        if w.u is not None:
-            w_hat = w_hat + w.u.astype(jnp.float32) @ w.v_t[:, :w.rank].T.astype(jnp.float32)
-        return w_hat.astype(dtype)
+        return _dequantize_kernel_weights_f32(w).astype(dtype)
     return jnp.asarray(w).astype(dtype)
 
 
@@ -60,7 +73,9 @@ def linear(x: jax.Array, w, bias=None) -> jax.Array:
     shape = weight_shape(w)
     if len(shape) != 2 or x.shape[-1] != shape[0]:
         raise ValueError(f"linear: x {x.shape} does not match weight of shape {shape}")
-    if isinstance(w, KernelWeights) or (isinstance(w, QuantizedTensor) and x.dtype == jnp.bfloat16):
+    # a prepared weight (KernelWeights) takes the same route as its QuantizedTensor: float32
+    # activations (parity tests, float32 routers) keep the exact float32 product
+    if isinstance(w, (QuantizedTensor, KernelWeights)) and x.dtype == jnp.bfloat16:
         y = quant_matmul(x, w).astype(x.dtype)
     else:
         y = jnp.matmul(x, materialize(w, x.dtype), precision=_precision(x.dtype))

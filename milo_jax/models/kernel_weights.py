@@ -1,0 +1,98 @@
+"""Repack a quantized model's dense weights into the decode kernel's layout once, at load time.
+
+`models.linear.linear` sends bf16 activations and a 2-D QuantizedTensor to
+`pallas_kernels.quant_matmul.matmul`, which on an sm90 GPU repacks the tensor into the kernel
+layout (`layout.prepare`: codes transposed to N-major, K padded to a whole planar tile, 3-bit codes
+re-paired for the magic-number unpack) inside EVERY call: under jit that repack runs on each
+decode step and costs a full extra pass over the weight's bytes. `prepare_for_kernels` does the
+repack once and stores the result (`KernelWeights`) in the model, so each step reads only the
+kernel-ready words.
+
+    model = milo_jax.prepare_for_kernels(model)   # or a params dict; returns a new one
+
+What is replaced: every parameter whose value is a 2-D QuantizedTensor [K, N] that `prepare`
+accepts, in the layout `quant_matmul.matmul`'s decode kernel reads (`api._kernel_layout`:
+"planar_pairs" for 3-bit, "planar_nmajor" otherwise; the prefill path dequantizes either layout).
+What stays as it is:
+  * tensors `prepare` refuses (N not a multiple of 64, compensator rank > 128, group sizes the
+    kernel cannot tile, non-planar layouts): `matmul` sends them to its jnp reference anyway;
+  * stacked expert weights [E, K, N] and per-expert tuples: `models.moe` runs them through
+    `pallas_kernels.grouped_matmul`, whose prepared form (`mgpu_sm90.prepare_grouped`) is not
+    picked automatically yet and would turn off the MoE gather path used for decode;
+  * plain arrays, and weights already in a kernel layout (so a second call changes nothing).
+
+On CPU the prepared weights run the reference `_dequant_dot` (same math as for a QuantizedTensor)
+but hold K padded to a whole tile, so there is nothing to gain: `prepare_for_kernels_on_gpu` prepares
+only on an sm90 GPU and returns its input unchanged elsewhere. A prepared model cannot be saved
+with `milo_jax.save` (save the QuantizedTensor model and prepare after `load`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+from flax import nnx
+
+from milo_jax.quant.tensor import QuantizedTensor
+from pallas_kernels.quant_matmul import api as quant_matmul_api
+from pallas_kernels.quant_matmul import layout
+
+# one compiled repack per (shape, bits, group, rank, layout): one fused program instead of dozens
+# of eager ops per tensor; ValueErrors for refused tensors are raised while tracing
+_prepare_jit = jax.jit(layout.prepare, static_argnames=("slab", "layout"))
+
+
+def kernel_layout_for(qt: QuantizedTensor) -> str:
+    """The kernel layout `quant_matmul.matmul` picks for qt on its decode kernel."""
+    return quant_matmul_api._kernel_layout(qt, "kernel", None)
+
+
+def prepare_weight(value):
+    """One parameter value -> its KernelWeights, or the value unchanged when it is not a 2-D
+    QuantizedTensor that the dense kernel can take (see the module docstring)."""
+    if not isinstance(value, QuantizedTensor) or value.ndim != 2:
+        return value
+    try:
+        return _prepare_jit(value, layout=kernel_layout_for(value))
+    except ValueError:      # prepare refuses it: quant_matmul.matmul falls back to its reference
+        return value
+
+
+def prepare_for_kernels(model_or_params):
+    """A new model (nnx.Module of milo_jax.models) or params dict (nested dicts with string keys)
+    whose 2-D QuantizedTensor weights are in the quant_matmul kernel layout (KernelWeights).
+
+    The input is not modified; unchanged leaves are shared with it. Idempotent. Raises ValueError
+    for anything that is not a model or a params dict.
+    """
+    from milo_jax.quant.model import split_params
+
+    if isinstance(model_or_params, (QuantizedTensor, layout.KernelWeights)):
+        raise ValueError("prepare_for_kernels: expected a model or a params dict, got a single "
+                         f"{type(model_or_params).__name__}; use "
+                         "pallas_kernels.quant_matmul.prepare for one tensor")
+    if isinstance(model_or_params, nnx.State):   # a Mapping whose leaves are Variables, not values
+        raise ValueError("prepare_for_kernels: got an nnx.State; pass the model itself, or "
+                         "nnx.to_pure_dict(state) as a params dict")
+    if not isinstance(model_or_params, (nnx.Module, Mapping)):
+        raise ValueError("prepare_for_kernels: expected a milo_jax model (nnx.Module) or a params "
+                         f"dict of arrays / QuantizedTensors, got {type(model_or_params).__name__}")
+    names, values, rebuild = split_params(model_or_params)
+    new = {}
+    for name, value in zip(names, values):
+        prepared = prepare_weight(value)
+        if prepared is not value:
+            new[name] = prepared
+    return rebuild(new)
+
+
+def prepare_for_kernels_on_gpu(model_or_params):
+    """`prepare_for_kernels` on an sm90 (Hopper) GPU, where the Mosaic kernel runs; the input
+    unchanged elsewhere (CPU and other GPUs use the jnp reference, which gains nothing)."""
+    if quant_matmul_api._on_sm90():
+        return prepare_for_kernels(model_or_params)
+    return model_or_params
+
+
+__all__ = ["prepare_for_kernels", "prepare_for_kernels_on_gpu", "prepare_weight", "kernel_layout_for"]
