@@ -80,6 +80,9 @@ def _encode_factor(f, arrays: dict):
 
 def encode_value(value, arrays: dict) -> dict:
     """A parameter value (array or QuantizedTensor) -> JSON metadata; arrays go into `arrays`."""
+    if type(value).__name__ == "KernelWeights":   # pallas_kernels' layout (no import cycle here)
+        raise ValueError("cannot save a model prepared for the GPU kernels (KernelWeights leaves, "
+                         "milo_jax.prepare_for_kernels): save the model before preparing it")
     if isinstance(value, QuantizedTensor):
         return {"kind": "quantized", "static": _static_fields(value),
                 "codes": _encode_array(value.codes, arrays),

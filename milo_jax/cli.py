@@ -34,15 +34,18 @@ def is_milo_checkpoint(model_dir: str) -> bool:
 
 def load_model(model_dir: str, dtype: str):
     """The checkpoint in `model_dir` as a milo_jax model: a HF checkpoint (milo_jax.load_hf, params
-    in `dtype`) or a milo-jax checkpoint (milo_jax.load; parameters keep their stored dtypes)."""
+    in `dtype`) or a milo-jax checkpoint (milo_jax.load; parameters keep their stored dtypes). On a
+    Hopper GPU the quantized dense weights are repacked once into the decode kernel's layout
+    (milo_jax.prepare_for_kernels), not inside every jitted call; elsewhere nothing changes."""
     import jax.numpy as jnp
 
     from milo_jax import load_hf
 
     if is_milo_checkpoint(model_dir):
         from milo_jax.checkpoint import load
+        from milo_jax.models.kernel_weights import prepare_for_kernels_on_gpu
 
-        return load(model_dir)
+        return prepare_for_kernels_on_gpu(load(model_dir))
     return load_hf(model_dir, dtype=getattr(jnp, dtype))
 
 

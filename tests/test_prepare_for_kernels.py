@@ -198,3 +198,15 @@ def test_single_tensor_or_state_is_a_value_error(models):
         prepare_for_kernels(nnx.state(qmodel))
     with pytest.raises(ValueError, match="not a string"):
         prepare_for_kernels({1: qt})
+
+
+def test_saving_a_prepared_model_is_refused(tmp_path):
+    """checkpoint.encode_value names the problem instead of failing inside orbax."""
+    from milo_jax.checkpoint import encode_value
+    from milo_jax.quant import quantize_tensor
+    from pallas_kernels.quant_matmul import layout
+
+    w = jax.random.normal(jax.random.key(3), (128, 64), jnp.float32).astype(jnp.bfloat16)
+    kw = layout.prepare(quantize_tensor(w, bits=4, group_size=64))
+    with pytest.raises(ValueError, match="save the model before preparing"):
+        encode_value(kw, {})
