@@ -1,6 +1,6 @@
 """The README's main command: quantize the shipped testbed MoE and report perplexity and bits/weight.
 
-    python -m milo_jax.demo [--windows N --presets hqq-3bit,milo-3bit-s1]
+    python -m milo_jax.demo [--windows N --presets hqq-3bit,milo-4bpw]
 
 The testbed (milo_jax/assets/testbed; its README.md has the architecture, recipe and numbers) is
 a small byte-level Mixtral (8 experts, top-2, hidden 256) trained on Shakespeare and Milton. The
@@ -8,7 +8,9 @@ demo loads it offline from the installed package, scores the start of its held-o
 (milo_jax.eval.perplexity: non-overlapping windows of the model's context, at most 512 bytes;
 float32 arithmetic), quantizes it with each preset (milo_jax.quantize: the attention projections
 and the experts; router, embeddings, lm_head and norms untouched): plain HQQ 3-bit g64 and MiLo
-(3-bit HQQ + low-rank compensators, milo-3bit-s1 by default), and scores again. Bits per weight
+(milo-4bpw by default: 3/4-bit HQQ bases and low-rank compensators chosen by the budget allocator so
+that the WHOLE model, embeddings and lm_head included, stays within 4 bits per weight), and scores
+again. Bits per weight
 are over the quantized tensors (codes, 16-bit scales and zeros, compensator factors) and over the
 whole model (every parameter as stored, untouched ones at 16 bits). By default the first 16,384 bytes of the
 379,634 held out are scored (32 windows of 512 bytes, or 64 of 256), which keeps the run to a few
@@ -24,7 +26,7 @@ import time
 
 ASSET = "testbed"
 DEFAULT_SLICE = 16384   # bytes of held-out text scored by default (the first ones)
-DEFAULT_PRESETS = "hqq-3bit,milo-3bit-s1"
+DEFAULT_PRESETS = "hqq-3bit,milo-4bpw"
 
 
 def testbed_dir() -> str:
