@@ -174,9 +174,12 @@ def make_layer(key, m, kind):
 
 
 def prepare_dense(qt):
-    """quant_matmul's kernel layout (what models.linear runs best); the plain tensor where it cannot."""
+    """quant_matmul's kernel layout, as milo_jax.prepare_for_kernels gives the models (planar_pairs
+    for 3-bit); the plain tensor where the kernel cannot take it."""
+    from milo_jax.models.kernel_weights import kernel_layout_for
+
     try:
-        return quant_matmul_prepare(qt)
+        return quant_matmul_prepare(qt, layout=kernel_layout_for(qt))
     except ValueError:
         return qt
 
