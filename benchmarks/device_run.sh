@@ -2,6 +2,9 @@
 # GPU runs of one session, batched into few device calls (each under the 600 s command limit):
 #   bash benchmarks/device_run.sh kernels     # native kernel tests, unpack variants, quantize speed
 #   bash benchmarks/device_run.sh bench       # quant_matmul (Mixtral shapes) + moe_layer (Mixtral)
+#   bash benchmarks/device_run.sh native      # every -m gpu test (the 2026-11-23 calls timed out at 230-280 s)
+#   bash benchmarks/device_run.sh qm_rest     # quant_matmul: DeepSeek and 4096^2 shapes (append)
+#   bash benchmarks/device_run.sh moe MODEL   # moe_layer, one model per call, every impl (resumable)
 # Needs .whl (carry): hqq (+ termcolor) for the quantize-speed peer, gemlite for quant_matmul's
 # peers, tokamax + qwix (+ deps) for moe_layer's int4 peer. Everything lands in $OUT.
 set -o pipefail
@@ -36,5 +39,18 @@ case "$1" in
       --impls ragged_dot_bf16,q3_kernel,q3_model,bf16_kernel,q3_grouped --budget-s 200 \
       --out "$OUT/moe_layer.json"
     ;;
-  *) echo "usage: $0 kernels|bench"; exit 2 ;;
+  native)
+    TAIL=40 step native_tests 560 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py -q -m gpu -rfEs -p no:cacheprovider \
+      --durations=20
+    ;;
+  qm_rest)
+    TAIL=40 step quant_matmul 560 python3 -m benchmarks.quant_matmul --shapes 2048x1408,1408x2048,4096x4096 \
+      --out "$OUT/quant_matmul_b.json"
+    ;;
+  moe)
+    TAIL=40 step moe_layer 560 python3 -m benchmarks.moe_layer --models "${2:-mixtral-8x7b}" --budget-s 500 \
+      --out "$OUT/moe_layer_${2:-mixtral-8x7b}.json"
+    ;;
+  *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
