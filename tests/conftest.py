@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -56,3 +57,29 @@ def hf_model_factory():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     return make_hf_model
+
+
+@functools.cache
+def cuda_lowering_unavailable():
+    """None when this jaxlib lowers Mosaic GPU kernels for CUDA from the CPU host, else the reason.
+
+    The probe lowers quant_matmul's f32-unpack decode kernel, which has compiled and run natively on
+    the H100, so a failure here is the environment, not the code under test; tests that lower
+    other kernels skip only on this probe and let their own lowering errors fail."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import milo_jax  # noqa: F401  (import order: milo_jax before pallas_kernels)
+    from milo_jax.quant import quantize_tensor
+    from pallas_kernels.quant_matmul import api, layout, mgpu_sm90
+
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((1024, 128)) * 0.02, jnp.bfloat16)
+    kw = layout.prepare(quantize_tensor(w, bits=3, group_size=64))
+    cfg = mgpu_sm90.Config(block_m=0, chunk_slots=4, unpack="f32")
+    f = jax.jit(lambda x, kw: api.matmul(x, kw, impl="kernel", config=cfg, interpret=False))
+    try:
+        f.trace(jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), kw).lower(lowering_platforms=("cuda",))
+    except Exception as e:  # pragma: no cover - a jaxlib without the Mosaic GPU lowering
+        return f"this jaxlib cannot lower Mosaic GPU kernels on CPU: {type(e).__name__}: {str(e)[:200]}"
+    return None

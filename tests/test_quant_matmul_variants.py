@@ -9,7 +9,6 @@ natively: benchmarks/quant_matmul_variants.py and the `gpu` test below).
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax.numpy as jnp
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.quant_matmul import api, layout, mgpu_sm90
+from tests.conftest import cuda_lowering_unavailable
 from tests.test_quant_matmul import TOL, make_weight, make_x, ref64, rel_err
 
 _SEED = [500]
@@ -152,22 +152,14 @@ def _lower_native_for_sm90(kw, m, cfg):
     return f.trace(x, kw).lower(lowering_platforms=("cuda",)).as_text()
 
 
-_GUARD: list = []
-
-
 @pytest.mark.parametrize("unpack", ["magic_bf16", "magic_f16"])
 def test_native_lowering_on_cpu(unpack):
     """The inline-PTX conversion builds (layout inference, register mapping) for sm90."""
+    reason = cuda_lowering_unavailable()
+    if reason:
+        pytest.skip(reason)
     rng = _rng()
     qt = make_weight(1024, 128, 3, 64, 0, rng)
     cfg = mgpu_sm90.Config(block_m=0, chunk_slots=4, unpack=unpack)
-    if not _GUARD:   # environment guard (once): the unchanged default kernel must lower first
-        try:
-            _lower_native_for_sm90(layout.prepare(qt), 3, dataclasses.replace(cfg, unpack="f32"))
-            _GUARD.append("ok")
-        except Exception as e:  # pragma: no cover - jaxlib without the Mosaic GPU lowering
-            _GUARD.append(f"{type(e).__name__}: {e}")
-    if _GUARD[0] != "ok":
-        pytest.skip(f"this jaxlib cannot lower Mosaic GPU kernels on CPU: {_GUARD[0][:200]}")
     text = _lower_native_for_sm90(layout.prepare(qt, layout=layout.PAIRS_LAYOUT), 3, cfg)
     assert "mosaic_gpu" in text

@@ -41,8 +41,8 @@ from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
 from pallas_kernels.quant_matmul.mgpu_sm90 import (_MAGIC, UNPACKS, _accumulate_and_store, _decode_scratch,
-                                                   _dequant_pair, _dequant_slab, _interpret_params, _mma_xt,
-                                                   _pick_splits, _pair_scales, _swizzle_transforms, _tiling)
+                                                   _interpret_params, _mma_xt, _pick_splits,
+                                                   _swizzle_transforms, _tiling, _unpack_and_multiply)
 
 # Kernel layout of 3-bit classes (`prepare_grouped(w, layout_3bit=...)`). "planar_pairs" feeds the
 # magic-number unpack (Config.unpack "magic_bf16", quant_matmul's measured decode default for 3-bit:
@@ -386,27 +386,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         def body(_, *step_refs):
             planes = [r[...] for r in step_refs[:wps]]
             s_ref, z_ref, x_ref = step_refs[wps:]
-            group_scales = {}                                           # g -> (s, hi, lo), magic only
-            for c in range(nchunks):
-                buf = a_buf.at[c % nbuf]
-                if pairs:   # pair-slot jp = two slabs (2 * slab K rows), as quant_matmul's decode body
-                    for jj in range(chunk // 2):
-                        jp = c * chunk // 2 + jj
-                        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
-                        if g not in group_scales:
-                            group_scales.clear()                        # one group live at a time
-                            group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
-                        buf[:, pl.ds(jj * 2 * slab, 2 * slab)] = _dequant_pair(
-                            planes, jp, group_scales[g], bn, slab, unpack, interpret)
-                else:
-                    for jj in range(chunk):
-                        j = c * chunk + jj
-                        g = (j * slab) // group_rows if g_block > 1 else 0
-                        buf[:, pl.ds(jj * slab, slab)] = _dequant_slab(planes, bits, j, s_ref, z_ref, g, bn,
-                                                                       slab, unpack)
-                plgpu.commit_smem()
-                _mma_xt(acc_holder[0], buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
-                plgpu.wgmma_wait(1 if overlap else 0)
+            _unpack_and_multiply(acc_holder[0], a_buf, planes, s_ref, z_ref, x_ref, bits=bits,
+                                 slab=slab, bn=bn, chunk=chunk, nchunks=nchunks, nbuf=nbuf,
+                                 group_rows=group_rows, g_block=g_block, pairs=pairs,
+                                 unpack=unpack, overlap=overlap, interpret=interpret)
 
         code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (row_block, wps * (s + off) + p)))
                       for p in range(wps)]

@@ -164,7 +164,8 @@ def _magic_pair_native(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpack
             ws = w.registers.shape
             if len(ws) != len(out_shape) or ws[1] * 2 != out_shape[1] or any(
                     a != b for d, (a, b) in enumerate(zip(ws, out_shape)) if d != 1):
-                raise NotImplementedError(f"unexpected register grids {ws} vs {out_shape}")
+                raise ValueError(f"magic unpack: code words with register grid {ws} do not pair with the "
+                                 f"output grid {out_shape} (one output register = two code halves)")
         n_in = len(words)
         regs = np.empty(out_shape, dtype=object)
         for idx in np.ndindex(*out_shape):
@@ -227,6 +228,36 @@ def _dequant_pair(planes, jp: int, scales, bn: int, slab: int, unpack: str, inte
     """Pair-slot jp (two slabs, 2 * slab K rows) of a "planar_pairs" tile -> [BN, 2 * slab] A dtype."""
     f = _magic_pair_emulated if interpret else _magic_pair_native
     return f(planes, jp, *scales, bn, slab, unpack)
+
+
+def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab, bn, chunk,
+                         nchunks, nbuf, group_rows, g_block, pairs, unpack, overlap, interpret):
+    """One pipeline step's work, shared by the dense and the grouped decode kernels: the K tile in
+    `nchunks` chunks of `chunk` slabs, each dequantized into the next of `nbuf` A buffers and
+    multiplied into acc (acc[BN, MB] += A @ x^T), the MMA of one chunk overlapping the unpack of the
+    next when `overlap`. pairs: planar_pairs words (magic unpack, one pair-slot = 2 * slab K rows,
+    the group's scale/offset pairs computed once and reused); otherwise one slab at a time."""
+    group_scales = {}                                                   # g -> (s, hi, lo)
+    for c in range(nchunks):
+        buf = a_buf.at[c % nbuf]
+        if pairs:
+            for jj in range(chunk // 2):
+                jp = c * chunk // 2 + jj                                # pair-slot: 2 * slab rows
+                g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
+                if g not in group_scales:
+                    group_scales.clear()                                # one group live at a time
+                    group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
+                buf[:, pl.ds(jj * 2 * slab, 2 * slab)] = _dequant_pair(
+                    planes, jp, group_scales[g], bn, slab, unpack, interpret)
+        else:
+            for jj in range(chunk):
+                j = c * chunk + jj
+                g = (j * slab) // group_rows if g_block > 1 else 0
+                buf[:, pl.ds(jj * slab, slab)] = _dequant_slab(planes, bits, j, s_ref, z_ref, g, bn,
+                                                               slab, unpack)
+        plgpu.commit_smem()
+        _mma_xt(acc, buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
+        plgpu.wgmma_wait(1 if overlap else 0)
 
 
 def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool):
@@ -373,26 +404,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             plane_refs = step_refs[:wps]
             s_ref, z_ref, x_ref = step_refs[wps:]
             planes = [r[...] for r in plane_refs]                       # [BN, slab] uint32
-            group_scales = {}                                           # g -> (s, hi, lo)
-            for c in range(nchunks):
-                buf = a_buf.at[c % nbuf]
-                if pairs:
-                    for jj in range(chunk // 2):
-                        jp = c * chunk // 2 + jj                        # pair-slot: 2 * slab rows
-                        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
-                        if g not in group_scales:
-                            group_scales.clear()                        # one group live at a time
-                            group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
-                        buf[:, pl.ds(jj * 2 * slab, 2 * slab)] = _dequant_pair(
-                            planes, jp, group_scales[g], bn, slab, unpack, interpret)
-                else:
-                    for jj in range(chunk):
-                        j = c * chunk + jj
-                        g = (j * slab) // group_rows if g_block > 1 else 0
-                        buf[:, pl.ds(jj * slab, slab)] = _dequant_slab(planes, bits, j, s_ref, z_ref, g, bn, slab, unpack)
-                plgpu.commit_smem()
-                _mma_xt(acc, buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
-                plgpu.wgmma_wait(1 if overlap else 0)
+            _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
+                                 bn=bn, chunk=chunk, nchunks=nchunks, nbuf=nbuf,
+                                 group_rows=group_rows, g_block=g_block, pairs=pairs,
+                                 unpack=unpack, overlap=overlap, interpret=interpret)
 
         code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (ni, wps * (s + off) + p))) for p in range(wps)]
         in_specs = code_specs + [
