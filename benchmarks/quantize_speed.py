@@ -40,6 +40,25 @@ def make_weights(cfg, seed=0):
     return {"w1": mk(keys[0], (e, h, f)), "w3": mk(keys[1], (e, h, f)), "w2": mk(keys[2], (e, f, h))}
 
 
+def timed(run, repeats):
+    """(median seconds of `repeats` calls after a first one, the first call's seconds (it compiles),
+    the last output)."""
+    t0 = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), first, out
+
+
+def mean_abs_err(weights, quantized):
+    return {k: float(jnp.mean(jnp.abs(quantized[k].dequantize(jnp.float32) - w.astype(jnp.float32))))
+            for k, w in weights.items()}
+
+
 def time_ours(weights, bits, group_size, repeats):
     def run():
         out = {k: quantize_tensor(w, bits=bits, group_size=group_size, method="hqq")
@@ -47,17 +66,8 @@ def time_ours(weights, bits, group_size, repeats):
         jax.block_until_ready(out)
         return out
 
-    t0 = time.perf_counter()
-    out = run()  # compiles
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-    err = {k: float(jnp.mean(jnp.abs(out[k].dequantize(jnp.float32) - weights[k].astype(jnp.float32))))
-           for k in weights}
-    return statistics.median(times), first, err, out
+    median, first, out = timed(run, repeats)
+    return median, first, mean_abs_err(weights, out), out
 
 
 def time_milo(weights, bits, group_size, rank, repeats):
@@ -71,20 +81,12 @@ def time_milo(weights, bits, group_size, rank, repeats):
         jax.block_until_ready(out)
         return out
 
-    t0 = time.perf_counter()
-    out = run()  # compiles
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-    err = {k: float(jnp.mean(jnp.abs(q.dequantize(jnp.float32) - weights[k].astype(jnp.float32))))
-           for k, (q, _) in out.items()}
+    median, first, out = timed(run, repeats)
+    qts = {k: q for k, (q, _) in out.items()}
     stats = {k: dict(rounds_mean=float(np.mean(st.rounds)),
                      frob_err_vs_hqq=float(np.mean(st.err / st.hqq_err)))
              for k, (_, st) in out.items()}
-    return statistics.median(times), first, err, {k: q for k, (q, _) in out.items()}, stats
+    return median, first, mean_abs_err(weights, qts), qts, stats
 
 
 def time_hqq_package(weights, bits, group_size, repeats, device):
