@@ -24,7 +24,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import time
 import traceback
 
@@ -39,30 +38,8 @@ from pallas_kernels.quant_matmul import api, layout, mgpu_sm90
 
 ON_CPU = jax.devices()[0].platform == "cpu"
 
-try:  # the shared helpers of benchmarks/quant_matmul.py (same timing method)
-    from benchmarks.quant_matmul import ROTATE_BYTES, cupti_us, jax_copy_tbps, logical_weight_bytes
-except Exception as e:  # that module imports optional plotting/peer modules; same method, local copy
-    print("note: benchmarks.quant_matmul helpers not importable, using local copies:", type(e).__name__, e)
-    ROTATE_BYTES = 160e6
-
-    def cupti_us(fn, args, reps, iterations=10):
-        jax.block_until_ready(fn(*args))
-        if ON_CPU:
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            return (time.perf_counter() - t) * 1e6 / reps
-        from jax.experimental.mosaic.gpu import profiler
-        _, ts = profiler.measure(fn, iterations=iterations)(*args)
-        return statistics.median(ts) * 1e3 / reps
-
-    def jax_copy_tbps():
-        a = jax.random.normal(jax.random.key(0), (1 << (20 if ON_CPU else 28),), jnp.float32)
-        us = cupti_us(jax.jit(lambda a: a * 1.0001), (a,), 1)
-        return 2 * a.size * 4 / (us * 1e-6) / 1e12
-
-    def logical_weight_bytes(k, n, bits, group_size, rank):
-        g = group_size or k
-        return k * n * bits / 8 + 2 * 2 * n * math.ceil(k / g) + rank * (k + n) * 2
+# the timing method of benchmarks/quant_matmul.py (CUPTI, rotated weights, copy ceiling)
+from benchmarks.quant_matmul import ROTATE_BYTES, cupti_us, jax_copy_tbps, logical_weight_bytes  # noqa: E402
 
 
 def log(*a):
