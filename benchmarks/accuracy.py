@@ -350,8 +350,8 @@ def main(argv=None) -> dict:
                 qcfg = quantized_classes_config(method, bits)
             elif parse_budget_name(name):
                 method = "milo"
-                qcfg = budget_config(*parse_budget_name(name)[:1], dry_report(),
-                                     parse_budget_name(name)[1])
+                y, weighting = parse_budget_name(name)
+                qcfg = budget_config(y, dry_report(), weighting)
             else:
                 method, bits = "milo", 3
                 qcfg = name

@@ -80,7 +80,9 @@ def _encode_factor(f, arrays: dict):
 
 def encode_value(value, arrays: dict) -> dict:
     """A parameter value (array or QuantizedTensor) -> JSON metadata; arrays go into `arrays`."""
-    if type(value).__name__ == "KernelWeights":   # pallas_kernels' layout (no import cycle here)
+    from pallas_kernels.quant_matmul.layout import KernelWeights   # here: pallas_kernels imports milo_jax
+
+    if isinstance(value, KernelWeights):
         raise ValueError("cannot save a model prepared for the GPU kernels (KernelWeights leaves, "
                          "milo_jax.prepare_for_kernels): save the model before preparing it")
     if isinstance(value, QuantizedTensor):

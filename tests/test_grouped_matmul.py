@@ -36,7 +36,9 @@ def quantized_expert(k, n, bits, group_size, rank, rng):
 
 
 def dense64(qt):
-    """(W_hat [K, N], u, v) in float64 from the packed codes (numpy)."""
+    """(W_hat [K, N], u, v) in float64 from the packed codes (numpy); a float expert as it is."""
+    if isinstance(qt, jax.Array):
+        return np.asarray(qt.astype(jnp.float32), np.float64), None, None
     q = np.asarray(packing.unpack(qt.codes, qt.bits, qt.k, qt.slab), np.float64)
     g = qt.group_size
     s = np.repeat(np.asarray(qt.scales, np.float64), g, axis=-2)
@@ -148,8 +150,7 @@ def test_mixed_bit_widths_per_expert():
              jnp.asarray(rng.standard_normal((k, n)) * 0.02, jnp.bfloat16),
              quantized_expert(k, n, 3, 128, 4, rng)]
     e = len(parts)
-    experts64 = [dense64(p) if not isinstance(p, jax.Array) else
-                 (np.asarray(p.astype(jnp.float32), np.float64), None, None) for p in parts]
+    experts64 = [dense64(p) for p in parts]
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     f = jax.jit(api.grouped_matmul)
     for i, gs in enumerate(routings(m, e, rng)):
@@ -364,8 +365,7 @@ def test_sm90_native_mixed_bits_and_bf16_expert():
              jnp.asarray(rng.standard_normal((k, n)) * 0.02, jnp.bfloat16),
              quantized_expert(k, n, 4, 64, 0, rng)]
     e = len(parts)
-    experts64 = [dense64(p) if not isinstance(p, jax.Array) else
-                 (np.asarray(p.astype(jnp.float32), np.float64), None, None) for p in parts]
+    experts64 = [dense64(p) for p in parts]
     gkw = mgpu_sm90.prepare_grouped(parts)
     f = _native_kernel()
     for m in NATIVE_MIXED_MS:

@@ -305,7 +305,7 @@ def budget_plan(config: QuantConfig, milo_weights: Mapping[str, object], *, othe
                          f"milo rule, got {sorted(dtypes)}")
     shapes = {p: _Shape(milo_weights, p).shape for p in milo_weights}
     importance = budget_importance(config, list(milo_weights), shapes, experts_per_token)
-    milo_count = sum(logical_size(_Shape(milo_weights, p)) for p in milo_weights)
+    milo_count = sum(math.prod(shape) for shape in shapes.values())
     avail = math.floor(x * total_weights / 8.0 + 1e-9) - other_nbytes
     target = 8.0 * avail / milo_count
     try:
