@@ -5,6 +5,7 @@
 #   bash benchmarks/device_run.sh native      # every -m gpu test (the 2026-11-23 calls timed out at 230-280 s)
 #   bash benchmarks/device_run.sh qm_rest     # quant_matmul: DeepSeek and 4096^2 shapes (append)
 #   bash benchmarks/device_run.sh moe MODEL   # moe_layer, one model per call, every impl (resumable)
+#   bash benchmarks/device_run.sh regs        # A-from-registers variants + native variant/grouped tests
 # Needs .whl (carry): hqq (+ termcolor) for the quantize-speed peer, gemlite for quant_matmul's
 # peers, tokamax + qwix (+ deps) for moe_layer's int4 peer. Everything lands in $OUT.
 set -o pipefail
@@ -51,6 +52,12 @@ case "$1" in
   moe)
     TAIL=40 step moe_layer 560 python3 -m benchmarks.moe_layer --models "${2:-mixtral-8x7b}" --budget-s 500 \
       --out "$OUT/moe_layer_${2:-mixtral-8x7b}.json"
+    ;;
+  regs)   # A-from-registers variants + breakdown, then the native tests of the variants and grouped kernels
+    TAIL=40 step variants 300 python3 -m benchmarks.quant_matmul_variants --shapes 4096x14336 --budget-s 230 \
+      --variants "magic_bf16,regs,regs f16,regs split1,regs split2,regs split7,regs stages3,regs stages4,regs bn128"
+    TAIL=30 step native_tests 240 python3 -m pytest tests/test_quant_matmul_variants.py \
+      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider --durations=10
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -59,6 +59,15 @@ VARIANTS = [
     ("magic_bf16 stages3", "magic_bf16", dict(stages=3)),
     ("magic_bf16 bn128", "magic_bf16", dict(block_n=128)),
     ("magic_bf16 chunk2", "magic_bf16", dict(chunk_slots=2)),
+    # A from registers (Config.a_regs): no A tile in shared memory
+    ("regs", "magic_bf16", dict(a_regs=True)),
+    ("regs f16", "magic_f16", dict(a_regs=True)),
+    ("regs split1", "magic_bf16", dict(a_regs=True, k_splits=1)),
+    ("regs split2", "magic_bf16", dict(a_regs=True, k_splits=2)),
+    ("regs split7", "magic_bf16", dict(a_regs=True, k_splits=7)),
+    ("regs stages3", "magic_bf16", dict(a_regs=True, stages=3)),
+    ("regs stages4", "magic_bf16", dict(a_regs=True, stages=4)),
+    ("regs bn128", "magic_bf16", dict(a_regs=True, block_n=128)),
 ]
 
 
@@ -90,6 +99,19 @@ def relerr(kw, x, y):
     return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)), bool(jnp.all(jnp.isfinite(y)))
 
 
+def kernel_breakdown(fn, args, reps) -> dict:
+    """Per-kernel CUPTI time of one call of fn, summed by kernel name and divided by reps: how much of
+    the total is the Mosaic kernel and how much the XLA fusions around it (x padding, split-K sum,
+    transpose)."""
+    from jax.experimental.mosaic.gpu import profiler
+    _, per = profiler.measure(fn, aggregate=False)(*args)
+    out = {}
+    for name, ms in per or []:
+        key = name if len(name) < 60 else name[:57] + "..."
+        out[key] = out.get(key, 0.0) + ms * 1e3 / reps
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def run_shape(k, n, ms, group_size, variants, ceil, results, t0, budget_s):
     wbytes = logical_weight_bytes(k, n, 3, group_size, 0)
     reps = 2 if ON_CPU else max(2, min(64, math.ceil(ROTATE_BYTES / wbytes)))
@@ -113,7 +135,7 @@ def run_shape(k, n, ms, group_size, variants, ceil, results, t0, budget_s):
                 cfg = dataclasses.replace(mgpu_sm90.default_config(m, ws[0]), unpack=unpack, **over)
                 rec["config"] = str(cfg)
                 rec["cfg"] = (f"bn{cfg.block_n} mb{cfg.block_m} c{cfg.chunk_slots} s{cfg.stages} "
-                              f"split{cfg.k_splits}")
+                              f"split{cfg.k_splits}" + (" regs" if cfg.a_regs else ""))
                 one = jax.jit(lambda x, kw, cfg=cfg: api.matmul(x, kw, impl="kernel", config=cfg, interpret=ON_CPU))
                 fn = jax.jit(lambda x, *w: [one(x, wi) for wi in w])
                 ys = jax.block_until_ready(fn(x, *ws))
@@ -125,10 +147,13 @@ def run_shape(k, n, ms, group_size, variants, ceil, results, t0, budget_s):
                     nat.trace(x, ws[0]).lower(lowering_platforms=("cuda",))
                     rec["native_lowering_on_cpu"] = "ok"
                 us = cupti_us(fn, (x, *ws), reps)
+                if not ON_CPU:
+                    rec["kernels_us"] = kernel_breakdown(fn, (x, *ws), reps)
                 tb = byts / (us * 1e-6) / 1e12
                 rec.update(time_us=us, tbps=tb, frac_copy=tb / ceil if ceil else None, rotated=reps)
                 log(f"RESULT {name:22s} {k}x{n} m={m:3d} {us:8.2f} us {tb:5.2f} TB/s "
-                    f"{(tb / ceil if ceil else 0):5.1%} of copy relerr={rec['relerr']:.2e} ({rec['compile_run_s']} s)")
+                    f"{(tb / ceil if ceil else 0):5.1%} of copy relerr={rec['relerr']:.2e} ({rec['compile_run_s']} s)"
+                    f" kernels: {rec.get('kernels_us')}")
             except Exception as e:
                 traceback.print_exc(limit=-10)   # last frames (full error text in the JSON)
                 msg = " | ".join(str(e).strip().split("\n")[:12])[:3000]
@@ -162,7 +187,7 @@ def main(argv=None):
     if args.cpu_smoke:  # interpret mode is slow: one row of each kind of variant
         args.budget_s = 1e9
         variants = [v for v in variants if v[0] in ("f32 (default)", "magic_bf16", "magic_f16", "bf16 (jnp)",
-                                                    "magic_bf16 split2")]
+                                                    "magic_bf16 split2", "regs", "regs split2")]
     dev = jax.devices()[0]
     log("jax", jax.__version__, dev.device_kind, "inline_mgpu:", hasattr(__import__(
         "jax.experimental.pallas.mosaic_gpu", fromlist=["x"]), "inline_mgpu"))

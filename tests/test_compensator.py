@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from milo_jax.quant import QuantizedTensor, compensator, quantize_tensor
+from milo_jax.quant import compensator, quantize_tensor
 from milo_jax.quant.compensator import (QuantizedFactor, RaggedFactor, compensator_nbytes,
                                         quantize_factor)
 from milo_jax.quant.lowrank import _dequant, milo_alternation, quantize_lowrank

@@ -229,7 +229,12 @@ def test_kernel_interpret_one_expert_several_blocks_split_k():
     cfg = mgpu_sm90.Config(block_m=8, chunk_slots=8, k_splits=2)
     assert mgpu_sm90.LAYOUT_3BIT == PAIRS
     y = api.grouped_matmul(x, stacked, gs, impl="kernel", interpret=True, config=cfg)
-    assert rel_err(y, ref64(x, [dense64(p) for p in parts], gs)) < TOL_BF16
+    y64 = ref64(x, [dense64(p) for p in parts], gs)
+    assert rel_err(y, y64) < TOL_BF16
+    # A from registers (quant_matmul's Config.a_regs) gives the same product
+    y_regs = api.grouped_matmul(x, stacked, gs, impl="kernel", interpret=True,
+                                config=dataclasses.replace(cfg, a_regs=True))
+    assert rel_err(y_regs, y64) < TOL_BF16
 
 
 def test_kernel_interpret_unpack_variants_and_mismatch():
@@ -303,7 +308,7 @@ def test_kernel_lowers_natively_on_cpu(layout_3bit):
     gkw = mgpu_sm90.prepare_grouped(parts, layout_3bit=layout_3bit)
     cases = [(1, None), (40, mgpu_sm90.Config(k_splits=2))]
     if layout_3bit == PAIRS:
-        cases.append((3, mgpu_sm90.Config(unpack="magic_f16")))
+        cases += [(3, mgpu_sm90.Config(unpack="magic_f16")), (20, mgpu_sm90.Config(a_regs=True))]
     for m, cfg in cases:
         f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=False, config=cfg))
         lowered = f.trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), gkw,
@@ -324,25 +329,26 @@ NATIVE_BF16_MS = (1, 16, 512)
 NATIVE_MIXED_MS = (5, 64)
 
 
-def _native_kernel():
-    return jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel"))
+def _native_kernel(config=None):
+    return jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", config=config))
 
 
 @pytest.mark.gpu
 @native
-@pytest.mark.parametrize("bits,rank,layout_3bit", [(3, 0, PAIRS), (3, 16, PAIRS), (3, 16, NMAJOR),
-                                                  (4, 0, NMAJOR), (2, 8, NMAJOR)])
-def test_sm90_native_stacked_routings(bits, rank, layout_3bit):
+@pytest.mark.parametrize("bits,rank,layout_3bit,a_regs", [(3, 0, PAIRS, False), (3, 16, PAIRS, False),
+                                                         (3, 16, PAIRS, True), (3, 16, NMAJOR, False),
+                                                         (4, 0, NMAJOR, False), (2, 8, NMAJOR, False)])
+def test_sm90_native_stacked_routings(bits, rank, layout_3bit, a_regs):
     """Stacked experts of one bit width: random routings, empty experts, every row on one expert,
     rows past the groups; default config (split-K at decode; magic_bf16 for planar_pairs, f32
-    for planar_nmajor) for each m."""
+    for planar_nmajor) for each m, or A from registers (a_regs)."""
     rng = _rng()
     e, k, n = 8, 1408, 256                    # K = 1408 pads to the planar tile
     parts = [quantized_expert(k, n, bits, 64, rank, rng) for _ in range(e)]
     stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
     gkw = mgpu_sm90.prepare_grouped(stacked, layout_3bit=layout_3bit)
     experts64 = [dense64(p) for p in parts]
-    f = _native_kernel()
+    f = _native_kernel(mgpu_sm90.Config(a_regs=True) if a_regs else None)
     for m in NATIVE_MS:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         for gs in routings(m, e, rng) if m > 3 else [jnp.asarray(np.bincount(rng.integers(0, e, m), minlength=e),

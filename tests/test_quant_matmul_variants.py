@@ -93,24 +93,27 @@ def test_prepare_pairs_rejects_other_bits_and_mismatched_unpack():
         api.matmul(x, layout.prepare(qt), interpret=True, config=mgpu_sm90.Config(unpack="nope"))
 
 
-# (unpack, group, K, M, rank, chunk_slots, k_splits)
+# (unpack, group, K, M, rank, chunk_slots, k_splits, a_regs)
 VARIANT_CASES = [
-    ("bf16", 64, 512, 3, 16, 4, 1),
-    ("magic_bf16", 64, 1024, 3, 16, 4, 2),      # split-K, compensator
-    ("magic_bf16", 128, 640, 1, 0, 8, 1),       # K padded 640 -> 1024, g128
-    ("magic_bf16", None, 320, 16, 0, 2, 1),     # per-channel
-    ("magic_f16", 64, 512, 5, 8, 4, 1),
+    ("bf16", 64, 512, 3, 16, 4, 1, False),
+    ("magic_bf16", 64, 1024, 3, 16, 4, 2, False),      # split-K, compensator
+    ("magic_bf16", 128, 640, 1, 0, 8, 1, False),       # K padded 640 -> 1024, g128
+    ("magic_bf16", None, 320, 16, 0, 2, 1, False),     # per-channel
+    ("magic_f16", 64, 512, 5, 8, 4, 1, False),
+    ("magic_bf16", 64, 1024, 3, 16, 4, 2, True),       # A from registers: split-K, compensator
+    ("magic_bf16", 128, 640, 9, 0, 8, 1, True),        # g128 (one group spans two pair-slots), padded K
+    ("magic_f16", None, 320, 1, 0, 2, 1, True),        # per-channel, f16
 ]
 
 
-@pytest.mark.parametrize("unpack,group_size,k,m,rank,chunk,splits", VARIANT_CASES)
-def test_variant_interpret(unpack, group_size, k, m, rank, chunk, splits):
+@pytest.mark.parametrize("unpack,group_size,k,m,rank,chunk,splits,a_regs", VARIANT_CASES)
+def test_variant_interpret(unpack, group_size, k, m, rank, chunk, splits, a_regs):
     rng = _rng()
     qt = make_weight(k, 64, 3, group_size, rank, rng)
     lay = layout.PAIRS_LAYOUT if unpack.startswith("magic") else layout.LAYOUT
     kw = layout.prepare(qt, layout=lay)
     x = make_x(m, k, rng)
-    cfg = mgpu_sm90.Config(block_m=0, chunk_slots=chunk, k_splits=splits, unpack=unpack)
+    cfg = mgpu_sm90.Config(block_m=0, chunk_slots=chunk, k_splits=splits, unpack=unpack, a_regs=a_regs)
     y = api.matmul(x, kw, interpret=True, config=cfg)
     assert y.shape == (m, 64) and y.dtype == jnp.bfloat16
     err = rel_err(y, ref64(x, qt))
@@ -127,10 +130,19 @@ def test_pairs_default_config_picks_magic():
     assert rel_err(api.matmul(x, kw, interpret=True), ref64(x, qt)) < TOL
 
 
+def test_a_regs_needs_magic_unpack():
+    rng = _rng()
+    qt = make_weight(512, 64, 3, 64, 0, rng)
+    with pytest.raises(ValueError, match="a_regs=True needs a magic"):
+        api.matmul(make_x(2, 512, rng), layout.prepare(qt), interpret=True,
+                   config=mgpu_sm90.Config(unpack="f32", a_regs=True))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
-@pytest.mark.parametrize("unpack", ["bf16", "magic_bf16", "magic_f16"])
-def test_variant_native_gpu(unpack):
+@pytest.mark.parametrize("unpack,a_regs", [("bf16", False), ("magic_bf16", False), ("magic_f16", False),
+                                           ("magic_bf16", True), ("magic_f16", True)])
+def test_variant_native_gpu(unpack, a_regs):
     rng = _rng()
     k, n = 1408, 512
     for group_size, rank, ms in ((64, 0, (1, 16)), (128, 32, (3, 64)), (None, 0, (8,))):
@@ -138,7 +150,7 @@ def test_variant_native_gpu(unpack):
         kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT if unpack.startswith("magic") else layout.LAYOUT)
         for m in ms:
             x = make_x(m, k, rng)
-            cfg = mgpu_sm90.Config(block_m=0, chunk_slots=4, unpack=unpack)
+            cfg = mgpu_sm90.Config(block_m=0, chunk_slots=4, unpack=unpack, a_regs=a_regs)
             assert rel_err(api.matmul(x, kw, impl="kernel", config=cfg), ref64(x, qt)) < TOL, (m, group_size)
 
 
@@ -152,14 +164,15 @@ def _lower_native_for_sm90(kw, m, cfg):
     return f.trace(x, kw).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("unpack", ["magic_bf16", "magic_f16"])
-def test_native_lowering_on_cpu(unpack):
-    """The inline-PTX conversion builds (layout inference, register mapping) for sm90."""
+@pytest.mark.parametrize("unpack,a_regs", [("magic_bf16", False), ("magic_f16", False), ("magic_bf16", True)])
+def test_native_lowering_on_cpu(unpack, a_regs):
+    """The inline-PTX conversion builds (layout inference, register mapping) for sm90, and with
+    a_regs its result is a legal register A operand of wgmma."""
     reason = cuda_lowering_unavailable()
     if reason:
         pytest.skip(reason)
     rng = _rng()
     qt = make_weight(1024, 128, 3, 64, 0, rng)
-    cfg = mgpu_sm90.Config(block_m=0, chunk_slots=4, unpack=unpack)
+    cfg = mgpu_sm90.Config(block_m=0, chunk_slots=4, unpack=unpack, a_regs=a_regs)
     text = _lower_native_for_sm90(layout.prepare(qt, layout=layout.PAIRS_LAYOUT), 3, cfg)
     assert "mosaic_gpu" in text

@@ -40,9 +40,10 @@ from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
-from pallas_kernels.quant_matmul.mgpu_sm90 import (_MAGIC, UNPACKS, _accumulate_and_store, _decode_scratch,
-                                                   _interpret_params, _mma_xt, _pick_splits,
-                                                   _swizzle_transforms, _tiling, _unpack_and_multiply)
+from pallas_kernels.quant_matmul.mgpu_sm90 import (UNPACKS, _accumulate_and_store, _decode_scratch, _interpret_params,
+                                                   _mma_xt, _pick_splits, _split_decode_refs,
+                                                   _swizzle_transforms, _tiling, _unpack_and_multiply,
+                                                   _unpack_plan)
 
 # Kernel layout of 3-bit classes (`prepare_grouped(w, layout_3bit=...)`). "planar_pairs" feeds the
 # magic-number unpack (Config.unpack "magic_bf16", quant_matmul's measured decode default for 3-bit:
@@ -63,6 +64,8 @@ class Config:
     # the planar_pairs classes (2/4/8-bit classes, planar_nmajor only, keep "f32"); a 3-bit class
     # whose layout the named unpack does not read raises ValueError.
     unpack: str = ""
+    # quant_matmul's Config.a_regs: magic_* classes hand A to wgmma from registers.
+    a_regs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,25 +356,18 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     n_blocks = n // bn
     comp = rank_pad > 0
     unpack = cfg.unpack or "f32"
-    if unpack not in UNPACKS:
-        raise ValueError(f"unpack={unpack!r} is not one of {UNPACKS}")
-    pairs = unpack.startswith("magic")
-    if pairs and (bits != 3 or chunk % 2 or slab % 8):
-        raise ValueError(f"unpack={unpack!r} needs 3-bit planar_pairs weights, an even chunk_slots "
-                         f"and a slab multiple of 8 (bits={bits}, chunk_slots={chunk}, slab={slab})")
-    a_dtype = _MAGIC[unpack][0] if pairs else jnp.bfloat16
+    plan = _unpack_plan(unpack, cfg.a_regs and unpack.startswith("magic"), True, bits, chunk, nchunks, slab)
     tr = _swizzle_transforms(slab)
     tr_r = _swizzle_transforms(64)
-    overlap = nchunks % 2 == 0
-    nbuf = 2 if overlap else 1
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def kernel(*refs):
+        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, 7 if comp else 5, comp, plan)
+        counts, codes, scales, zeros, x = ins[:5]
         if comp:
-            counts, codes, scales, zeros, x, xu, v_t, out, a_buf, o_smem, xu_smem, v_smem, bar = refs
-        else:
-            counts, codes, scales, zeros, x, out, a_buf, o_smem = refs
+            xu, v_t = ins[5:]
+            xu_smem, v_smem, bar = comp_refs
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
         ki = lax.axis_index("k")
@@ -387,9 +383,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
             planes = [r[...] for r in step_refs[:wps]]
             s_ref, z_ref, x_ref = step_refs[wps:]
             _unpack_and_multiply(acc_holder[0], a_buf, planes, s_ref, z_ref, x_ref, bits=bits,
-                                 slab=slab, bn=bn, chunk=chunk, nchunks=nchunks, nbuf=nbuf,
-                                 group_rows=group_rows, g_block=g_block, pairs=pairs,
-                                 unpack=unpack, overlap=overlap, interpret=interpret)
+                                 slab=slab, bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
+                                 g_block=g_block, plan=plan, interpret=interpret)
 
         code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (row_block, wps * (s + off) + p)))
                       for p in range(wps)]
@@ -397,7 +392,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
             plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s + off), transforms=tr,
-                            delay_release=1 if overlap else 0),
+                            delay_release=1 if plan.overlap else 0),
         ]
         acc_holder = [None]
 
@@ -411,7 +406,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
             @pl.when(valid)
             def _():
                 plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs,
-                                    max_concurrent_steps=max(cfg.stages, 2 if overlap else 1))(
+                                    max_concurrent_steps=max(cfg.stages, 2 if plan.overlap else 1))(
                     *([codes] * wps), scales, zeros, x)
                 plgpu.wgmma_wait(0)
 
@@ -425,9 +420,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
                               out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
                               bn, mb, interpret)
 
-    scratch = _decode_scratch(nbuf, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
-    if a_dtype != jnp.bfloat16:   # magic_f16: f16 A buffers (x is f16 too)
-        scratch[0] = plgpu.SMEM((nbuf, bn, chunk * slab), a_dtype, transforms=tr)
+    scratch = _decode_scratch(plan, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
                         grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
                         scratch_types=scratch, **_interpret_params(interpret))

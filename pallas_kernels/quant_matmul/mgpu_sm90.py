@@ -40,6 +40,10 @@ class Config:
     # How a slab of codes becomes the bf16 A tile (see UNPACKS). "f32" is the measured default;
     # "magic_*" need weights prepared with layout="planar_pairs" (3-bit).
     unpack: str = "f32"
+    # magic_* only: hand each dequantized pair-slot ([BN, 2 * slab]) to wgmma straight from
+    # registers (WGMMA layout, which the magic conversion already produces) instead of storing the
+    # A tile to swizzled shared memory and reading it back: no A buffers, no commit_smem fence.
+    a_regs: bool = False
 
 
 # Unpack/dequant variants of the decode kernel (issue 6: the unpack chain is the bottleneck).
@@ -231,13 +235,27 @@ def _dequant_pair(planes, jp: int, scales, bn: int, slab: int, unpack: str, inte
 
 
 def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab, bn, chunk,
-                         nchunks, nbuf, group_rows, g_block, pairs, unpack, overlap, interpret):
+                         nchunks, group_rows, g_block, plan: _UnpackPlan, interpret):
     """One pipeline step's work, shared by the dense and the grouped decode kernels: the K tile in
     `nchunks` chunks of `chunk` slabs, each dequantized into the next of `nbuf` A buffers and
     multiplied into acc (acc[BN, MB] += A @ x^T), the MMA of one chunk overlapping the unpack of the
     next when `overlap`. pairs: planar_pairs words (magic unpack, one pair-slot = 2 * slab K rows,
-    the group's scale/offset pairs computed once and reused); otherwise one slab at a time."""
+    the group's scale/offset pairs computed once and reused); otherwise one slab at a time.
+    a_regs (pairs only): A goes to wgmma from registers, one pair-slot per MMA; a_buf is unused."""
+    pairs, unpack, nbuf = plan.pairs, plan.unpack, plan.nbuf
     group_scales = {}                                                   # g -> (s, hi, lo)
+    if plan.a_regs:
+        # One wgmma per pair-slot with A in registers; wgmma_wait(1) keeps one MMA in flight
+        # while the next pair-slot is converted (its A registers stay live until that wait).
+        for jp in range(nchunks * chunk // 2):
+            g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
+            if g not in group_scales:
+                group_scales.clear()
+                group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
+            a = _dequant_pair(planes, jp, group_scales[g], bn, slab, unpack, interpret)
+            _mma_xt(acc, a, x_ref.at[:, pl.ds(jp * 2 * slab, 2 * slab)], interpret, a_value=True)
+            plgpu.wgmma_wait(1)
+        return
     for c in range(nchunks):
         buf = a_buf.at[c % nbuf]
         if pairs:
@@ -257,11 +275,12 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
                                                                slab, unpack)
         plgpu.commit_smem()
         _mma_xt(acc, buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
-        plgpu.wgmma_wait(1 if overlap else 0)
+        plgpu.wgmma_wait(1 if plan.overlap else 0)
 
 
-def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool):
+def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool, a_value: bool = False):
     """acc_ref[P, Q] += a_ref[P, R] @ b_ref[Q, R]^T (b is K-major: read transposed).
+    a_value: a_ref is a register value [P, R] in the WGMMA layout (P = 64), not a ref.
 
     On the GPU this is one asynchronous wgmma into a register accumulator. GPU interpret mode
     (jax 0.10.2) takes neither a transposed wgmma operand nor reads of a REGS accumulator, so
@@ -269,8 +288,9 @@ def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool):
     on the shared-memory operand tiles (everything else in the kernel runs as written).
     """
     if interpret:
+        a = a_ref if a_value else a_ref[...]
         acc_ref[...] = acc_ref[...] + lax.dot_general(
-            a_ref[...], b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            a, b_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     else:
         plgpu.wgmma(acc_ref, a_ref, plgpu.transpose_ref(b_ref, (1, 0)))
 
@@ -337,17 +357,54 @@ def _accumulate_and_store(compute, o_smem, out_tile, bn: int, mb: int, interpret
     plgpu.wait_smem_to_gmem(0)
 
 
-def _decode_scratch(nbuf: int, bn: int, chunk: int, slab: int, mb: int, out_dtype, comp: bool,
+@dataclasses.dataclass(frozen=True)
+class _UnpackPlan:
+    """How a decode kernel turns codes into the wgmma A operand (shared by dense and grouped)."""
+    unpack: str
+    pairs: bool        # planar_pairs words, magic conversion
+    a_regs: bool       # A straight from registers (no A buffers)
+    a_dtype: object    # bf16, or f16 for magic_f16
+    overlap: bool      # one MMA in flight while the next chunk is unpacked
+    nbuf: int          # A buffers in shared memory (0 with a_regs)
+
+
+def _unpack_plan(unpack: str, a_regs: bool, overlap: bool, bits: int, chunk: int, nchunks: int,
+                 slab: int) -> _UnpackPlan:
+    if unpack not in UNPACKS:
+        raise ValueError(f"unpack={unpack!r} is not one of {UNPACKS}")
+    pairs = unpack.startswith("magic")
+    if pairs and (bits != 3 or chunk % 2 or slab % 8):
+        raise ValueError(f"unpack={unpack!r} needs 3-bit planar_pairs weights, an even chunk_slots "
+                         f"and a slab multiple of 8 (bits={bits}, chunk_slots={chunk}, slab={slab})")
+    if a_regs and not pairs:
+        raise ValueError(f"a_regs=True needs a magic_* unpack (got unpack={unpack!r})")
+    # Two alternating A buffers let wgmma of chunk c run while chunk c + 1 is unpacked. The
+    # buffer parity must not repeat across a step boundary, so an odd chunk count waits at the end.
+    # With A in registers there are no buffers: one MMA stays in flight across the step boundary.
+    overlap = a_regs or (overlap and nchunks % 2 == 0)
+    return _UnpackPlan(unpack=unpack, pairs=pairs, a_regs=a_regs,
+                       a_dtype=_MAGIC[unpack][0] if pairs else jnp.bfloat16, overlap=overlap,
+                       nbuf=0 if a_regs else (2 if overlap else 1))
+
+
+def _decode_scratch(plan: _UnpackPlan, bn: int, chunk: int, slab: int, mb: int, out_dtype, comp: bool,
                     rank_pad: int, tr, tr_r) -> list:
-    """SMEM of the decode kernel: the dequantized A buffers, the output tile and, with a
-    compensator, the x @ u tile, the v^T tile and their barrier."""
-    scratch = [plgpu.SMEM((nbuf, bn, chunk * slab), jnp.bfloat16, transforms=tr),
-               plgpu.SMEM((bn, mb), out_dtype)]
+    """SMEM of the decode kernel: the dequantized A buffers (none with A in registers), the output
+    tile and, with a compensator, the x @ u tile, the v^T tile and their barrier."""
+    scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
+    scratch += [plgpu.SMEM((bn, mb), out_dtype)]
     if comp:
         scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.Barrier(num_arrivals=2)]
     return scratch
+
+
+def _split_decode_refs(refs, n_in: int, comp: bool, plan: _UnpackPlan):
+    """(inputs, out, a_buf or None, o_smem, (xu_smem, v_smem, bar) or ()) from a decode kernel's refs."""
+    ins, out, rest = refs[:n_in], refs[n_in], list(refs[n_in + 1:])
+    a_buf = None if plan.a_regs else rest.pop(0)
+    return ins, out, a_buf, rest[0], tuple(rest[1:])
 
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
@@ -370,28 +427,18 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         g_block = tile_rows // group_rows
         scale_index = lambda s: s
     comp = rank_pad > 0
-    unpack = getattr(cfg, "unpack", "f32")
-    if unpack not in UNPACKS:
-        raise ValueError(f"unpack={unpack!r} is not one of {UNPACKS}")
-    pairs = unpack.startswith("magic")
-    if pairs and (bits != 3 or chunk % 2 or slab % 8):
-        raise ValueError(f"unpack={unpack!r} needs 3-bit planar_pairs weights, an even chunk_slots "
-                         f"and a slab multiple of 8 (bits={bits}, chunk_slots={chunk}, slab={slab})")
-    a_dtype = _MAGIC[unpack][0] if pairs else jnp.bfloat16
+    plan = _unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab)
     tr = _swizzle_transforms(slab)
     tr_r = _swizzle_transforms(64)
-    # Two alternating A buffers let wgmma of chunk c run while chunk c + 1 is unpacked. The
-    # buffer parity must not repeat across a step boundary, so an odd chunk count waits at the end.
-    overlap = cfg.overlap and nchunks % 2 == 0
-    nbuf = 2 if overlap else 1
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def kernel(*refs):
+        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, 6 if comp else 4, comp, plan)
+        codes, scales, zeros, x = ins[:4]
         if comp:
-            codes, scales, zeros, x, xu, v_t, out, a_buf, o_smem, xu_smem, v_smem, bar = refs
-        else:
-            codes, scales, zeros, x, out, a_buf, o_smem = refs
+            xu, v_t = ins[4:]
+            xu_smem, v_smem, bar = comp_refs
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
         ki = lax.axis_index("k")
@@ -405,22 +452,21 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             s_ref, z_ref, x_ref = step_refs[wps:]
             planes = [r[...] for r in plane_refs]                       # [BN, slab] uint32
             _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
-                                 bn=bn, chunk=chunk, nchunks=nchunks, nbuf=nbuf,
-                                 group_rows=group_rows, g_block=g_block, pairs=pairs,
-                                 unpack=unpack, overlap=overlap, interpret=interpret)
+                                 bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
+                                 g_block=g_block, plan=plan, interpret=interpret)
 
         code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (ni, wps * (s + off) + p))) for p in range(wps)]
         in_specs = code_specs + [
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s + off), ni)),
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s + off), ni)),
             plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s + off), transforms=tr,
-                            delay_release=1 if overlap else 0),
+                            delay_release=1 if plan.overlap else 0),
         ]
         def compute(acc_ref):
             nonlocal acc
             acc = acc_ref
             plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs,
-                                max_concurrent_steps=max(cfg.stages, 2 if overlap else 1))(
+                                max_concurrent_steps=max(cfg.stages, 2 if plan.overlap else 1))(
                 *([codes] * wps), scales, zeros, x)
             plgpu.wgmma_wait(0)
             if comp:
@@ -433,9 +479,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         _accumulate_and_store(compute, o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
                               bn, mb, interpret)
 
-    scratch = _decode_scratch(nbuf, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
-    if a_dtype != jnp.bfloat16:
-        scratch[0] = plgpu.SMEM((nbuf, bn, chunk * slab), a_dtype, transforms=tr)
+    scratch = _decode_scratch(plan, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, m_pad), out_dtype),
                         grid=(n // bn, m_pad // mb, splits), grid_names=("n", "m", "k"), compiler_params=wg,
                         scratch_types=scratch, **_interpret_params(interpret))
