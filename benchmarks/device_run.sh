@@ -6,6 +6,7 @@
 #   bash benchmarks/device_run.sh qm_rest     # quant_matmul: DeepSeek and 4096^2 shapes (append)
 #   bash benchmarks/device_run.sh moe MODEL   # moe_layer, one model per call, every impl (resumable)
 #   bash benchmarks/device_run.sh regs        # A-from-registers variants + native variant/grouped tests
+#   bash benchmarks/device_run.sh regs2       # the sweep with A in registers + all native tests (-n 4)
 # Needs .whl (carry): hqq (+ termcolor) for the quantize-speed peer, gemlite for quant_matmul's
 # peers, tokamax + qwix (+ deps) for moe_layer's int4 peer. Everything lands in $OUT.
 set -o pipefail
@@ -58,6 +59,13 @@ case "$1" in
       --variants "magic_bf16,regs,regs f16,regs split1,regs split2,regs split7,regs stages3,regs stages4,regs bn128"
     TAIL=30 step native_tests 240 python3 -m pytest tests/test_quant_matmul_variants.py \
       tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider --durations=10
+    ;;
+  regs2)  # unpack/config sweep with A in registers, then every native test in 4 processes (xdist wheel)
+    TAIL=45 step variants 200 python3 -m benchmarks.quant_matmul_variants --shapes 4096x14336,14336x4096 \
+      --budget-s 150
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=30 step native_tests 330 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py -q -m gpu -rfEs -p no:cacheprovider \
+      -n 4 --durations=10
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

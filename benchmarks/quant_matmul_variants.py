@@ -46,28 +46,35 @@ def log(*a):
     print(*a, flush=True)
 
 
-# name -> (unpack, overrides of default_config). Variants without overrides run first on every
-# shape, then the configuration sweep; a time budget (--budget-s) cuts the tail.
+# (name, unpack, overrides of default_config, core). Core variants run first on every shape, then
+# the configuration sweep; a time budget (--budget-s) cuts the tail. default_config has A in
+# registers for the magic unpacks (a_regs); "smem" rows store the A tile to shared memory instead.
+SMEM = {"a_regs": False}
 VARIANTS = [
-    ("f32 (default)", "f32", {}),
-    ("magic_bf16", "magic_bf16", {}),
-    ("magic_f16", "magic_f16", {}),
-    ("bf16 (jnp)", "bf16", {}),
-    ("magic_bf16 split1", "magic_bf16", dict(k_splits=1)),
-    ("magic_bf16 split2", "magic_bf16", dict(k_splits=2)),
-    ("magic_bf16 chunk8", "magic_bf16", dict(chunk_slots=8)),
-    ("magic_bf16 stages3", "magic_bf16", dict(stages=3)),
-    ("magic_bf16 bn128", "magic_bf16", dict(block_n=128)),
-    ("magic_bf16 chunk2", "magic_bf16", dict(chunk_slots=2)),
-    # A from registers (Config.a_regs): no A tile in shared memory
-    ("regs", "magic_bf16", dict(a_regs=True)),
-    ("regs f16", "magic_f16", dict(a_regs=True)),
-    ("regs split1", "magic_bf16", dict(a_regs=True, k_splits=1)),
-    ("regs split2", "magic_bf16", dict(a_regs=True, k_splits=2)),
-    ("regs split7", "magic_bf16", dict(a_regs=True, k_splits=7)),
-    ("regs stages3", "magic_bf16", dict(a_regs=True, stages=3)),
-    ("regs stages4", "magic_bf16", dict(a_regs=True, stages=4)),
-    ("regs bn128", "magic_bf16", dict(a_regs=True, block_n=128)),
+    ("f32", "f32", {}, True),
+    ("magic_bf16 smem", "magic_bf16", SMEM, True),
+    ("regs", "magic_bf16", {}, True),
+    ("regs f16", "magic_f16", {}, True),
+    ("bf16 (jnp)", "bf16", {}, True),
+    ("magic_f16 smem", "magic_f16", SMEM, False),
+    ("magic_bf16 smem split1", "magic_bf16", dict(SMEM, k_splits=1), False),
+    ("magic_bf16 smem split2", "magic_bf16", dict(SMEM, k_splits=2), False),
+    ("magic_bf16 smem chunk8", "magic_bf16", dict(SMEM, chunk_slots=8), False),
+    ("magic_bf16 smem stages3", "magic_bf16", dict(SMEM, stages=3), False),
+    ("magic_bf16 smem bn128", "magic_bf16", dict(SMEM, block_n=128), False),
+    ("magic_bf16 smem chunk2", "magic_bf16", dict(SMEM, chunk_slots=2), False),
+    # A from registers: chunk_slots // 2 pair-slots per wgmma (chunk 2 = one per MMA)
+    ("regs c2", "magic_bf16", dict(chunk_slots=2), False),
+    ("regs c8", "magic_bf16", dict(chunk_slots=8), False),
+    ("regs c16", "magic_bf16", dict(chunk_slots=16), False),
+    ("regs split1", "magic_bf16", dict(k_splits=1), False),
+    ("regs split2", "magic_bf16", dict(k_splits=2), False),
+    ("regs split8", "magic_bf16", dict(k_splits=8), False),
+    ("regs split8 c8", "magic_bf16", dict(k_splits=8, chunk_slots=8), False),
+    ("regs split2 c8", "magic_bf16", dict(k_splits=2, chunk_slots=8), False),
+    ("regs stages3", "magic_bf16", dict(stages=3), False),
+    ("regs bn128", "magic_bf16", dict(block_n=128), False),
+    ("regs f16 c8", "magic_f16", dict(chunk_slots=8), False),
 ]
 
 
@@ -122,7 +129,7 @@ def run_shape(k, n, ms, group_size, variants, ceil, results, t0, budget_s):
     for m in ms:
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
         byts = wbytes + m * k * 2 + m * n * 2
-        for name, unpack, over in variants:
+        for name, unpack, over, _ in variants:
             rec = dict(variant=name, unpack=unpack, shape=[k, n], m=m, bits=3, group_size=group_size)
             if time.time() - t0 > budget_s:
                 rec["skipped"] = f"time budget {budget_s:.0f} s spent"
@@ -186,8 +193,8 @@ def main(argv=None):
         variants = [v for v in VARIANTS if v[0] in names]
     if args.cpu_smoke:  # interpret mode is slow: one row of each kind of variant
         args.budget_s = 1e9
-        variants = [v for v in variants if v[0] in ("f32 (default)", "magic_bf16", "magic_f16", "bf16 (jnp)",
-                                                    "magic_bf16 split2", "regs", "regs split2")]
+        variants = [v for v in variants if v[0] in ("f32", "magic_bf16 smem", "regs", "regs f16", "bf16 (jnp)",
+                                                    "regs split2", "regs c8")]
     dev = jax.devices()[0]
     log("jax", jax.__version__, dev.device_kind, "inline_mgpu:", hasattr(__import__(
         "jax.experimental.pallas.mosaic_gpu", fromlist=["x"]), "inline_mgpu"))
@@ -204,8 +211,8 @@ def main(argv=None):
             json.dump(meta, fh, indent=1)
 
     # phase 1: the unpack variants on every shape; phase 2: the configuration sweep (cut first)
-    core = [v for v in variants if not v[2]]
-    sweep = [v for v in variants if v[2]]
+    core = [v for v in variants if v[3]]
+    sweep = [v for v in variants if not v[3]]
     for phase in (core, sweep):
         for k, n in shapes:
             if phase:

@@ -242,8 +242,9 @@ def default_config(m: int, c: ExpertClass) -> Config:
     blocks = min(-(-m // mb) + len(c.experts), max(1, m))
     splits = _pick_splits(steps, (c.n // 64) * blocks)
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
+    unpack = class_unpack("", c)
     return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
-                  unpack=class_unpack("", c))
+                  unpack=unpack, a_regs=unpack.startswith("magic"))
 
 
 def class_unpack(requested: str, c: ExpertClass) -> str:

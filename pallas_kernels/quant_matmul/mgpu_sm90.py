@@ -84,8 +84,11 @@ def default_config(m: int, kw: KernelWeights) -> Config:
     splits = _pick_splits(steps, (kw.n // 64) * m_blocks)
     if splits > 1:
         chunk = max(1, min(per, 64 // kw.slab))   # smaller A buffers: more CTAs per SM (measured best)
-    unpack = "magic_bf16" if kw.layout == layout.PAIRS_LAYOUT else "f32"
-    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits, unpack=unpack)
+    pairs = kw.layout == layout.PAIRS_LAYOUT
+    # A from registers with the magic unpack: 17.7 us against 24.0 us through shared memory
+    # (4096 x 14336, M=1, H100, 2026-11-23, benchmarks/results/quant_matmul_variants.md)
+    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
+                  unpack="magic_bf16" if pairs else "f32", a_regs=pairs)
 
 
 def _unpack_slot(planes, bits: int, j: int):
@@ -138,14 +141,15 @@ def _pair_words(planes, jp: int):
                        " shr.b32 u, $3, 13; and.b32 u, u, 0x00040004; or.b32 t, t, u;")
 
 
-def _magic_pair_native(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpack: str):
-    """Pair-slot jp of a "planar_pairs" tile -> [BN, 2 * slab] A-dtype values through inline PTX.
+def _magic_pairs_native(planes, jps, scale_list, bn: int, slab: int, unpack: str):
+    """Pair-slots `jps` of a "planar_pairs" tile -> [BN, 2 * slab * len(jps)] A-dtype values (pair-slot
+    i in columns 2*slab*i ...) through inline PTX, one register array ready for wgmma or a store.
 
-    planes: [BN, slab] uint32 arrays; s2, hi2, lo2: [BN, 2 * slab] scale and the two parts of
-    -(base + zero) * scale, in the A dtype.
+    planes: [BN, slab] uint32 arrays; scale_list[i] = (s2, hi2, lo2) of pair-slot i: [BN, 2 * slab]
+    scale and the two parts of -(base + zero) * scale, in the A dtype.
     Inside inline_mgpu every array is in Mosaic's WGMMA layout: a lane's vector<2 x i32> of u32
     column tile t holds words 8t + 2l and 8t + 2l + 1, which by the layout's word order are the
-    lane's bf16x2 registers of column tiles 2t and 2t + 1 of the result (layout.pair_row).
+    lane's bf16x2 registers of column tiles 2t and 2t + 1 of the pair-slot's result (layout.pair_row).
     """
     import numpy as np
     from jax._src.lib.mlir import ir
@@ -154,46 +158,56 @@ def _magic_pair_native(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpack
     from jax.experimental.mosaic.gpu import utils as mgu
 
     dt, magic, _, one, ptx_ty = _MAGIC[unpack]
-    idx_planes, extract = _pair_words(planes, jp)
-    used = [planes[p] for p in idx_planes]
     wgmma = plgpu.Layout.WGMMA
+    flat, spans, extracts = [], [], []       # flat args; per pair-slot (first, n words) in flat; PTX
+    for jp, sc in zip(jps, scale_list):
+        idx_planes, extract = _pair_words(planes, jp)
+        spans.append((len(flat), len(idx_planes)))
+        extracts.append(extract)
+        flat += [planes[i] for i in idx_planes] + list(sc)
+    npair = len(jps)
 
-    @plgpu.inline_mgpu(arg_types=(tuple(wgmma for _ in used), wgmma, wgmma, wgmma),
-                       return_type=plgpu.ShapeDtypeStruct((bn, 2 * slab), dt, layout=wgmma))
-    def convert(ctx, words, s_fa, hi_fa, lo_fa):
+    @plgpu.inline_mgpu(arg_types=tuple(wgmma for _ in flat),
+                       return_type=plgpu.ShapeDtypeStruct((bn, 2 * slab * npair), dt, layout=wgmma))
+    def convert(ctx, *fas):
         del ctx
         i32 = ir.IntegerType.get_signless(32)
-        out_shape = s_fa.registers.shape
-        for w in words:
-            ws = w.registers.shape
-            if len(ws) != len(out_shape) or ws[1] * 2 != out_shape[1] or any(
-                    a != b for d, (a, b) in enumerate(zip(ws, out_shape)) if d != 1):
-                raise ValueError(f"magic unpack: code words with register grid {ws} do not pair with the "
-                                 f"output grid {out_shape} (one output register = two code halves)")
-        n_in = len(words)
+        pair_shape = fas[spans[0][0] + spans[0][1]].registers.shape       # one pair-slot's output grid
+        cols = pair_shape[1]
+        out_shape = (pair_shape[0], cols * npair) + tuple(pair_shape[2:])
         regs = np.empty(out_shape, dtype=object)
-        for idx in np.ndindex(*out_shape):
-            src = (idx[0], idx[1] // 2) + tuple(idx[2:])
-            ins = [vector.extract(w.registers[src], dynamic_position=[],
-                                  static_position=ir.DenseI64ArrayAttr.get([idx[1] % 2])) for w in words]
-            sreg = mgu.bitcast(s_fa.registers[idx], i32)
-            hreg = mgu.bitcast(hi_fa.registers[idx], i32)
-            lreg = mgu.bitcast(lo_fa.registers[idx], i32)
-            si, hi, lo = (f"${n_in + 1 + i}" for i in range(3))
-            asm = ("{ .reg .b32 t, u, c1; " + extract +
-                   f" lop3.b32 t, t, 0x00070007, {hex(magic)}, 0xea;"      # (t & 0x70007) | magic
-                   f" mov.b32 c1, {hex(one)};"
-                   f" fma.rn.{ptx_ty} t, t, {si}, {hi};"                   # (base + c) * s + hi
-                   f" fma.rn.{ptx_ty} $0, t, c1, {lo}; }}")                # + lo
-            r = llvm.inline_asm(i32, [*ins, sreg, hreg, lreg], asm, "=r" + ",r" * (n_in + 3))
-            regs[idx] = mgu.bitcast(r, s_fa.registers[idx].type)
-        return mgpu.FragmentedArray(_registers=regs, _layout=s_fa.layout, _is_signed=None)
+        for p, ((first, n_in), extract) in enumerate(zip(spans, extracts)):
+            words = fas[first:first + n_in]
+            s_fa, hi_fa, lo_fa = fas[first + n_in:first + n_in + 3]
+            for w in words:
+                ws = w.registers.shape
+                if len(ws) != len(pair_shape) or ws[1] * 2 != cols or any(
+                        a != b for d, (a, b) in enumerate(zip(ws, pair_shape)) if d != 1):
+                    raise ValueError(f"magic unpack: code words with register grid {ws} do not pair with the "
+                                     f"output grid {pair_shape} (one output register = two code halves)")
+            for idx in np.ndindex(*pair_shape):
+                src = (idx[0], idx[1] // 2) + tuple(idx[2:])
+                ins = [vector.extract(w.registers[src], dynamic_position=[],
+                                      static_position=ir.DenseI64ArrayAttr.get([idx[1] % 2])) for w in words]
+                sreg = mgu.bitcast(s_fa.registers[idx], i32)
+                hreg = mgu.bitcast(hi_fa.registers[idx], i32)
+                lreg = mgu.bitcast(lo_fa.registers[idx], i32)
+                si, hi, lo = (f"${n_in + 1 + i}" for i in range(3))
+                asm = ("{ .reg .b32 t, u, c1; " + extract +
+                       f" lop3.b32 t, t, 0x00070007, {hex(magic)}, 0xea;"      # (t & 0x70007) | magic
+                       f" mov.b32 c1, {hex(one)};"
+                       f" fma.rn.{ptx_ty} t, t, {si}, {hi};"                   # (base + c) * s + hi
+                       f" fma.rn.{ptx_ty} $0, t, c1, {lo}; }}")                # + lo
+                r = llvm.inline_asm(i32, [*ins, sreg, hreg, lreg], asm, "=r" + ",r" * (n_in + 3))
+                regs[(idx[0], p * cols + idx[1]) + tuple(idx[2:])] = mgu.bitcast(r, s_fa.registers[idx].type)
+        return mgpu.FragmentedArray(_registers=regs, _layout=fas[spans[0][0] + spans[0][1]].layout,
+                                    _is_signed=None)
 
-    return convert(tuple(used), s2, hi2, lo2)
+    return convert(*flat)
 
 
 def _magic_pair_emulated(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpack: str):
-    """jnp twin of `_magic_pair_native` for interpret mode: same codes, same roundings.
+    """jnp twin of `_magic_pairs_native` (one pair-slot) for interpret mode: same codes, same roundings.
 
     The emulation interleaves the low/high codes with a stack + reshape, which only interprets
     (interleaving does not lower on Mosaic GPU; the native path needs no data movement)."""
@@ -228,10 +242,13 @@ def _pair_scales(s_ref, z_ref, g: int, bn: int, slab: int, unpack: str):
     return wide(s16), wide(hi), wide(lo)
 
 
-def _dequant_pair(planes, jp: int, scales, bn: int, slab: int, unpack: str, interpret: bool):
-    """Pair-slot jp (two slabs, 2 * slab K rows) of a "planar_pairs" tile -> [BN, 2 * slab] A dtype."""
-    f = _magic_pair_emulated if interpret else _magic_pair_native
-    return f(planes, jp, *scales, bn, slab, unpack)
+def _dequant_pairs(planes, jps, scale_list, bn: int, slab: int, unpack: str, interpret: bool):
+    """Pair-slots jps (two slabs, 2 * slab K rows each) of a "planar_pairs" tile, side by side ->
+    [BN, 2 * slab * len(jps)] A dtype; scale_list[i]: pair-slot i's (s, hi, lo) from _pair_scales."""
+    if interpret:
+        parts = [_magic_pair_emulated(planes, jp, *sc, bn, slab, unpack) for jp, sc in zip(jps, scale_list)]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    return _magic_pairs_native(planes, jps, scale_list, bn, slab, unpack)
 
 
 def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab, bn, chunk,
@@ -244,16 +261,22 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
     a_regs (pairs only): A goes to wgmma from registers, one pair-slot per MMA; a_buf is unused."""
     pairs, unpack, nbuf = plan.pairs, plan.unpack, plan.nbuf
     group_scales = {}                                                   # g -> (s, hi, lo)
+    def scales_of(jp):
+        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
+        if g not in group_scales:
+            group_scales.clear()                                        # one group live at a time
+            group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
+        return group_scales[g]
+
     if plan.a_regs:
-        # One wgmma per pair-slot with A in registers; wgmma_wait(1) keeps one MMA in flight
-        # while the next pair-slot is converted (its A registers stay live until that wait).
-        for jp in range(nchunks * chunk // 2):
-            g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
-            if g not in group_scales:
-                group_scales.clear()
-                group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
-            a = _dequant_pair(planes, jp, group_scales[g], bn, slab, unpack, interpret)
-            _mma_xt(acc, a, x_ref.at[:, pl.ds(jp * 2 * slab, 2 * slab)], interpret, a_value=True)
+        # One wgmma per chunk (chunk // 2 pair-slots, converted side by side into one register
+        # array); wgmma_wait(1) keeps one MMA in flight while the next chunk is converted (its A
+        # registers stay live until that wait). Fewer, wider MMAs: fewer fences and waits.
+        npc = chunk // 2
+        for c in range(nchunks):
+            jps = list(range(c * npc, (c + 1) * npc))
+            a = _dequant_pairs(planes, jps, [scales_of(jp) for jp in jps], bn, slab, unpack, interpret)
+            _mma_xt(acc, a, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret, a_value=True)
             plgpu.wgmma_wait(1)
         return
     for c in range(nchunks):
@@ -261,12 +284,8 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
         if pairs:
             for jj in range(chunk // 2):
                 jp = c * chunk // 2 + jj                                # pair-slot: 2 * slab rows
-                g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
-                if g not in group_scales:
-                    group_scales.clear()                                # one group live at a time
-                    group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
-                buf[:, pl.ds(jj * 2 * slab, 2 * slab)] = _dequant_pair(
-                    planes, jp, group_scales[g], bn, slab, unpack, interpret)
+                buf[:, pl.ds(jj * 2 * slab, 2 * slab)] = _dequant_pairs(
+                    planes, [jp], [scales_of(jp)], bn, slab, unpack, interpret)
         else:
             for jj in range(chunk):
                 j = c * chunk + jj
