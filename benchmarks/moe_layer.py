@@ -16,7 +16,10 @@ SiLU(gate)*up, combine back to tokens, plus the shared expert(s). Impls:
 - bf16_kernel       the bf16 experts through the grouped Mosaic GPU kernel (reads active experts only)
 - q3_grouped        uniform 3-bit g64 stacked QuantizedTensor through grouped_matmul (auto:
                     dequantize + ragged_dot); shared expert 3-bit through models.linear
-- q3_model          the same weights through StackedExperts (gather path at decode)
+- q3_model          the same weights through StackedExperts as the model runs them after loading:
+                    on the GPU prepared once by milo_jax.prepare_for_kernels' per-weight step
+                    (experts -> grouped kernel layout, so the grouped kernel at every token count;
+                    shared expert -> quant_matmul's layout); on CPU unprepared (gather path at decode)
 - q3_kernel         the same through the grouped Mosaic GPU kernel (impl="kernel")
 - mixed234_grouped  per-expert 2/3/4-bit lists (gate/up and down with different assignments)
 - mixed234_kernel   the same through the kernel (one launch per bit-width class)
@@ -293,6 +296,13 @@ def impl_fn(impl, num_experts, interpret):
     raise ValueError(impl)
 
 
+def prepare_as_loader(layer):
+    """Every quantized weight of the layer as milo_jax.prepare_for_kernels leaves it (what `milo-jax
+    generate/eval` do at load time on Hopper)."""
+    from milo_jax.models.kernel_weights import prepare_weight
+    return jax.tree_util.tree_map(prepare_weight, layer, is_leaf=lambda v: isinstance(v, QuantizedTensor))
+
+
 def prepare_for_kernel(layer):
     """Repack routed-expert weights once into the kernel layout (as a loader would)."""
     from pallas_kernels.grouped_matmul import mgpu_sm90
@@ -386,6 +396,8 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                     sets = [make_layer(jax.random.key(1000 * r + 7), m, kind) for r in range(reps)]
                     if "kernel" in impl:
                         sets = [prepare_for_kernel(s) for s in sets]
+                    elif impl == "q3_model" and not ON_CPU:
+                        sets = [prepare_as_loader(s) for s in sets]
                     layers[key] = jax.block_until_ready(sets)
                 sets = layers[key]
                 state["stage"] = "compile+run"

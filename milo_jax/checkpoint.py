@@ -80,10 +80,11 @@ def _encode_factor(f, arrays: dict):
 
 def encode_value(value, arrays: dict) -> dict:
     """A parameter value (array or QuantizedTensor) -> JSON metadata; arrays go into `arrays`."""
-    from pallas_kernels.quant_matmul.layout import KernelWeights   # here: pallas_kernels imports milo_jax
+    from pallas_kernels.grouped_matmul.mgpu_sm90 import GroupedKernelWeights   # here: pallas_kernels
+    from pallas_kernels.quant_matmul.layout import KernelWeights               # imports milo_jax
 
-    if isinstance(value, KernelWeights):
-        raise ValueError("cannot save a model prepared for the GPU kernels (KernelWeights leaves, "
+    if isinstance(value, (KernelWeights, GroupedKernelWeights)):
+        raise ValueError(f"cannot save a model prepared for the GPU kernels ({type(value).__name__} leaves, "
                          "milo_jax.prepare_for_kernels): save the model before preparing it")
     if isinstance(value, QuantizedTensor):
         return {"kind": "quantized", "static": _static_fields(value),

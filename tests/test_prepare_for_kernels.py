@@ -1,5 +1,6 @@
 """milo_jax.prepare_for_kernels: 2-D QuantizedTensors become KernelWeights in the layout
-quant_matmul's decode kernel reads, everything else stays; the prepared model gives the logits,
+quant_matmul's decode kernel reads, quantized routed experts GroupedKernelWeights (grouped_matmul's
+layout), everything else stays; the prepared model gives the logits,
 generations and perplexity of the unprepared one; idempotent; bad input is a ValueError."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from milo_jax.models.kernel_weights import prepare_for_kernels_on_gpu
 from milo_jax.models.linear import linear
 from milo_jax.quant.compensator import QuantizedFactor
 from milo_jax.quant.model import split_params
+from pallas_kernels.grouped_matmul.mgpu_sm90 import GroupedKernelWeights
 from pallas_kernels.quant_matmul import KernelWeights
 from pallas_kernels.quant_matmul.layout import LAYOUT, PAIRS_LAYOUT
 
@@ -80,14 +82,20 @@ def test_leaves_are_kernel_weights_in_the_kernel_layout(models):
             if v.u is not None:
                 assert w.rank == v.rank, name
                 seen["compensated"] += 1
+        elif isinstance(v, QuantizedTensor) and v.ndim == 3:      # routed experts: grouped kernel layout
+            assert isinstance(w, GroupedKernelWeights), name
+            assert w.shape == v.shape, name
+            assert [c.bits for c in w.classes] == [v.bits] and w.classes[0].experts == tuple(range(v.shape[0]))
+            assert w.classes[0].layout == (PAIRS_LAYOUT if v.bits == 3 else LAYOUT), name
+            seen["experts"] += 1
         else:
             assert _same(w, v), f"{name}: {type(v).__name__} should have been left as it is"
             if isinstance(v, QuantizedTensor):
-                seen["refused" if v.ndim == 2 else "experts"] += 1
+                seen["refused"] += 1
         # the input model is not modified
         assert not isinstance(v, KernelWeights), name
     # q/o of 2 layers, shared gate/up/down, dense gate/up: 3-bit; dense down: 4-bit;
-    # k/v of 2 layers (N = 32) refused; 3 stacked expert tensors left for grouped_matmul
+    # k/v of 2 layers (N = 32) refused; 3 stacked expert tensors in the grouped kernel's layout
     assert seen == {"pairs": 9, "nmajor": 1, "refused": 4, "experts": 3, "compensated": 2}, seen
 
 
@@ -149,8 +157,17 @@ def test_params_dict_and_float32_activations():
     out = prepare_for_kernels(params)
     assert isinstance(out["a"]["w"], KernelWeights) and out["a"]["w"].layout == PAIRS_LAYOUT
     assert isinstance(out["c"], KernelWeights) and out["c"].layout == LAYOUT
-    assert out["a"]["b"] is bias and out["d"] is narrow and out["e"] is params["e"]
+    assert out["a"]["b"] is bias and out["d"] is narrow
     assert isinstance(params["c"], QuantizedTensor)          # input untouched
+    # a per-expert tuple of QuantizedTensors: routed experts in the grouped kernel layout, same product
+    from pallas_kernels.grouped_matmul.api import grouped_matmul
+    assert isinstance(out["e"], GroupedKernelWeights) and out["e"].shape == (2, 128, 64)
+    assert isinstance(params["e"], tuple)
+    xs = jax.random.normal(jax.random.fold_in(key, 3), (5, 128), jnp.float32).astype(jnp.bfloat16)
+    gs = jnp.asarray([2, 3], jnp.int32)
+    want = np.asarray(grouped_matmul(xs, list(params["e"]), gs).astype(jnp.float32))
+    got = np.asarray(grouped_matmul(xs, out["e"], gs).astype(jnp.float32))
+    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max(), rtol=2e-2)
     # float32 activations keep the exact float32 product of the unprepared weight
     x = jax.random.normal(jax.random.fold_in(key, 2), (3, 128), jnp.float32)
     for qt, kw in ((qt3, out["a"]["w"]), (qt4, out["c"])):
@@ -210,3 +227,7 @@ def test_saving_a_prepared_model_is_refused(tmp_path):
     kw = layout.prepare(quantize_tensor(w, bits=4, group_size=64))
     with pytest.raises(ValueError, match="save the model before preparing"):
         encode_value(kw, {})
+    from pallas_kernels.grouped_matmul.mgpu_sm90 import prepare_grouped
+    gkw = prepare_grouped([quantize_tensor(w, bits=3, group_size=64)] * 2)
+    with pytest.raises(ValueError, match="GroupedKernelWeights leaves"):
+        encode_value(gkw, {})

@@ -13,13 +13,19 @@ kernel-ready words.
 What is replaced: every parameter whose value is a 2-D QuantizedTensor [K, N] that `prepare`
 accepts, in the layout `quant_matmul.matmul`'s decode kernel reads (`api._kernel_layout`:
 "planar_pairs" for 3-bit, "planar_nmajor" otherwise; the prefill path dequantizes either layout).
+Routed experts: a stacked QuantizedTensor [E, K, N], or a per-expert tuple holding at least one
+QuantizedTensor (mixed precision), becomes `GroupedKernelWeights` (`grouped_matmul.mgpu_sm90.
+prepare_grouped`: one stacked class per bit width, 3-bit in "planar_pairs"). `models.moe` then
+always takes the grouped path (sorted rows, one grouped matmul per projection), which on an sm90
+GPU is the grouped Mosaic kernel: it reads only the experts that have tokens, so it replaces the
+decode gather path too (Mixtral FFN, 3-bit g64, 1 token: 128 us against 1087 us for the gather
+path, H100, 2026-11-23, benchmarks/results/moe_layer.md).
 What stays as it is:
-  * tensors `prepare` refuses (N not a multiple of 64, compensator rank > 128, group sizes the
-    kernel cannot tile, non-planar layouts): `matmul` sends them to its jnp reference anyway;
-  * stacked expert weights [E, K, N] and per-expert tuples: `models.moe` runs them through
-    `pallas_kernels.grouped_matmul`, whose prepared form (`mgpu_sm90.prepare_grouped`) is not
-    picked automatically yet and would turn off the MoE gather path used for decode;
-  * plain arrays, and weights already in a kernel layout (so a second call changes nothing).
+  * tensors `prepare` / `prepare_grouped` refuse (N not a multiple of 64, compensator rank > 128,
+    group sizes the kernel cannot tile, non-planar layouts): the matmuls send them to their jnp
+    references anyway;
+  * plain arrays (bf16 experts included), and weights already in a kernel layout (so a second
+    call changes nothing).
 
 On CPU the prepared weights run the reference `_dequant_dot` (same math as for a QuantizedTensor)
 but hold K padded to a whole tile, so there is nothing to gain: `prepare_for_kernels_on_gpu` prepares
@@ -48,9 +54,22 @@ def kernel_layout_for(qt: QuantizedTensor) -> str:
     return quant_matmul_api._kernel_layout(qt, "kernel", None)
 
 
+def _is_quantized_experts(value) -> bool:
+    if isinstance(value, QuantizedTensor):
+        return value.ndim == 3
+    return isinstance(value, (tuple, list)) and any(isinstance(p, QuantizedTensor) for p in value)
+
+
 def prepare_weight(value):
-    """One parameter value -> its KernelWeights, or the value unchanged when it is not a 2-D
-    QuantizedTensor that the dense kernel can take (see the module docstring)."""
+    """One parameter value -> its KernelWeights (2-D QuantizedTensor) or GroupedKernelWeights
+    (quantized routed experts), or the value unchanged when the kernels cannot take it (see the
+    module docstring)."""
+    if _is_quantized_experts(value):
+        from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped
+        try:
+            return grouped.prepare_grouped(list(value) if isinstance(value, tuple) else value)
+        except ValueError:  # the grouped kernel cannot tile it: grouped_matmul's reference takes it
+            return value
     if not isinstance(value, QuantizedTensor) or value.ndim != 2:
         return value
     try:

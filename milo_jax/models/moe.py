@@ -87,8 +87,10 @@ class StackedExperts(nnx.Module):
       inverse permutation and combined with the routing weights (no scatter-add: deterministic).
     * gather path (decode): when T * k < gather_below (default E) and the weights are stacked (not a
       per-expert tuple), each pair gathers its expert's weights and multiplies them: it reads only the
-      T*k selected experts' weights, while the grouped reference dequantizes all E (the grouped Mosaic
-      kernel, once measured, skips experts without tokens and may take this over).
+      T*k selected experts' weights, while the grouped reference dequantizes all E. Experts prepared
+      for the GPU (`milo_jax.prepare_for_kernels`: GroupedKernelWeights) always take the grouped path:
+      on Hopper that is the grouped Mosaic kernel, which reads only the experts with tokens (Mixtral
+      FFN 3-bit, 1 token: 128 us against 1087 us for the gather path, H100, 2026-11-23).
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu", *,

@@ -16,9 +16,13 @@ Backends (impl):
   own: the kernel's bf16 path is milo-jax's replacement for ragged_dot, which reads every expert);
   interpret=True runs it in GPU interpret mode on CPU. Pass `mgpu_sm90.prepare_grouped(w)` (repack
   once at load time); raw weights are repacked inside every call.
-- None (auto): "reference" everywhere for now. The kernel is interpret-tested but NOT measured on a
-  GPU yet, so (like quant_matmul's mgpu_dequant_dot) it is never picked automatically; flip
-  `AUTO_KERNEL` after benchmarks.moe_layer shows where it wins.
+- None (auto): "kernel" on an sm90 GPU when any expert is quantized (QuantizedTensor, a list holding
+  one, or prepared GroupedKernelWeights), "reference" otherwise. Measured (H100, 2026-11-23,
+  benchmarks/results/moe_layer.md, Mixtral FFN 3-bit g64): the kernel beats the quantized reference
+  (dequantize every expert + ragged_dot) at every token count, 128 us vs 7658 us at 1 token and
+  21.4 ms vs 34.7 ms at 4096. Plain bf16 experts stay on ragged_dot: the kernel's bf16 path won at
+  1, 512 and 4096 tokens but lost at 16 and 64 (0.87-0.89x) on Mixtral. Weights the kernel cannot
+  take (N not a multiple of 64, tiles it cannot form) fall back to the reference in auto mode.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import jax
 
 from pallas_kernels.grouped_matmul import reference
 
-# Set True once benchmarks/moe_layer.py has shown the kernel ahead on the GPU (see NOTES.md).
-AUTO_KERNEL = False
+# Auto mode sends quantized experts to the kernel on sm90 (measured ahead: see the docstring).
+AUTO_KERNEL = True
 
 
 def _on_sm90() -> bool:
@@ -40,6 +44,18 @@ def _on_sm90() -> bool:
     return dev.platform == "gpu" and cc is not None and str(cc).startswith("9")
 
 
+def _holds_quantized(w) -> bool:
+    """Whether any expert of w is quantized (stacked QuantizedTensor, a list holding one, or weights
+    already in the kernel layout with a quantized class)."""
+    from milo_jax.quant.tensor import QuantizedTensor
+    if isinstance(w, QuantizedTensor):
+        return True
+    if isinstance(w, (list, tuple)):
+        return any(isinstance(p, QuantizedTensor) for p in w)
+    classes = getattr(w, "classes", None)        # GroupedKernelWeights
+    return classes is not None and any(getattr(c, "codes", None) is not None for c in classes)
+
+
 def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array, *, interpret: bool | None = None,
                    impl: str | None = None, config=None) -> jax.Array:
     """x [M, K] (rows sorted by expert) -> [M, N] in x.dtype; see the module docstring."""
@@ -47,8 +63,12 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array, *, interpret: bool |
     if impl is None:
         if interpret:
             impl = "kernel"
-        elif AUTO_KERNEL and _on_sm90():
-            impl = "kernel"
+        elif AUTO_KERNEL and _holds_quantized(w) and _on_sm90():
+            from pallas_kernels.grouped_matmul import mgpu_sm90
+            try:   # shape checks run while tracing: weights the kernel cannot tile take the reference
+                return mgpu_sm90.grouped_matmul_mgpu(x, w, group_sizes, config=config)
+            except ValueError:
+                impl = "reference"
         else:
             impl = "reference"
     if impl == "reference":
