@@ -7,6 +7,7 @@
 #   bash benchmarks/device_run.sh moe MODEL   # moe_layer, one model per call, every impl (resumable)
 #   bash benchmarks/device_run.sh regs        # A-from-registers variants + native variant/grouped tests
 #   bash benchmarks/device_run.sh regs2       # the sweep with A in registers + all native tests (-n 4)
+#   bash benchmarks/device_run.sh final       # quant_matmul table (4 shapes) + Mixtral model path
 # Needs .whl (carry): hqq (+ termcolor) for the quantize-speed peer, gemlite for quant_matmul's
 # peers, tokamax + qwix (+ deps) for moe_layer's int4 peer. Everything lands in $OUT.
 set -o pipefail
@@ -66,6 +67,13 @@ case "$1" in
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=30 step native_tests 330 python3 -m pytest tests/test_grouped_matmul.py \
       tests/test_quant_matmul.py tests/test_quant_matmul_variants.py -q -m gpu -rfEs -p no:cacheprovider \
       -n 4 --durations=10
+    ;;
+  final)  # issue 6's table with A in registers (4 shapes, peers without gemlite), then the model path on Mixtral
+    TAIL=30 step quant_matmul 320 python3 -m benchmarks.quant_matmul \
+      --shapes 4096x14336,2048x1408,1408x2048,4096x4096 --peers torch_int4_g64,torch_int4_g128 \
+      --out "$OUT/quant_matmul_regs.json"
+    TAIL=25 step moe_layer 190 python3 -m benchmarks.moe_layer --models mixtral-8x7b \
+      --impls ragged_dot_bf16,q3_model,q3_kernel --tokens 1,16,4096 --budget-s 150 --out "$OUT/moe_layer_model.json"
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
