@@ -48,7 +48,9 @@ def log(*a):
 
 # ---------------------------------------------------------------------------------------- data
 def random_kernel_weights(key, k, n, bits, group_size, rank):
-    """Random codes (uniform), scales ~ U(0.005, 0.02), zeros ~ U(0, 2^bits - 1) in the kernel layout."""
+    """Random codes (uniform), scales ~ U(0.005, 0.02), zeros ~ U(0, 2^bits - 1) in the kernel layout
+    that api.matmul picks for a QuantizedTensor of this width ("planar_pairs" for 3-bit: the magic
+    unpack with A in registers; random words are valid codes in either layout)."""
     slab = layout.kernel_slab(bits)
     tile = packing.slots_per_tile(bits) * slab
     k_pad = -(-k // tile) * tile
@@ -71,7 +73,8 @@ def random_kernel_weights(key, k, n, bits, group_size, rank):
         v_t = jnp.pad((jax.random.normal(kv, (n, rank), jnp.float32) * 0.02).astype(jnp.bfloat16),
                       ((0, 0), (0, rp - rank)))
     return layout.KernelWeights(codes=codes, scales=scales, zeros=zeros, u=u, v_t=v_t, bits=bits,
-                                group_size=group_size or k, k=k, n=n, k_pad=k_pad, slab=slab)
+                                group_size=group_size or k, k=k, n=n, k_pad=k_pad, slab=slab,
+                                layout=layout.PAIRS_LAYOUT if bits == 3 else layout.LAYOUT)
 
 
 def logical_weight_bytes(k, n, bits, group_size, rank):
