@@ -2,13 +2,13 @@
 # GPU runs of one session, batched into few device calls (each under the 600 s command limit):
 #   bash benchmarks/device_run.sh kernels     # native kernel tests, unpack variants, quantize speed
 #   bash benchmarks/device_run.sh bench       # quant_matmul (Mixtral shapes) + moe_layer (Mixtral)
-#   bash benchmarks/device_run.sh native      # every -m gpu test (the 2026-11-23 calls timed out at 230-280 s)
+#   bash benchmarks/device_run.sh native      # every -m gpu test, 4 processes
 #   bash benchmarks/device_run.sh qm_rest     # quant_matmul: DeepSeek and 4096^2 shapes (append)
 #   bash benchmarks/device_run.sh moe MODEL   # moe_layer, one model per call, every impl (resumable)
 #   bash benchmarks/device_run.sh regs        # A-from-registers variants + native variant/grouped tests
 #   bash benchmarks/device_run.sh regs2       # the sweep with A in registers + all native tests (-n 4)
 #   bash benchmarks/device_run.sh final       # quant_matmul table (4 shapes) + Mixtral model path
-# Needs .whl (carry): hqq (+ termcolor) for the quantize-speed peer, gemlite for quant_matmul's
+# Needs .whl (carry): pytest-xdist + execnet for the native tests, hqq (+ termcolor) for the quantize-speed peer, gemlite for quant_matmul's
 # peers, tokamax + qwix (+ deps) for moe_layer's int4 peer. Everything lands in $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -42,10 +42,10 @@ case "$1" in
       --impls ragged_dot_bf16,q3_kernel,q3_model,bf16_kernel,q3_grouped --budget-s 200 \
       --out "$OUT/moe_layer.json"
     ;;
-  native)
-    TAIL=40 step native_tests 560 python3 -m pytest tests/test_grouped_matmul.py \
+  native)   # all 25 passed in 134 s with -n 4 (2026-11-23; pytest-xdist + execnet carried in .whl)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=40 step native_tests 400 python3 -m pytest tests/test_grouped_matmul.py \
       tests/test_quant_matmul.py tests/test_quant_matmul_variants.py -q -m gpu -rfEs -p no:cacheprovider \
-      --durations=20
+      -n 4 --durations=20
     ;;
   qm_rest)
     TAIL=40 step quant_matmul 560 python3 -m benchmarks.quant_matmul --shapes 2048x1408,1408x2048,4096x4096 \
