@@ -100,7 +100,7 @@ def import_tokamax():
     installed (this benchmark times with CUPTI, never through tokamax's xprof timer)."""
     import importlib.util
     import types
-    import qwix   # noqa: F401 -- a missing dependency fails here, before any stand-in is installed
+    import qwix   # a missing dependency fails here, before any stand-in is installed
     if "xprof" not in sys.modules and importlib.util.find_spec("xprof") is None:
         names = ["xprof", "xprof.cli", "xprof.cli.tools", "xprof.cli.tools.get_kernel_stats_tool"]
         mods = {n: types.ModuleType(n) for n in names}
@@ -108,7 +108,6 @@ def import_tokamax():
             setattr(mods[parent], child.rsplit(".", 1)[1], mods[child])
         for n, mod in mods.items():
             sys.modules.setdefault(n, mod)
-    import qwix
     import tokamax
     return tokamax, qwix
 

@@ -41,6 +41,7 @@ import jax
 from flax import nnx
 
 from milo_jax.quant.tensor import QuantizedTensor
+from pallas_kernels.grouped_matmul import api as grouped_api
 from pallas_kernels.quant_matmul import api as quant_matmul_api
 from pallas_kernels.quant_matmul import layout
 
@@ -54,17 +55,14 @@ def kernel_layout_for(qt: QuantizedTensor) -> str:
     return quant_matmul_api._kernel_layout(qt, "kernel", None)
 
 
-def _is_quantized_experts(value) -> bool:
-    if isinstance(value, QuantizedTensor):
-        return value.ndim == 3
-    return isinstance(value, (tuple, list)) and any(isinstance(p, QuantizedTensor) for p in value)
-
-
 def prepare_weight(value):
     """One parameter value -> its KernelWeights (2-D QuantizedTensor) or GroupedKernelWeights
     (quantized routed experts), or the value unchanged when the kernels cannot take it (see the
     module docstring)."""
-    if _is_quantized_experts(value):
+    # routed experts: a stacked [E, K, N] QuantizedTensor or a per-expert tuple holding one
+    is_experts = value.ndim == 3 if isinstance(value, QuantizedTensor) else (
+        isinstance(value, (tuple, list)) and grouped_api.holds_quantized(value))
+    if is_experts:
         from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped
         try:
             return grouped.prepare_grouped(list(value) if isinstance(value, tuple) else value)

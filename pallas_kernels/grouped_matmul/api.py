@@ -44,16 +44,16 @@ def _on_sm90() -> bool:
     return dev.platform == "gpu" and cc is not None and str(cc).startswith("9")
 
 
-def _holds_quantized(w) -> bool:
-    """Whether any expert of w is quantized (stacked QuantizedTensor, a list holding one, or weights
-    already in the kernel layout with a quantized class)."""
+def holds_quantized(w) -> bool:
+    """Whether any expert of w is quantized: a QuantizedTensor, a list / tuple holding one, or
+    GroupedKernelWeights with a quantized (non-bf16) class."""
     from milo_jax.quant.tensor import QuantizedTensor
+    from pallas_kernels.grouped_matmul.mgpu_sm90 import ExpertClass, GroupedKernelWeights
     if isinstance(w, QuantizedTensor):
         return True
     if isinstance(w, (list, tuple)):
         return any(isinstance(p, QuantizedTensor) for p in w)
-    classes = getattr(w, "classes", None)        # GroupedKernelWeights
-    return classes is not None and any(getattr(c, "codes", None) is not None for c in classes)
+    return isinstance(w, GroupedKernelWeights) and any(isinstance(c, ExpertClass) for c in w.classes)
 
 
 def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array, *, interpret: bool | None = None,
@@ -63,7 +63,7 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array, *, interpret: bool |
     if impl is None:
         if interpret:
             impl = "kernel"
-        elif AUTO_KERNEL and _holds_quantized(w) and _on_sm90():
+        elif AUTO_KERNEL and holds_quantized(w) and _on_sm90():
             from pallas_kernels.grouped_matmul import mgpu_sm90
             try:   # shape checks run while tracing: weights the kernel cannot tile take the reference
                 return mgpu_sm90.grouped_matmul_mgpu(x, w, group_sizes, config=config)

@@ -365,7 +365,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def kernel(*refs):
-        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, 7 if comp else 5, comp, plan)
+        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, 7 if comp else 5, plan)
         counts, codes, scales, zeros, x = ins[:5]
         if comp:
             xu, v_t = ins[5:]

@@ -419,7 +419,7 @@ def _decode_scratch(plan: _UnpackPlan, bn: int, chunk: int, slab: int, mb: int, 
     return scratch
 
 
-def _split_decode_refs(refs, n_in: int, comp: bool, plan: _UnpackPlan):
+def _split_decode_refs(refs, n_in: int, plan: _UnpackPlan):
     """(inputs, out, a_buf or None, o_smem, (xu_smem, v_smem, bar) or ()) from a decode kernel's refs."""
     ins, out, rest = refs[:n_in], refs[n_in], list(refs[n_in + 1:])
     a_buf = None if plan.a_regs else rest.pop(0)
@@ -453,7 +453,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def kernel(*refs):
-        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, 6 if comp else 4, comp, plan)
+        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, 6 if comp else 4, plan)
         codes, scales, zeros, x = ins[:4]
         if comp:
             xu, v_t = ins[4:]
