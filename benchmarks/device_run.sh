@@ -75,5 +75,12 @@ case "$1" in
     TAIL=25 step moe_layer 190 python3 -m benchmarks.moe_layer --models mixtral-8x7b \
       --impls ragged_dot_bf16,q3_model,q3_kernel --tokens 1,16,4096 --budget-s 150 --out "$OUT/moe_layer_model.json"
     ;;
+  profile)  # issue 6 diagnosis: CUPTI times of decode variants, then Nsight Compute counters of the kernels
+    TAIL=12 step time 200 python3 -m benchmarks.profile_decode --time --variants ${2:-default,stream,split8,grouped}
+    TAIL=8 step ncu 300 ncu --clock-control none -k regex:mosaic --set detailed -f -o "$OUT/decode" \
+      python3 -m benchmarks.profile_decode --variants ${2:-default,stream,split8,grouped}
+    ncu --import "$OUT/decode.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
+    grep -E "^  [a-z_]+|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Issued Warp|Eligible|L2 Hit|Dynamic Shared|One or More" "$OUT/ncu_details.txt" | head -120
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -1,0 +1,111 @@
+"""Issue 6 diagnosis: run the 3-bit decode kernel once per variant so Nsight Compute can read its
+hardware counters (where the time goes: DRAM throughput, occupancy, stall reasons).
+
+    ncu --clock-control none -k regex:mosaic --set detailed \
+        python3 -m benchmarks.profile_decode --variants default,stream,split8
+
+Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
+  default   api's decode config (magic_bf16, A in registers, split-K 4)
+  stream    the same grid and pipeline with the unpack + MMA removed: the loads alone (a probe of the
+            pipeline's own ceiling; the output is meaningless)
+  splitN    default with k_splits=N
+  grouped   the grouped kernel on Mixtral's gate projection (8 experts), 1 token, top-2
+Without ncu it prints CUPTI times (rotated weights) for the same variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+
+import milo_jax  # noqa: F401
+from pallas_kernels.quant_matmul import layout, mgpu_sm90
+from benchmarks.quant_matmul import ROTATE_BYTES, cupti_us, logical_weight_bytes
+from benchmarks.quant_matmul_variants import kernel_breakdown, random_weights
+
+
+def _no_unpack(acc, a_buf, planes, s_ref, z_ref, x_ref, **kw):
+    del acc, a_buf, planes, s_ref, z_ref, x_ref, kw
+
+
+def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
+    keys = jax.random.split(jax.random.key(0), reps)
+    ws = [random_weights(kk, k, n, 64, True) for kk in keys]
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
+    cfg = mgpu_sm90.default_config(m, ws[0])
+    orig = mgpu_sm90._unpack_and_multiply
+    if variant == "stream":
+        mgpu_sm90._unpack_and_multiply = _no_unpack
+    elif variant.startswith("split"):
+        cfg = dataclasses.replace(cfg, k_splits=int(variant[5:]))
+    elif variant != "default":
+        raise ValueError(variant)
+    try:
+        f = jax.jit(lambda x, w: mgpu_sm90.matmul_mgpu(x, w, config=cfg, interpret=interpret))
+        for w in ws:
+            y = f(x, w)
+        jax.block_until_ready(y)
+    finally:
+        mgpu_sm90._unpack_and_multiply = orig
+    return f, ws, x
+
+
+def run_grouped(m_tokens: int, interpret: bool, k: int, n: int, experts: int = 8, top_k: int = 2):
+    from milo_jax.quant.tensor import QuantizedTensor  # noqa: F401
+    from pallas_kernels.grouped_matmul import mgpu_sm90 as g
+    ws = [random_weights(kk, k, n, 64, True) for kk in jax.random.split(jax.random.key(2), experts)]
+    cls = g.ExpertClass(codes=jnp.concatenate([w.codes for w in ws]), scales=jnp.concatenate([w.scales for w in ws]),
+                        zeros=jnp.concatenate([w.zeros for w in ws]), experts=tuple(range(experts)), bits=3,
+                        group_size=64, k=k, n=n, k_pad=ws[0].k_pad, slab=ws[0].slab, group_rows=64,
+                        layout=layout.PAIRS_LAYOUT)
+    gkw = g.GroupedKernelWeights(classes=(cls,), num_experts=experts, k=k, n=n)
+    rows = m_tokens * top_k
+    gs = jnp.zeros((experts,), jnp.int32).at[jnp.arange(top_k)].set(rows // top_k)
+    x = jax.random.normal(jax.random.key(3), (rows, k), jnp.float32).astype(jnp.bfloat16)
+    f = jax.jit(lambda x, w, gs: g.grouped_matmul_mgpu(x, w, gs, interpret=interpret))
+    jax.block_until_ready(f(x, gkw, gs))
+    return f, gkw, x, gs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="default,stream,split8,grouped")
+    ap.add_argument("--m", type=int, default=1)
+    ap.add_argument("--shape", default="4096x14336")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--time", action="store_true", help="CUPTI time per variant (rotated weights), no ncu")
+    a = ap.parse_args()
+    k, n = (int(v) for v in a.shape.split("x"))
+    if a.cpu_smoke:
+        k, n = 4096, 128
+    for v in a.variants.split(","):
+        if v == "grouped":
+            f, gkw, x, gs = run_grouped(a.m, a.cpu_smoke, k, n)
+            if a.time:
+                print(f"TIME {v}: {kernel_breakdown(f, (x, gkw, gs), 1)}", flush=True)
+        else:
+            reps = a.reps if not a.time or a.cpu_smoke else max(2, -(-ROTATE_BYTES // logical_weight_bytes(k, n, 3, 64, 0)))
+            orig = mgpu_sm90._unpack_and_multiply
+            if v == "stream":
+                mgpu_sm90._unpack_and_multiply = _no_unpack
+            try:
+                f, ws, x = run(v, k, n, a.m, int(reps), a.cpu_smoke)
+                if a.time:
+                    fn = jax.jit(lambda x, *w: [f(x, wi) for wi in w])
+                    us = cupti_us(fn, (x, *ws), len(ws))
+                    print(f"TIME {v}: {us:.2f} us/call over {len(ws)} rotated; "
+                          f"{kernel_breakdown(fn, (x, *ws), len(ws))}", flush=True)
+            finally:
+                mgpu_sm90._unpack_and_multiply = orig
+        print(f"ran {v}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
