@@ -82,5 +82,13 @@ case "$1" in
     ncu --import "$OUT/decode.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
     grep -E "^  [a-z_]+|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Issued Warp|Eligible|L2 Hit|Dynamic Shared|One or More" "$OUT/ncu_details.txt" | head -120
     ;;
+  s11a)  # stream probes + x rows unpadded; grouped kernel after the decode-grid fixes; native grouped tests
+    TAIL=16 step time 200 python3 -m benchmarks.profile_decode --time --variants \
+      "default,default+pad_x_rows=0,stream,stream+pad_x_rows=0,stream+k_splits=8,stream+k_splits=2,stream+k_splits=1+stages=4,split8+pad_x_rows=0,grouped"
+    TAIL=12 step moe_layer 150 python3 -m benchmarks.moe_layer --models mixtral-8x7b \
+      --impls q3_kernel,q3_model --tokens 1,16 --budget-s 120 --out "$OUT/moe_layer_s11a.json"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=12 step native_tests 200 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 4
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

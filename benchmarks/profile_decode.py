@@ -9,6 +9,7 @@ Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
   stream    the same grid and pipeline with the unpack + MMA removed: the loads alone (a probe of the
             pipeline's own ceiling; the output is meaningless)
   splitN    default with k_splits=N
+  +field=value after any of them overrides that Config field (e.g. stream+k_splits=8+stages=3)
   grouped   the grouped kernel on Mixtral's gate projection (8 experts), 1 token, top-2
 Without ncu it prints CUPTI times (rotated weights) for the same variants.
 """
@@ -40,12 +41,19 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32).astype(jnp.bfloat16)
     cfg = mgpu_sm90.default_config(m, ws[0])
     orig = mgpu_sm90._unpack_and_multiply
-    if variant == "stream":
-        mgpu_sm90._unpack_and_multiply = _no_unpack
-    elif variant.startswith("split"):
-        cfg = dataclasses.replace(cfg, k_splits=int(variant[5:]))
-    elif variant != "default":
+    base, *opts = variant.split("+")
+    over = {}
+    for o in opts:   # "+field=value" overrides of the default Config
+        key, val = o.split("=")
+        typ = type(getattr(cfg, key))
+        over[key] = (val not in ("0", "False", "false")) if typ is bool else typ(val)
+    if base.startswith("split"):
+        over["k_splits"] = int(base[5:])
+    elif base not in ("default", "stream"):
         raise ValueError(variant)
+    cfg = dataclasses.replace(cfg, **over)
+    if base == "stream":
+        mgpu_sm90._unpack_and_multiply = _no_unpack
     try:
         f = jax.jit(lambda x, w: mgpu_sm90.matmul_mgpu(x, w, config=cfg, interpret=interpret))
         for w in ws:
@@ -93,7 +101,7 @@ def main():
         else:
             reps = a.reps if not a.time or a.cpu_smoke else max(2, -(-ROTATE_BYTES // logical_weight_bytes(k, n, 3, 64, 0)))
             orig = mgpu_sm90._unpack_and_multiply
-            if v == "stream":
+            if v.startswith("stream"):
                 mgpu_sm90._unpack_and_multiply = _no_unpack
             try:
                 f, ws, x = run(v, k, n, a.m, int(reps), a.cpu_smoke)

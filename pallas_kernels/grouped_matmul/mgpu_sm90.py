@@ -328,7 +328,7 @@ def build_float(k_pad: int, n: int, num_experts: int, num_blocks: int, cfg: Conf
 
         _accumulate_and_store(compute, o_smem,
                               out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
-                              bn, mb, interpret)
+                              bn, mb, interpret, store=valid)
 
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
                         grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
@@ -420,7 +420,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
 
         _accumulate_and_store(compute, o_smem,
                               out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
-                              bn, mb, interpret)
+                              bn, mb, interpret, store=valid)
 
     scratch = _decode_scratch(plan, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
@@ -445,7 +445,9 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
     if per % cfg.chunk_slots:
         cfg = dataclasses.replace(cfg, chunk_slots=per)
     mb = cfg.block_m
-    num_blocks = -(-m // mb) + ec                        # static upper bound of row blocks
+    # static upper bound of row blocks: each expert's rows rounded up to blocks, and every block
+    # holds at least one row (decode, 1 token top-2: 2 blocks, not 1 + Ec)
+    num_blocks = max(1, min(-(-m // mb) + ec, m))
     gs = group_sizes.astype(jnp.int32)
     offsets = jnp.cumsum(gs) - gs                        # global sorted-row offsets
     class_ids = jnp.asarray(c.experts, jnp.int32)
@@ -483,12 +485,13 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
 
 
 def _read_back(out_t, dest, in_class, rows_pad: int, splits: int, n: int):
-    """[splits*N, rows_pad] kernel output -> [M, N] float32 rows of this class (zeros elsewhere)."""
-    if splits > 1:
-        out_t = out_t.reshape(splits, n, -1).sum(0)
-    # blocks the kernel skipped hold garbage: only rows of this class are read back
-    y = jnp.take(out_t, jnp.minimum(dest, rows_pad - 1), axis=1).T
-    return jnp.where(in_class[:, None], y.astype(jnp.float32), 0.0)
+    """[splits*N, rows_pad] kernel output -> [M, N] float32 rows of this class (zeros elsewhere).
+
+    Blocks the kernel skipped were never written: only the M rows of this class are gathered, and
+    the split-K partials are summed after the gather (at decode the buffer is mostly unwritten)."""
+    cols = jnp.take(out_t.reshape(splits, n, rows_pad), jnp.minimum(dest, rows_pad - 1), axis=2)
+    y = cols.astype(jnp.float32).sum(0).T
+    return jnp.where(in_class[:, None], y, 0.0)
 
 
 def grouped_matmul_mgpu(x: jax.Array, w, group_sizes: jax.Array, *, config: Config | None = None,

@@ -44,6 +44,9 @@ class Config:
     # registers (WGMMA layout, which the magic conversion already produces) instead of storing the
     # A tile to swizzled shared memory and reading it back: no A buffers, no commit_smem fence.
     a_regs: bool = False
+    # False: x keeps its M rows (not padded to MB); the x tile's rows past M are out of bounds and
+    # TMA fills them with zeros without reading memory (at M=1, 1/8 of the x traffic).
+    pad_x_rows: bool = True
 
 
 # Unpack/dequant variants of the decode kernel (issue 6: the unpack chain is the bottleneck).
@@ -351,18 +354,23 @@ def _tiling(bits: int, slab: int, k_pad: int, n: int, cfg) -> _Tiling:
                    nchunks=per // chunk)
 
 
-def _interpret_params(interpret: bool) -> dict:
-    """plgpu.kernel keyword for GPU interpret mode (CPU tests), empty for native runs."""
+def _interpret_params(interpret: bool, oob_reads: bool = False) -> dict:
+    """plgpu.kernel keyword for GPU interpret mode (CPU tests), empty for native runs.
+    oob_reads: the kernel reads tiles that overhang an input on purpose (natively TMA fills them
+    with zeros); interpret mode then returns NaN there instead of raising."""
     if not interpret:
         return {}
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    if oob_reads:
+        return dict(interpret=InterpretGPUParams(out_of_bounds_reads="uninitialized"))
     return dict(interpret=InterpretGPUParams())
 
 
-def _accumulate_and_store(compute, o_smem, out_tile, bn: int, mb: int, interpret: bool):
+def _accumulate_and_store(compute, o_smem, out_tile, bn: int, mb: int, interpret: bool, store=None):
     """Run `compute(acc_ref)` on a [bn, mb] float32 accumulator, then store its result through SMEM
     to the GMEM tile `out_tile`. The accumulator lives in its own scope: registers natively, SMEM in
-    GPU interpret mode, which cannot mix register and SMEM scratch."""
+    GPU interpret mode, which cannot mix register and SMEM scratch. store: a traced bool; when
+    false the tile is not written (the grouped kernel's skipped blocks: no output traffic)."""
     if interpret:
         def compute_interpret(acc_ref):
             acc_ref[...] = jnp.zeros((bn, mb), jnp.float32)
@@ -372,8 +380,15 @@ def _accumulate_and_store(compute, o_smem, out_tile, bn: int, mb: int, interpret
         res = pl.run_scoped(compute, plgpu.ACC((bn, mb), jnp.float32))
     o_smem[...] = res.astype(o_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, out_tile)
-    plgpu.wait_smem_to_gmem(0)
+
+    def write():
+        plgpu.copy_smem_to_gmem(o_smem, out_tile)
+        plgpu.wait_smem_to_gmem(0)
+
+    if store is None:
+        write()
+    else:
+        pl.when(store)(write)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,7 +516,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     scratch = _decode_scratch(plan, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, m_pad), out_dtype),
                         grid=(n // bn, m_pad // mb, splits), grid_names=("n", "m", "k"), compiler_params=wg,
-                        scratch_types=scratch, **_interpret_params(interpret))
+                        scratch_types=scratch, **_interpret_params(interpret, oob_reads=not cfg.pad_x_rows))
 
 
 def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None,
@@ -526,7 +541,7 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
                          f"{layout.LAYOUT!r})")
     m_pad = -(-m // cfg.block_m) * cfg.block_m
     xb = x.astype(jnp.bfloat16)
-    xp = jnp.pad(xb, ((0, m_pad - m), (0, kw.k_pad - k)))
+    xp = jnp.pad(xb, ((0, (m_pad - m) if cfg.pad_x_rows else 0), (0, kw.k_pad - k)))
     if cfg.unpack == "magic_f16":
         xp = xp.astype(jnp.float16)   # A tile is f16: wgmma needs both operands f16
     args = [kw.codes, kw.scales, kw.zeros, xp]
@@ -536,7 +551,7 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
         # x @ u from the row-padded x (>= 8 rows): measured, XLA's M=1 dot with 32 outputs took
         # ~40 us (rank-32 M=1 80 us against 37 us without), M=16 added only 2.6 us.
         xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-        xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - kw.rank)))
+        xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, m_pad - xu.shape[0]), (0, rank_pad - kw.rank)))
         # one slice per K split; only split 0 adds the compensator (the others multiply zeros)
         xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))
         args += [xu, kw.v_t]
