@@ -90,5 +90,12 @@ case "$1" in
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=12 step native_tests 200 python3 -m pytest tests/test_grouped_matmul.py \
       tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 4
     ;;
+  s11b)  # prefill: dequantize kernel, ragged_dot_mgpu configs, grouped prefill path; moe breakdown; native tests
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=12 step native_tests 200 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 4 -k "prefill or dequant or routings"
+    TAIL=30 step prefill_probe 240 python3 -m benchmarks.prefill_probe --out "$OUT/prefill_probe.json"
+    TAIL=14 step moe_layer 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_kernel --tokens 1,4096 --budget-s 170 --out "$OUT/moe_layer_s11b.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -212,6 +212,9 @@ def shared_bytes(m, kind):
     return 3 * h * s * 2 if kind == "bf16" else 2 * qt_bytes(h, s, 3) + qt_bytes(s, h, 3)
 
 
+BREAKDOWN = False   # --breakdown
+
+
 def routing(t, m, seed):
     """Router excluded: distinct top-k ids per token from random logits, softmax weights over them."""
     logits = jax.random.normal(jax.random.key(seed), (t, m["e"]), jnp.float32)
@@ -419,6 +422,11 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                 del ys
                 state["stage"] = "timing"
                 us = cupti_us(fn, (x, weights, ids, *sets), reps)
+                extra = {}
+                if BREAKDOWN and not ON_CPU:   # per-kernel CUPTI time: the kernels vs the XLA ops around them
+                    from benchmarks.quant_matmul_variants import kernel_breakdown
+                    extra["kernels_us"] = kernel_breakdown(fn, (x, weights, ids, *sets), reps)
+                    log(f"KERNELS {name} T={t} {impl}: {extra['kernels_us']}")
                 rd, bf = base.get("ragged_dot_bf16"), base.get("grouped_bf16")
                 tbps = moved / (us * 1e-6) / 1e12
                 record(**common, active_experts=len(active),
@@ -428,7 +436,7 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                        tbps=tbps, frac_copy=tbps / ceil, tflops=flops / (us * 1e-6) / 1e12,
                        speedup_vs_ragged_dot=(rd / us) if rd else None, speedup_vs_bf16=(bf / us) if bf else None,
                        finite=finite, relerr=relerr, rotated=reps, router_included=False,
-                       compile_s=round(t_compiled, 1), case_s=round(time.time() - t_case, 1))
+                       compile_s=round(t_compiled, 1), case_s=round(time.time() - t_case, 1), **extra)
             except Exception as ex:   # noqa: BLE001 -- a blind run must go on past any one case
                 tb = traceback.format_exc()
                 log(f"FAILED {name} T={t} {impl} at stage {state['stage']}:\n{tb}")
@@ -484,6 +492,7 @@ def main(argv=None):
     ap.add_argument("--tokens", default=None, help="e.g. 1,16,4096")
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma list of: " + ",".join(IMPLS))
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="also record per-kernel CUPTI times (kernels_us)")
     ap.add_argument("--no-check", action="store_true", help="skip the float32 relerr check (saves a compile per case)")
     ap.add_argument("--append", action="store_true",
                     help="keep the records already in --out (run one model per command under a time limit)")
@@ -497,6 +506,8 @@ def main(argv=None):
                     help="record a case that runs longer as timed out and exit (status 3); 0: never "
                          "(default 150 on the GPU, never on CPU)")
     args = ap.parse_args(argv)
+    global BREAKDOWN
+    BREAKDOWN = args.breakdown
     if args.append and os.path.exists(args.out):
         with open(args.out) as fh:
             RESULTS.extend(json.load(fh)["records"])

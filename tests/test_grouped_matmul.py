@@ -237,6 +237,39 @@ def test_kernel_interpret_one_expert_several_blocks_split_k():
     assert rel_err(y_regs, y64) < TOL_BF16
 
 
+@pytest.mark.parametrize("layout_3bit,rank", [(PAIRS, 8), (NMAJOR, 0)])
+def test_prefill_path_interpret(layout_3bit, rank):
+    """Prefill path (dequantize every expert once with the Mosaic dequantize kernel, then a grouped
+    GEMM; jax.lax.ragged_dot stands in for ragged_dot_mgpu in interpret mode) on every routing kind,
+    with K padded to the planar tile and a compensator; rows past the groups are 0."""
+    rng = _rng()
+    e, k, n, m = 4, 640, 128, 40
+    parts = [quantized_expert(k, n, 3, 64, rank, rng) for _ in range(e)]
+    stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
+    gkw = mgpu_sm90.prepare_grouped(stacked, layout_3bit=layout_3bit)
+    assert mgpu_sm90.prefill_applies(mgpu_sm90.PREFILL_ROWS, gkw) and not mgpu_sm90.prefill_applies(m, gkw)
+    experts64 = [dense64(p) for p in parts]
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    for gs in routings(m, e, rng):
+        y = mgpu_sm90.grouped_matmul_mgpu(x, gkw, gs, interpret=True, prefill=True)
+        assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+        assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16, np.asarray(gs)
+        assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
+    w_t = np.asarray(mgpu_sm90.dequantize_class(gkw.classes[0], interpret=True), np.float32)   # [E, N, Kp]
+    w_ref = np.stack([dense64(p)[0] for p in parts]).transpose(0, 2, 1)
+    assert np.abs(w_t[:, :, :k] - w_ref).max() < 2e-2 * np.abs(w_ref).max()
+    assert np.all(w_t[:, :, k:] == 0)
+
+
+def test_prefill_path_refuses_mixed_classes():
+    rng = _rng()
+    parts = [quantized_expert(512, 64, 3, 64, 0, rng), quantized_expert(512, 64, 4, 64, 0, rng)]
+    gkw = mgpu_sm90.prepare_grouped(parts)
+    assert not mgpu_sm90.prefill_applies(10 ** 6, gkw)
+    with pytest.raises(ValueError, match="one class"):
+        mgpu_sm90.grouped_matmul_prefill(jnp.ones((4, 512), jnp.bfloat16), gkw, jnp.asarray([2, 2], jnp.int32))
+
+
 def test_kernel_interpret_unpack_variants_and_mismatch():
     """Explicit Config.unpack: magic_f16 (f16 A tile and x) on planar_pairs 3-bit experts of group
     128 and per-channel next to a 4-bit class (which keeps f32), bf16 on planar_nmajor; an unpack
@@ -382,6 +415,26 @@ def test_sm90_native_mixed_bits_and_bf16_expert():
     gs = jnp.asarray([7, 3, 10, 0, 12, 8], jnp.int32)
     y = api.grouped_matmul(x, gkw, gs, impl="kernel", config=mgpu_sm90.Config(k_splits=2))
     assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16
+
+
+@pytest.mark.gpu
+@native
+@pytest.mark.parametrize("rank", [0, 16])
+def test_sm90_native_prefill_path(rank):
+    """Prefill path natively: the magic dequantize kernel + jax's ragged_dot_mgpu on every routing
+    kind (empty experts, one expert, rows past the groups), K padded to the planar tile."""
+    rng = _rng()
+    e, k, n, m = 8, 1408, 256, 1100
+    parts = [quantized_expert(k, n, 3, 64, rank, rng) for _ in range(e)]
+    stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
+    gkw = mgpu_sm90.prepare_grouped(stacked)
+    experts64 = [dense64(p) for p in parts]
+    f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g))     # auto: M >= PREFILL_ROWS -> prefill
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    for gs in routings(m, e, rng):
+        y = f(x, gkw, gs)
+        assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16, np.asarray(gs)
+        assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
 
 
 @pytest.mark.gpu

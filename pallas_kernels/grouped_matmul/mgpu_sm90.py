@@ -494,14 +494,74 @@ def _read_back(out_t, dest, in_class, rows_pad: int, splits: int, n: int):
     return jnp.where(in_class[:, None], y, 0.0)
 
 
+# Prefill: from this many rows on, a single-class layer dequantizes every expert once (the dequantize
+# kernel, magic unpack for 3-bit) and runs jax's Mosaic GPU ragged_dot (a persistent bf16 grouped
+# GEMM) instead of re-dequantizing each weight tile per MB-row block in the decode kernel.
+PREFILL_ROWS = 1024
+# jax.experimental.pallas.ops.gpu.ragged_dot_mgpu tile configuration for the prefill GEMM.
+PREFILL_GEMM = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=4)
+
+
+def dequantize_class(c, interpret: bool = False) -> jax.Array:
+    """W_hat^T of every expert of class c: [Ec, N, K_pad] bf16 (rows k >= K are zero padding)."""
+    ec = len(c.experts)
+    if isinstance(c, FloatClass):
+        return c.w_t.reshape(ec, c.n, c.k_pad)
+    from pallas_kernels.quant_matmul.mgpu_sm90 import dequantize_stacked_mgpu
+    w_t = dequantize_stacked_mgpu(c.codes, c.scales, c.zeros, bits=c.bits, slab=c.slab, group_rows=c.group_rows,
+                                  k_pad=c.k_pad, n=c.n, num_experts=ec, layout_name=c.layout, interpret=interpret)
+    return w_t.reshape(ec, c.n, c.k_pad)
+
+
+def prefill_applies(m: int, gkw: GroupedKernelWeights) -> bool:
+    """Whether `grouped_matmul_mgpu` takes the prefill path by default: one class holding every
+    expert in order (uniform bits) and at least PREFILL_ROWS rows."""
+    return (m >= PREFILL_ROWS and len(gkw.classes) == 1
+            and tuple(gkw.classes[0].experts) == tuple(range(gkw.num_experts)))
+
+
+def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes: jax.Array, *,
+                           interpret: bool = False, gemm: dict | None = None) -> jax.Array:
+    """Prefill path: dequantize each expert once, then a bf16 grouped GEMM (jax's ragged_dot_mgpu;
+    in interpret mode jax.lax.ragged_dot stands in for it), compensators as two more ragged_dots.
+    x [M, K] sorted by expert -> [M, N] in x.dtype; rows past sum(group_sizes) are 0."""
+    if not (len(gkw.classes) == 1 and tuple(gkw.classes[0].experts) == tuple(range(gkw.num_experts))):
+        raise ValueError("grouped_matmul prefill path: needs one class holding every expert in order "
+                         f"(got classes {[c.experts for c in gkw.classes]})")
+    c = gkw.classes[0]
+    m, k = x.shape
+    gs = group_sizes.astype(jnp.int32)
+    w_t = dequantize_class(c, interpret)                                   # [E, N, K_pad]
+    xb = x.astype(jnp.bfloat16)
+    xp = jnp.pad(xb, ((0, 0), (0, c.k_pad - k)))
+    if interpret:
+        y = lax.ragged_dot(xp, jnp.swapaxes(w_t, 1, 2), gs, preferred_element_type=jnp.float32)
+    else:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+        y = ragged_dot_mgpu.ragged_dot(xp, w_t, group_sizes=gs, transpose_rhs=True,
+                                       **(gemm or PREFILL_GEMM)).astype(jnp.float32)
+    if getattr(c, "u", None) is not None:
+        r = c.u.shape[2]
+        xu = lax.ragged_dot(xb, c.u, gs, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+        v = jnp.swapaxes(c.v_t.reshape(len(c.experts), c.n, -1)[:, :, :r], 1, 2)   # [E, R, N]
+        y = y + lax.ragged_dot(xu, v, gs, preferred_element_type=jnp.float32)
+    rows_used = jnp.arange(m) < jnp.sum(gs)          # the GEMM leaves rows past the groups unwritten
+    return jnp.where(rows_used[:, None], y, 0.0).astype(x.dtype)
+
+
 def grouped_matmul_mgpu(x: jax.Array, w, group_sizes: jax.Array, *, config: Config | None = None,
-                        interpret: bool = False) -> jax.Array:
+                        interpret: bool = False, prefill: bool | None = None) -> jax.Array:
     """x [M, K] sorted by expert -> [M, N] in x.dtype (bf16 math) through the Mosaic GPU kernel.
 
     w: GroupedKernelWeights (from `prepare_grouped`, repack once at load time) or anything
-    prepare_grouped takes (then repacked inside every call)."""
+    prepare_grouped takes (then repacked inside every call). prefill: None = `prefill_applies`
+    (M >= PREFILL_ROWS, uniform class), True / False to force (see grouped_matmul_prefill)."""
     gkw = prepare_grouped(w)
     reference.check_args(x, gkw, group_sizes)
+    if prefill is None:
+        prefill = config is None and prefill_applies(x.shape[0], gkw)
+    if prefill:
+        return grouped_matmul_prefill(x, gkw, group_sizes, interpret=interpret)
     y = None
     for c in gkw.classes:              # one launch per bit-width class
         yc = _class_matmul(x, group_sizes, c, config, interpret)

@@ -564,69 +564,104 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
 
 # ------------------------------------------------------------------------------------------
 # Dequantize-only kernel for the prefill path: W_hat^T [N, Kp] bf16, then a bf16 GEMM.
-# NOT YET MEASURED on a GPU (written after the device budget was spent; interpret-mode tested).
-# It reuses the decode kernel's unpack body and writes each dequantized chunk back through TMA.
+# It reuses the decode kernel's unpack (f32 for planar_nmajor, the magic-number conversion for
+# planar_pairs) and writes each dequantized chunk back through TMA. Several experts stacked along
+# N (the grouped kernel's classes: codes [E*N, W], scales [E*Gp, N]) are one launch.
 @functools.lru_cache(maxsize=None)
 def build_dequant(bits: int, slab: int, group_rows: int, k_pad: int, n: int, chunk: int,
-                  interpret: bool, block_n: int = 64, stages: int = 2):
-    """f(codes, scales, zeros) -> W_hat^T [N, k_pad] bf16 (padded K rows included)."""
+                  interpret: bool, block_n: int = 64, stages: int = 2, unpack: str = "f32",
+                  num_experts: int = 1):
+    """f(codes [E*N, W], scales [E*Gp, N], zeros) -> W_hat^T [E*N, k_pad] bf16 (padded K rows included)."""
     per = packing.slots_per_tile(bits)
     wps = packing.words_per_slab_row(bits)
     tile_rows = per * slab
     steps = k_pad // tile_rows
     bn = block_n
+    if n % bn or k_pad % tile_rows:
+        raise ValueError(f"dequantize kernel: N={n}, K={k_pad} not tiled by BN={bn}, tile={tile_rows}")
     if per % chunk:
         chunk = per
     nchunks = per // chunk
+    if unpack not in ("f32", "magic_bf16"):
+        raise ValueError(f"dequantize kernel: unpack={unpack!r} (f32 or magic_bf16: the output is bf16)")
+    plan = _unpack_plan(unpack, False, True, bits, chunk, nchunks, slab)
     if group_rows >= tile_rows:
         g_block = 1
         scale_index = (lambda s: (s * tile_rows) // group_rows) if group_rows != k_pad else (lambda s: 0 * s)
     else:
         g_block = tile_rows // group_rows
         scale_index = lambda s: s
+    scale_blocks_per_expert = (k_pad // group_rows) // g_block
+    n_blocks = n // bn
     tr = _swizzle_transforms(slab)
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def kernel(codes, scales, zeros, out, a_buf):
-        ni = lax.axis_index("n")
+        ni = lax.axis_index("n")                       # column tile over all experts
+        expert, col = ni // n_blocks, ni % n_blocks
+        scale_base = expert * scale_blocks_per_expert
 
         def body(idx, *step_refs):
             (s,) = idx
             planes = [r[...] for r in step_refs[:wps]]
             s_ref, z_ref = step_refs[wps:]
+            group_scales = {}
             for c in range(nchunks):
                 buf = a_buf.at[c % 2]
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # buf's previous store has read it
-                for jj in range(chunk):
-                    j = c * chunk + jj
-                    g = (j * slab) // group_rows if g_block > 1 else 0
-                    sc = s_ref[g, :].astype(jnp.float32)
-                    bc = -(z_ref[g, :].astype(jnp.float32) * sc)
-                    q = _unpack_slot(planes, bits, j).astype(jnp.int32).astype(jnp.float32)
-                    d = q * lax.broadcast_in_dim(sc, (bn, slab), (0,)) + lax.broadcast_in_dim(bc, (bn, slab), (0,))
-                    buf[:, pl.ds(jj * slab, slab)] = d.astype(jnp.bfloat16)
+                if plan.pairs:   # chunk // 2 pair-slots converted side by side, one store
+                    jps = list(range(c * chunk // 2, (c + 1) * chunk // 2))
+                    scs = []
+                    for jp in jps:
+                        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
+                        if g not in group_scales:
+                            group_scales.clear()
+                            group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
+                        scs.append(group_scales[g])
+                    buf[...] = _dequant_pairs(planes, jps, scs, bn, slab, unpack, interpret)
+                else:
+                    for jj in range(chunk):
+                        j = c * chunk + jj
+                        g = (j * slab) // group_rows if g_block > 1 else 0
+                        buf[:, pl.ds(jj * slab, slab)] = _dequant_slab(planes, bits, j, s_ref, z_ref, g, bn,
+                                                                       slab, "f32")
                 plgpu.commit_smem()
                 k0 = s * tile_rows + c * chunk * slab
                 plgpu.copy_smem_to_gmem(buf, out.at[pl.ds(ni * bn, bn), pl.ds(k0, chunk * slab)])
 
         in_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (ni, wps * s + p))) for p in range(wps)]
-        in_specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(s), ni))] * 2
+        in_specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s), col))] * 2
         plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages)(
             *([codes] * wps), scales, zeros)
         plgpu.wait_smem_to_gmem(0)
 
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((n, k_pad), jnp.bfloat16),
-                        grid=(n // bn,), grid_names=("n",), compiler_params=wg,
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((num_experts * n, k_pad), jnp.bfloat16),
+                        grid=(num_experts * n // bn,), grid_names=("n",), compiler_params=wg,
                         scratch_types=[plgpu.SMEM((2, bn, chunk * slab), jnp.bfloat16, transforms=tr)],
                         **_interpret_params(interpret))
 
 
+def dequant_unpack(layout_name: str) -> str:
+    """The dequantize kernel's unpack for a kernel layout (magic for planar_pairs)."""
+    return "magic_bf16" if layout_name == layout.PAIRS_LAYOUT else "f32"
+
+
+def dequantize_stacked_mgpu(codes, scales, zeros, *, bits: int, slab: int, group_rows: int, k_pad: int, n: int,
+                            num_experts: int, layout_name: str, interpret: bool = False) -> jax.Array:
+    """W_hat^T [E*N, k_pad] bf16 of E experts stacked in a kernel layout (codes [E*N, W],
+    scales / zeros [E*Gp, N]); rows k >= K are padding."""
+    per = packing.slots_per_tile(bits)
+    chunk = max(2, min(per, 128 // slab))
+    f = build_dequant(bits, slab, group_rows, k_pad, n, chunk, bool(interpret),
+                      unpack=dequant_unpack(layout_name), num_experts=num_experts)
+    return f(codes, scales, zeros)
+
+
 def dequantize_mgpu(kw: KernelWeights, *, interpret: bool = False) -> jax.Array:
     """W_hat^T [N, k_pad] bf16 through the dequantize kernel (rows k >= K are padding)."""
-    per = packing.slots_per_tile(kw.bits)
-    chunk = max(1, min(per, 128 // kw.slab))
-    f = build_dequant(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, chunk, bool(interpret))
-    return f(kw.codes, kw.scales, kw.zeros)
+    return dequantize_stacked_mgpu(kw.codes, kw.scales, kw.zeros, bits=kw.bits, slab=kw.slab,
+                                   group_rows=kw.group_rows, k_pad=kw.k_pad, n=kw.n, num_experts=1,
+                                   layout_name=kw.layout, interpret=interpret)
 
 
 def dequant_dot_mgpu(x: jax.Array, kw: KernelWeights, *, interpret: bool = False) -> jax.Array:
