@@ -11,7 +11,6 @@ reference on a row slice before it is timed. Weights: random 3-bit g64 codes in 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -110,7 +109,6 @@ def ragged_cases(k, n, rows, e, configs):
             rec(case="ragged_bf16", impl="ragged_dot_mgpu", config=cfg, shape=[k, n], rows=rows, time_us=us,
                 tflops=flops / us / 1e6, relerr=err)
         guarded(f"ragged_dot_mgpu {cfg}", one)
-    del w, w_t
 
 
 def grouped_cases(k, n, rows, e):
