@@ -498,8 +498,12 @@ def _read_back(out_t, dest, in_class, rows_pad: int, splits: int, n: int):
 # kernel, magic unpack for 3-bit) and runs jax's Mosaic GPU ragged_dot (a persistent bf16 grouped
 # GEMM) instead of re-dequantizing each weight tile per MB-row block in the decode kernel.
 PREFILL_ROWS = 1024
-# jax.experimental.pallas.ops.gpu.ragged_dot_mgpu tile configuration for the prefill GEMM.
-PREFILL_GEMM = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=4)
+# jax.experimental.pallas.ops.gpu.ragged_dot_mgpu tile configuration for the prefill GEMM. Measured
+# (H100, 2026-11-23, benchmarks/results/prefill_probe.json; Mixtral expert shapes, 8192 rows over 8
+# experts): 128 x 128 x 64 tiles, 5 stages, grid_block_n 4: 1540 us (625 TFLOP/s) for K=4096, N=14336
+# and 1590 us (605) for K=14336, N=4096; 4 stages 1670 / 1608; block_m 64 2566; grid_block_n 1 2098;
+# block_n 256 8648; XLA's ragged_dot 9374 / 9173 us.
+PREFILL_GEMM = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=5, grid_block_n=4)
 
 
 def dequantize_class(c, interpret: bool = False) -> jax.Array:
@@ -533,13 +537,15 @@ def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes:
     gs = group_sizes.astype(jnp.int32)
     w_t = dequantize_class(c, interpret)                                   # [E, N, K_pad]
     xb = x.astype(jnp.bfloat16)
-    xp = jnp.pad(xb, ((0, 0), (0, c.k_pad - k)))
+    m8 = -(-m // 8) * 8                  # ragged_dot_mgpu's TMA tiles need M a multiple of 8
+    xp = jnp.pad(xb, ((0, m8 - m), (0, c.k_pad - k)))
     if interpret:
         y = lax.ragged_dot(xp, jnp.swapaxes(w_t, 1, 2), gs, preferred_element_type=jnp.float32)
     else:
         from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
         y = ragged_dot_mgpu.ragged_dot(xp, w_t, group_sizes=gs, transpose_rhs=True,
                                        **(gemm or PREFILL_GEMM)).astype(jnp.float32)
+    y = y[:m]
     if getattr(c, "u", None) is not None:
         r = c.u.shape[2]
         xu = lax.ragged_dot(xb, c.u, gs, preferred_element_type=jnp.float32).astype(jnp.bfloat16)

@@ -1,8 +1,8 @@
 """`matmul(x, qt)`: y = x @ W_hat (+ (x @ u) @ v) for a quantized weight, picking the backend.
 
-- On an sm90 (Hopper) GPU: the Mosaic GPU kernel (mgpu_sm90.py) for M <= PREFILL_THRESHOLD
-  tokens; above it the weight is dequantized to bf16 once and a bf16 jnp.dot runs (the product
-  is compute-bound there, and XLA's GEMM beats re-dequantizing every tile per token block).
+- On an sm90 (Hopper) GPU: the Mosaic GPU decode kernel (mgpu_sm90.py) for M <= PREFILL_THRESHOLD
+  tokens; above it the Mosaic dequantize kernel writes W_hat^T in bf16 once and a bf16 dot runs
+  (the product is compute-bound there: re-dequantizing every tile per token block loses).
 - Elsewhere (CPU, other GPUs): the plain-jnp reference (reference.py).
 - interpret=True runs the Mosaic GPU kernel in GPU interpret mode on CPU (tests, tiny shapes).
 
@@ -18,9 +18,11 @@ import jax.numpy as jnp
 from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.quant_matmul import layout, mgpu_sm90, reference
 
-# Measured on H100, 4096 x 14336 3-bit g64: kernel 73.5 us at M=64 and 237 us at M=256, against
-# 337 / 348 us for dequantize + bf16 dot (whose XLA dequantize costs ~270 us); at M=4096 the
-# dequantize + dot path ran 999 us (481 TFLOP/s, 73% of bf16 jnp.dot). Crossover estimated ~400.
+# Measured on H100, 4096 x 14336 3-bit g64 (2026-11-23): the decode kernel 55.8 us at M=64 and
+# 167 us at M=256 (benchmarks/results/quant_matmul.md); the Mosaic dequantize kernel 56.7 us
+# (2.53 TB/s on codes read + bf16 written) and at M=4096 dequantize + dot 762 us (631 TFLOP/s,
+# 96% of the bf16 dot's 728 us; XLA's dequantize + dot: 1196 us; benchmarks/results/prefill_probe.json).
+# With bf16 jnp.dot at 53 us for M=256 the prefill path should win from about M=128 (estimate).
 PREFILL_THRESHOLD = 256
 
 
@@ -59,14 +61,14 @@ def _kernel_layout(qt, impl: str, config) -> str:
     """3-bit weights go to the decode kernel in the "planar_pairs" layout, whose magic-number
     unpack (Config.unpack="magic_bf16" with A in registers, picked by default_config for that
     layout) measured 17.45 us against 31.4 us for the planar f32 unpack (4096 x 14336, M=1, H100,
-    2026-11-23, benchmarks/results/quant_matmul_variants.md). Other widths and the Mosaic dequantize kernel
-    keep "planar_nmajor". KernelWeights already prepared keep their own layout; an explicit
+    2026-11-23, benchmarks/results/quant_matmul_variants.md); the Mosaic dequantize kernel (prefill)
+    reads it with the same magic unpack. Other widths keep "planar_nmajor". KernelWeights already prepared keep their own layout; an explicit
     config gets the layout its unpack reads."""
     if isinstance(qt, layout.KernelWeights):
         return qt.layout
     if impl == "kernel" and config is not None:
         return layout.PAIRS_LAYOUT if config.unpack.startswith("magic") else layout.LAYOUT
-    if impl == "kernel" and qt.bits == 3:
+    if impl in ("kernel", "mgpu_dequant_dot") and qt.bits == 3:
         return layout.PAIRS_LAYOUT
     return layout.LAYOUT
 
@@ -76,8 +78,8 @@ def matmul(x: jax.Array, qt, *, interpret: bool | None = None, impl: str | None 
     """x [..., M, K] @ W_hat [K, N] (+ compensator) -> bf16 [..., M, N], float32 accumulation.
 
     impl: None (auto), "kernel" (Mosaic GPU, native or interpreted), "dequant_dot" (XLA dequantize
-    + bf16 dot), "mgpu_dequant_dot" (Mosaic GPU dequantize kernel + bf16 dot; not yet measured on a
-    GPU, so never picked automatically), "reference".
+    + bf16 dot), "mgpu_dequant_dot" (Mosaic GPU dequantize kernel + bf16 dot: auto's choice above
+    PREFILL_THRESHOLD rows on sm90), "reference".
     Raises ValueError for weights the kernel cannot take (N not a multiple of 64, rank > 128,
     non-planar layout) when impl="kernel" is forced; auto mode falls back to the reference.
     """
@@ -93,7 +95,7 @@ def matmul(x: jax.Array, qt, *, interpret: bool | None = None, impl: str | None 
         if interpret:
             impl = "kernel"
         elif _on_sm90():
-            impl = "kernel" if m <= PREFILL_THRESHOLD else "dequant_dot"
+            impl = "kernel" if m <= PREFILL_THRESHOLD else "mgpu_dequant_dot"
         else:
             impl = "reference"
     if impl == "reference":
