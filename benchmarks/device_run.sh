@@ -97,5 +97,14 @@ case "$1" in
     TAIL=14 step moe_layer 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls ragged_dot_bf16,q3_kernel --tokens 1,4096 --budget-s 170 --out "$OUT/moe_layer_s11b.json"
     ;;
+  s11c)  # split-K / BN probes (dense M=1/16, grouped 1 token); quant_matmul table (prefill crossover); Mixtral FFN table
+    TAIL=10 step time 150 python3 -m benchmarks.profile_decode --time --variants \
+      "default,split8,stream+block_n=128,grouped,grouped+a_regs=1+k_splits=4,grouped+a_regs=1+k_splits=8"
+    TAIL=4 step time16 60 python3 -m benchmarks.profile_decode --time --m 16 --variants "default,split8"
+    TAIL=20 step quant_matmul 170 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16,64,128,256,4096 \
+      --peers torch_int4_g128 --ranks 0,32 --out "$OUT/quant_matmul_s11c.json"
+    TAIL=14 step moe_layer 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_kernel,q3_model --tokens 1,16,64,512,4096 --budget-s 180 --out "$OUT/moe_layer_s11c.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -64,7 +64,17 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     return f, ws, x
 
 
-def run_grouped(m_tokens: int, interpret: bool, k: int, n: int, experts: int = 8, top_k: int = 2):
+def _overrides(cfg, opts):
+    over = {}
+    for o in opts:   # "+field=value" overrides of a Config
+        key, val = o.split("=")
+        typ = type(getattr(cfg, key))
+        over[key] = (val not in ("0", "False", "false")) if typ is bool else typ(val)
+    return over
+
+
+def run_grouped(m_tokens: int, interpret: bool, k: int, n: int, experts: int = 8, top_k: int = 2,
+                opts=()):
     from milo_jax.quant.tensor import QuantizedTensor  # noqa: F401
     from pallas_kernels.grouped_matmul import mgpu_sm90 as g
     ws = [random_weights(kk, k, n, 64, True) for kk in jax.random.split(jax.random.key(2), experts)]
@@ -76,7 +86,10 @@ def run_grouped(m_tokens: int, interpret: bool, k: int, n: int, experts: int = 8
     rows = m_tokens * top_k
     gs = jnp.zeros((experts,), jnp.int32).at[jnp.arange(top_k)].set(rows // top_k)
     x = jax.random.normal(jax.random.key(3), (rows, k), jnp.float32).astype(jnp.bfloat16)
-    f = jax.jit(lambda x, w, gs: g.grouped_matmul_mgpu(x, w, gs, interpret=interpret))
+    cfg = None
+    if opts:   # the default config with overrides (block_m / k_splits 0 = heuristic)
+        cfg = g.Config(**_overrides(g.Config(), opts))
+    f = jax.jit(lambda x, w, gs: g.grouped_matmul_mgpu(x, w, gs, interpret=interpret, config=cfg))
     jax.block_until_ready(f(x, gkw, gs))
     return f, gkw, x, gs
 
@@ -94,8 +107,8 @@ def main():
     if a.cpu_smoke:
         k, n = 4096, 128
     for v in a.variants.split(","):
-        if v == "grouped":
-            f, gkw, x, gs = run_grouped(a.m, a.cpu_smoke, k, n)
+        if v.startswith("grouped"):
+            f, gkw, x, gs = run_grouped(a.m, a.cpu_smoke, k, n, opts=v.split("+")[1:])
             if a.time:
                 print(f"TIME {v}: {kernel_breakdown(f, (x, gkw, gs), 1)}", flush=True)
         else:

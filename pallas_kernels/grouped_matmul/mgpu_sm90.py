@@ -463,7 +463,16 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
     dest = jnp.where(in_class, pad_start[lsafe] + jnp.arange(m, dtype=jnp.int32) - offsets[class_ids[lsafe]],
                      num_blocks * mb)
     xb = x.astype(jnp.bfloat16)
-    x_pad = jnp.zeros((num_blocks * mb, c.k_pad), jnp.bfloat16).at[dest, :k].set(xb, mode="drop")
+    # the padded buffer as a gather (each padded row reads its source row or is zero): XLA's scatter
+    # into a zeroed buffer cost ~4 us at decode (H100, 2026-11-23), a gather fuses with the zeroing
+    p = jnp.arange(num_blocks * mb, dtype=jnp.int32)
+    p_local = jnp.minimum(jnp.searchsorted(jnp.cumsum(counts) * mb, p, side="right").astype(jnp.int32), ec - 1)
+    within = p - pad_start[p_local]
+    src_ok = (within >= 0) & (within < gs_c[p_local])
+    src = jnp.clip(offsets[class_ids[p_local]] + within, 0, m - 1)
+    x_pad = jnp.where(src_ok[:, None], jnp.take(xb, src, axis=0), jnp.zeros((), jnp.bfloat16))
+    if c.k_pad != k:
+        x_pad = jnp.pad(x_pad, ((0, 0), (0, c.k_pad - k)))
     if is_float:
         f = build_float(c.k_pad, c.n, ec, num_blocks, cfg, bool(interpret))
         out_t = f(counts, c.w_t, x_pad)

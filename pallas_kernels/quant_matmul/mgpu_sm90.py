@@ -44,9 +44,6 @@ class Config:
     # registers (WGMMA layout, which the magic conversion already produces) instead of storing the
     # A tile to swizzled shared memory and reading it back: no A buffers, no commit_smem fence.
     a_regs: bool = False
-    # False: x keeps its M rows (not padded to MB); the x tile's rows past M are out of bounds and
-    # TMA fills them with zeros without reading memory (at M=1, 1/8 of the x traffic).
-    pad_x_rows: bool = True
 
 
 # Unpack/dequant variants of the decode kernel (issue 6: the unpack chain is the bottleneck).
@@ -354,15 +351,11 @@ def _tiling(bits: int, slab: int, k_pad: int, n: int, cfg) -> _Tiling:
                    nchunks=per // chunk)
 
 
-def _interpret_params(interpret: bool, oob_reads: bool = False) -> dict:
-    """plgpu.kernel keyword for GPU interpret mode (CPU tests), empty for native runs.
-    oob_reads: the kernel reads tiles that overhang an input on purpose (natively TMA fills them
-    with zeros); interpret mode then returns NaN there instead of raising."""
+def _interpret_params(interpret: bool) -> dict:
+    """plgpu.kernel keyword for GPU interpret mode (CPU tests), empty for native runs."""
     if not interpret:
         return {}
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    if oob_reads:
-        return dict(interpret=InterpretGPUParams(out_of_bounds_reads="uninitialized"))
     return dict(interpret=InterpretGPUParams())
 
 
@@ -516,7 +509,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     scratch = _decode_scratch(plan, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, m_pad), out_dtype),
                         grid=(n // bn, m_pad // mb, splits), grid_names=("n", "m", "k"), compiler_params=wg,
-                        scratch_types=scratch, **_interpret_params(interpret, oob_reads=not cfg.pad_x_rows))
+                        scratch_types=scratch, **_interpret_params(interpret))
 
 
 def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None,
@@ -541,7 +534,7 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
                          f"{layout.LAYOUT!r})")
     m_pad = -(-m // cfg.block_m) * cfg.block_m
     xb = x.astype(jnp.bfloat16)
-    xp = jnp.pad(xb, ((0, (m_pad - m) if cfg.pad_x_rows else 0), (0, kw.k_pad - k)))
+    xp = jnp.pad(xb, ((0, m_pad - m), (0, kw.k_pad - k)))
     if cfg.unpack == "magic_f16":
         xp = xp.astype(jnp.float16)   # A tile is f16: wgmma needs both operands f16
     args = [kw.codes, kw.scales, kw.zeros, xp]
