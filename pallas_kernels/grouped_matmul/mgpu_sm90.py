@@ -41,7 +41,7 @@ from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
-from pallas_kernels.quant_matmul.mgpu_sm90 import (UNPACKS, _accumulate_and_store, _decode_scratch, _interpret_params,
+from pallas_kernels.quant_matmul.mgpu_sm90 import (TARGET_CTAS, UNPACKS, _accumulate_and_store, _decode_scratch, _interpret_params,
                                                    _mma_xt, _pick_splits, _split_decode_refs,
                                                    _swizzle_transforms, _tiling, _unpack_and_multiply,
                                                    _unpack_plan)
@@ -239,9 +239,11 @@ def default_config(m: int, c: ExpertClass) -> Config:
                       k_splits=_pick_splits(steps, (c.n // 64) * blocks))
     per = packing.slots_per_tile(c.bits)
     steps = c.k_pad // (per * c.slab)
-    # active CTAs: at most min(rows, experts) blocks per column tile
+    # active CTAs: at most min(rows, experts) blocks per column tile. Twice quant_matmul's CTA
+    # target: Mixtral gate/up at 1 token (2 blocks x 224 column tiles), split 2 / 4 / 8 took
+    # 30.1 / 28.3 / 27.8 us (H100, 2026-11-23, benchmarks/results/logs/h100_2026-11-23_s11c_profile_decode.txt)
     blocks = min(-(-m // mb) + len(c.experts), max(1, m))
-    splits = _pick_splits(steps, (c.n // 64) * blocks)
+    splits = _pick_splits(steps, (c.n // 64) * blocks, target=2 * TARGET_CTAS)
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
     unpack = class_unpack("", c)
     return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
@@ -463,16 +465,7 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
     dest = jnp.where(in_class, pad_start[lsafe] + jnp.arange(m, dtype=jnp.int32) - offsets[class_ids[lsafe]],
                      num_blocks * mb)
     xb = x.astype(jnp.bfloat16)
-    # the padded buffer as a gather (each padded row reads its source row or is zero): XLA's scatter
-    # into a zeroed buffer cost ~4 us at decode (H100, 2026-11-23), a gather fuses with the zeroing
-    p = jnp.arange(num_blocks * mb, dtype=jnp.int32)
-    p_local = jnp.minimum(jnp.searchsorted(jnp.cumsum(counts) * mb, p, side="right").astype(jnp.int32), ec - 1)
-    within = p - pad_start[p_local]
-    src_ok = (within >= 0) & (within < gs_c[p_local])
-    src = jnp.clip(offsets[class_ids[p_local]] + within, 0, m - 1)
-    x_pad = jnp.where(src_ok[:, None], jnp.take(xb, src, axis=0), jnp.zeros((), jnp.bfloat16))
-    if c.k_pad != k:
-        x_pad = jnp.pad(x_pad, ((0, 0), (0, c.k_pad - k)))
+    x_pad = jnp.zeros((num_blocks * mb, c.k_pad), jnp.bfloat16).at[dest, :k].set(xb, mode="drop")
     if is_float:
         f = build_float(c.k_pad, c.n, ec, num_blocks, cfg, bool(interpret))
         out_t = f(counts, c.w_t, x_pad)

@@ -22,8 +22,10 @@ from pallas_kernels.quant_matmul import layout, mgpu_sm90, reference
 # 167 us at M=256 (benchmarks/results/quant_matmul.md); the Mosaic dequantize kernel 56.7 us
 # (2.53 TB/s on codes read + bf16 written) and at M=4096 dequantize + dot 762 us (631 TFLOP/s,
 # 96% of the bf16 dot's 728 us; XLA's dequantize + dot: 1196 us; benchmarks/results/prefill_probe.json).
-# With bf16 jnp.dot at 53 us for M=256 the prefill path should win from about M=128 (estimate).
-PREFILL_THRESHOLD = 256
+# Decode kernel at M=128 / 256: 95.7 / 162 us; dequantize (56.7) + bf16 dot (47 / 53 us) = ~104 / ~110 us
+# (sum of the two measured parts, 2026-11-23, benchmarks/results/quant_matmul_s11c.md): the kernel up
+# to M=128, the prefill path above.
+PREFILL_THRESHOLD = 128
 
 
 def _on_sm90() -> bool:

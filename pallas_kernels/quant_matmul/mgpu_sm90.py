@@ -67,10 +67,10 @@ UNPACKS = ("f32", "bf16", "magic_bf16", "magic_f16")
 TARGET_CTAS = 7 * 132
 
 
-def _pick_splits(steps: int, ctas: int) -> int:
+def _pick_splits(steps: int, ctas: int, target: int = TARGET_CTAS) -> int:
     best = 1
     for d in range(1, steps + 1):
-        if steps % d == 0 and ctas * d <= TARGET_CTAS:
+        if steps % d == 0 and ctas * d <= target:
             best = d
     return best
 
