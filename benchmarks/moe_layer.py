@@ -17,9 +17,9 @@ SiLU(gate)*up, combine back to tokens, plus the shared expert(s). Impls:
 - q3_grouped        uniform 3-bit g64 stacked QuantizedTensor through grouped_matmul (auto:
                     dequantize + ragged_dot); shared expert 3-bit through models.linear
 - q3_model          the same weights through StackedExperts as the model runs them after loading:
-                    on the GPU prepared once by milo_jax.prepare_for_kernels' per-weight step
-                    (experts -> grouped kernel layout, so the grouped kernel at every token count;
-                    shared expert -> quant_matmul's layout); on CPU unprepared (gather path at decode)
+                    on the GPU prepared once as milo_jax.prepare_for_kernels does (experts -> grouped
+                    kernel layout with gate and up fused into one launch, so the grouped kernel at
+                    every token count; shared expert -> quant_matmul's layout); on CPU unprepared
 - q3_kernel         the same through the grouped Mosaic GPU kernel (impl="kernel")
 - mixed234_grouped  per-expert 2/3/4-bit lists (gate/up and down with different assignments)
 - mixed234_kernel   the same through the kernel (one launch per bit-width class)
@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.quant_matmul import ON_CPU, cupti_us, jax_copy_tbps, torch_ceilings
+from milo_jax.models.kernel_weights import FusedIntoGate
 from milo_jax.models.linear import linear
 from milo_jax.models.moe import StackedExperts, sort_by_expert
 from milo_jax.quant import packing
@@ -228,7 +229,11 @@ def ffn(x, weights, ids, layer, matmul, num_experts):
     t, k = ids.shape
     order, inverse, gs = sort_by_expert(ids, num_experts)
     xs = jnp.take(x, order // k, axis=0)
-    hmid = jax.nn.silu(matmul(xs, layer["gate"], gs)) * matmul(xs, layer["up"], gs)
+    if isinstance(layer["up"], FusedIntoGate):    # gate and up fused at load (prepare_for_kernels)
+        gu = matmul(xs, layer["gate"], gs)
+        hmid = jax.nn.silu(gu[:, :layer["up"].split]) * gu[:, layer["up"].split:]
+    else:
+        hmid = jax.nn.silu(matmul(xs, layer["gate"], gs)) * matmul(xs, layer["up"], gs)
     ys = matmul(hmid, layer["down"], gs)
     y = jnp.take(ys, inverse, axis=0).reshape(t, k, -1)
     out = jnp.sum(y * weights[..., None].astype(y.dtype), axis=1)
@@ -301,8 +306,10 @@ def impl_fn(impl, num_experts, interpret):
 def prepare_as_loader(layer):
     """Every quantized weight of the layer as milo_jax.prepare_for_kernels leaves it (what `milo-jax
     generate/eval` do at load time on Hopper)."""
-    from milo_jax.models.kernel_weights import prepare_weight
-    return jax.tree_util.tree_map(prepare_weight, layer, is_leaf=lambda v: isinstance(v, QuantizedTensor))
+    from milo_jax.models.kernel_weights import fuse_gate_up, prepare_weight
+    out = jax.tree_util.tree_map(prepare_weight, layer, is_leaf=lambda v: isinstance(v, QuantizedTensor))
+    out["gate"], out["up"] = fuse_gate_up(out["gate"], out["up"])    # as prepare_for_kernels does
+    return out
 
 
 def prepare_for_kernel(layer):

@@ -261,6 +261,29 @@ def test_prefill_path_interpret(layout_3bit, rank):
     assert np.all(w_t[:, :, k:] == 0)
 
 
+@pytest.mark.parametrize("ranks", [(0, 0), (8, 0), (4, 6)])
+def test_fuse_columns_is_both_projections(ranks):
+    """fuse_columns(gate, up) (one launch for MoE gate and up): the fused product's first Na
+    columns are gate's and the rest up's, compensators included, on the reference and the kernel."""
+    rng = _rng()
+    e, k, na, nb, m = 3, 512, 64, 128, 12
+    def stack(n, rank):
+        parts = [quantized_expert(k, n, 3, 64, rank, rng) for _ in range(e)]
+        return parts, dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
+    pa, a = stack(na, ranks[0])
+    pb, b = stack(nb, ranks[1])
+    fused = mgpu_sm90.fuse_columns(mgpu_sm90.prepare_grouped(a), mgpu_sm90.prepare_grouped(b))
+    assert fused.shape == (e, k, na + nb)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    gs = jnp.asarray([5, 0, 7], jnp.int32)
+    want = np.concatenate([ref64(x, [dense64(p) for p in pa], gs), ref64(x, [dense64(p) for p in pb], gs)], axis=1)
+    assert rel_err(api.grouped_matmul(x, fused, gs, impl="reference"), want) < TOL_BF16
+    assert rel_err(api.grouped_matmul(x, fused, gs, impl="kernel", interpret=True), want) < TOL_BF16
+    with pytest.raises(ValueError, match="classes differ"):
+        mgpu_sm90.fuse_columns(mgpu_sm90.prepare_grouped(a), mgpu_sm90.prepare_grouped(
+            [quantized_expert(k, nb, 4, 64, 0, rng) for _ in range(e)]))
+
+
 def test_prefill_path_refuses_mixed_classes():
     rng = _rng()
     parts = [quantized_expert(512, 64, 3, 64, 0, rng), quantized_expert(512, 64, 4, 64, 0, rng)]

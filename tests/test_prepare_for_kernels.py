@@ -17,6 +17,7 @@ from milo_jax.models.kernel_weights import prepare_for_kernels_on_gpu
 from milo_jax.models.linear import linear
 from milo_jax.quant.compensator import QuantizedFactor
 from milo_jax.quant.model import split_params
+from milo_jax.models.kernel_weights import FusedIntoGate
 from pallas_kernels.grouped_matmul.mgpu_sm90 import GroupedKernelWeights
 from pallas_kernels.quant_matmul import KernelWeights
 from pallas_kernels.quant_matmul.layout import LAYOUT, PAIRS_LAYOUT
@@ -71,7 +72,7 @@ def test_leaves_are_kernel_weights_in_the_kernel_layout(models):
     names, before, _ = split_params(qmodel)
     pnames, after, _ = split_params(prepared)
     assert names == pnames
-    seen = {"pairs": 0, "nmajor": 0, "refused": 0, "experts": 0, "compensated": 0}
+    seen = {"pairs": 0, "nmajor": 0, "refused": 0, "experts": 0, "fused_up": 0, "compensated": 0}
     for name, v, w in zip(names, before, after):
         if isinstance(v, QuantizedTensor) and v.ndim == 2 and v.shape[1] % 64 == 0:
             assert isinstance(w, KernelWeights), name
@@ -82,9 +83,14 @@ def test_leaves_are_kernel_weights_in_the_kernel_layout(models):
             if v.u is not None:
                 assert w.rank == v.rank, name
                 seen["compensated"] += 1
+        elif isinstance(v, QuantizedTensor) and v.ndim == 3 and name.endswith("up_proj"):
+            # fused into its gate_proj sibling: one grouped launch for gate and up
+            assert isinstance(w, FusedIntoGate) and w.split == v.shape[2], name
+            seen["fused_up"] += 1
         elif isinstance(v, QuantizedTensor) and v.ndim == 3:      # routed experts: grouped kernel layout
             assert isinstance(w, GroupedKernelWeights), name
-            assert w.shape == v.shape, name
+            fused = name.endswith("gate_proj")
+            assert w.shape == (v.shape[0], v.shape[1], v.shape[2] * (2 if fused else 1)), name
             assert [c.bits for c in w.classes] == [v.bits] and w.classes[0].experts == tuple(range(v.shape[0]))
             assert w.classes[0].layout == (PAIRS_LAYOUT if v.bits == 3 else LAYOUT), name
             seen["experts"] += 1
@@ -95,8 +101,9 @@ def test_leaves_are_kernel_weights_in_the_kernel_layout(models):
         # the input model is not modified
         assert not isinstance(v, KernelWeights), name
     # q/o of 2 layers, shared gate/up/down, dense gate/up: 3-bit; dense down: 4-bit;
-    # k/v of 2 layers (N = 32) refused; 3 stacked expert tensors in the grouped kernel's layout
-    assert seen == {"pairs": 9, "nmajor": 1, "refused": 4, "experts": 3, "compensated": 2}, seen
+    # k/v of 2 layers (N = 32) refused; stacked experts in the grouped kernel's layout: gate (fused
+    # with up) and down
+    assert seen == {"pairs": 9, "nmajor": 1, "refused": 4, "experts": 2, "fused_up": 1, "compensated": 2}, seen
 
 
 def test_prepared_model_gives_the_same_logits(logits):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from milo_jax.models.kernel_weights import FusedIntoGate
 from milo_jax.models.linear import Linear, gathered_expert_linear, grouped_expert_linear
 from milo_jax.models.registry import get_router, register_router
 from milo_jax.quant.tensor import QuantizedTensor
@@ -128,7 +129,11 @@ class StackedExperts(nnx.Module):
             return jnp.sum(y * weights[..., None].astype(y.dtype), axis=1)
         order, inverse, group_sizes = sort_by_expert(ids, self.num_experts)
         x_sorted = jnp.take(x, order // k, axis=0)                       # [T*k, H]
-        h = act(grouped_expert_linear(x_sorted, wg, group_sizes)) * grouped_expert_linear(x_sorted, wu, group_sizes)
+        if isinstance(wu, FusedIntoGate):   # prepare_for_kernels fused up into gate: one launch
+            gu = grouped_expert_linear(x_sorted, wg, group_sizes)         # [T*k, 2I]
+            h = act(gu[:, :wu.split]) * gu[:, wu.split:]
+        else:
+            h = act(grouped_expert_linear(x_sorted, wg, group_sizes)) * grouped_expert_linear(x_sorted, wu, group_sizes)
         y_sorted = grouped_expert_linear(h, wd, group_sizes)             # [T*k, H]
         y = jnp.take(y_sorted, inverse, axis=0).reshape(t, k, -1)        # back to (token, slot)
         return jnp.sum(y * weights[..., None].astype(y.dtype), axis=1)

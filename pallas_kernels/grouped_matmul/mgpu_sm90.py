@@ -204,6 +204,51 @@ def prepare_grouped(w, layout_3bit: str | None = None) -> GroupedKernelWeights:
     return GroupedKernelWeights(classes=tuple(classes), num_experts=e, k=k, n=n)
 
 
+def fuse_columns(a: GroupedKernelWeights, b: GroupedKernelWeights) -> GroupedKernelWeights:
+    """Two projections of the same experts and input, [E, K, Na] and [E, K, Nb] (MoE gate and up),
+    as one [E, K, Na + Nb] whose expert e holds its Na columns of `a` then its Nb columns of `b`:
+    one launch (and one routing wrapper) instead of two. Compensators are stacked along the rank
+    (block-diagonal v). Raises ValueError when the bit-width classes differ (mixed precision with
+    different assignments) or the fused rank would exceed quant_matmul's MAX_RANK."""
+    if (a.num_experts, a.k) != (b.num_experts, b.k) or len(a.classes) != len(b.classes):
+        raise ValueError(f"fuse_columns: expert sets differ ({a.shape} vs {b.shape}, "
+                         f"{len(a.classes)} vs {len(b.classes)} classes)")
+    classes = []
+    for ca, cb in zip(a.classes, b.classes):
+        meta = lambda c: (type(c), tuple(c.experts), c.k, c.k_pad, c.bits,
+                          getattr(c, "group_size", None), getattr(c, "slab", None),
+                          getattr(c, "group_rows", None), getattr(c, "layout", None))
+        if meta(ca) != meta(cb):
+            raise ValueError(f"fuse_columns: classes differ: {meta(ca)} vs {meta(cb)}")
+        ec, na, nb = len(ca.experts), ca.n, cb.n
+
+        def cat_rows(x, y):            # per-expert row blocks [Ec*Na, ...] + [Ec*Nb, ...] -> interleaved
+            return jnp.concatenate([x.reshape(ec, na, *x.shape[1:]), y.reshape(ec, nb, *y.shape[1:])],
+                                   axis=1).reshape(ec * (na + nb), *x.shape[1:])
+
+        if isinstance(ca, FloatClass):
+            classes.append(dataclasses.replace(ca, w_t=cat_rows(ca.w_t, cb.w_t), n=na + nb))
+            continue
+        u = v_t = None
+        if ca.u is not None or cb.u is not None:
+            ra = 0 if ca.u is None else ca.u.shape[2]
+            rb = 0 if cb.u is None else cb.u.shape[2]
+            if ra + rb > layout.MAX_RANK:
+                raise ValueError(f"fuse_columns: fused rank {ra} + {rb} exceeds {layout.MAX_RANK}")
+            rp = 64 if ra + rb <= 64 else 128
+            parts = [p for p in (ca.u, cb.u) if p is not None]
+            u = jnp.concatenate(parts, axis=2) if len(parts) == 2 else parts[0]
+            va = jnp.zeros((ec * na, rp), jnp.bfloat16) if ca.u is None else \
+                jnp.pad(ca.v_t[:, :ra], ((0, 0), (0, rp - ra)))
+            vb = jnp.zeros((ec * nb, rp), jnp.bfloat16) if cb.u is None else \
+                jnp.pad(cb.v_t[:, :rb], ((0, 0), (ra, rp - ra - rb)))
+            v_t = cat_rows(va, vb)
+        classes.append(dataclasses.replace(
+            ca, codes=cat_rows(ca.codes, cb.codes), scales=jnp.concatenate([ca.scales, cb.scales], axis=1),
+            zeros=jnp.concatenate([ca.zeros, cb.zeros], axis=1), u=u, v_t=v_t, n=na + nb))
+    return GroupedKernelWeights(classes=tuple(classes), num_experts=a.num_experts, k=a.k, n=a.n + b.n)
+
+
 def dequantize_grouped(gkw: GroupedKernelWeights):
     """(W_hat [E, K, N] bf16, u [E, K, R] | None, v [E, R, N] | None) from the kernel layout."""
     dense = [None] * gkw.num_experts
