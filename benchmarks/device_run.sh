@@ -111,7 +111,7 @@ case "$1" in
       -q -m gpu -rfEs -p no:cacheprovider -n 4 -k "prefill"
     TAIL=14 step moe_mixtral 210 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model,q3_kernel --tokens 1,16,64,512,4096 --budget-s 190 --out "$OUT/moe_layer_s11d_mixtral.json"
-    TAIL=14 step moe_small 230 python3 -m benchmarks.moe_layer --models deepseek-v2-lite,qwen1.5-moe \
+    TAIL=14 step moe_small 230 python3 -m benchmarks.moe_layer --models deepseek-v2-lite,qwen1.5-moe-a2.7b \
       --impls ragged_dot_bf16,q3_model --tokens 1,16,4096 --budget-s 210 --out "$OUT/moe_layer_s11d_small.json"
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
