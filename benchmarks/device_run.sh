@@ -114,5 +114,12 @@ case "$1" in
     TAIL=14 step moe_small 230 python3 -m benchmarks.moe_layer --models deepseek-v2-lite,qwen1.5-moe-a2.7b \
       --impls ragged_dot_bf16,q3_model --tokens 1,16,4096 --budget-s 210 --out "$OUT/moe_layer_s11d_small.json"
     ;;
+  s11e)  # every native test, then DeepSeek at 4096 tokens and Qwen (resumes benchmarks/results/moe_layer_s11d_small.json)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_tests 200 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py -q -m gpu -rfEs -p no:cacheprovider -n 4
+    cp benchmarks/results/moe_layer_s11d_small.json "$OUT/moe_layer_s11e_small.json"
+    TAIL=14 step moe_small 380 python3 -m benchmarks.moe_layer --models deepseek-v2-lite,qwen1.5-moe-a2.7b \
+      --impls ragged_dot_bf16,q3_model --tokens 1,4096 --budget-s 330 --append --resume --out "$OUT/moe_layer_s11e_small.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
