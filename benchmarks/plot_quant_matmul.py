@@ -59,8 +59,8 @@ def markdown(meta: dict) -> str:
         lines.append(f"- `{run.get('command')}`: copy ceiling {_f(c.get('copy_tbps'))} TB/s "
                      f"(torch {_f(c.get('copy_tbps_torch'))}, jax {_f(c.get('copy_tbps_jax'))})")
     lines += ["", f"bf16 dense peak (best bf16 jnp.dot in these runs): {_f(ceil.get('bf16_tflops'), 1)} TFLOP/s.",
-              "Ours (`milo`): 3-bit, group 64, rank 0, api.matmul's default path (Mosaic GPU kernel for "
-              "M <= 256, dequantize + bf16 dot above). TB/s and % copy count the bytes that must move "
+              "Ours (`milo`): 3-bit, group 64, rank 0, api.matmul's default path at the time of the run "
+              "(the `path` column: decode kernel, or a dequantize + bf16 dot). TB/s and % copy count the bytes that must move "
               "(codes, scales, zeros, x, y); 'vs X' = X's time / ours (> 1: ours faster).", "",
               "| K x N | M | us | TB/s | % copy | TFLOP/s | vs bf16 | "
               + " | ".join(f"vs {p}" for p in PEER_COLUMNS) + " | path |",
