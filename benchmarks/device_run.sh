@@ -121,5 +121,9 @@ case "$1" in
     TAIL=14 step moe_small 380 python3 -m benchmarks.moe_layer --models deepseek-v2-lite,qwen1.5-moe-a2.7b \
       --impls ragged_dot_bf16,q3_model --tokens 1,4096 --budget-s 330 --append --resume --out "$OUT/moe_layer_s11e_small.json"
     ;;
+  s11f)  # grouped decode MB from rows per expert: Mixtral FFN at 1 / 16 / 64 tokens
+    TAIL=10 step moe_mixtral 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model --tokens 1,16,64 --budget-s 180 --out "$OUT/moe_layer_s11f_mixtral.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
