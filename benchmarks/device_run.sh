@@ -125,5 +125,11 @@ case "$1" in
     TAIL=10 step moe_mixtral 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls ragged_dot_bf16,q3_model --tokens 1,16,64 --budget-s 180 --out "$OUT/moe_layer_s11f_mixtral.json"
     ;;
+  s11g)  # mixed 2/3/4-bit Mixtral FFN with this stop's code; quant_matmul on the other shapes (prefill path from M > 128)
+    TAIL=8 step moe_mixed 170 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls mixed234_kernel --tokens 1,16,64 --budget-s 150 --out "$OUT/moe_layer_s11g_mixed.json"
+    TAIL=30 step quant_matmul 300 python3 -m benchmarks.quant_matmul --shapes 2048x1408,1408x2048,4096x4096,14336x4096 \
+      --ms 1,16,256,4096 --peers torch_int4_g128 --ranks 0 --out "$OUT/quant_matmul_s11g.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
