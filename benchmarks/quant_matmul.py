@@ -171,9 +171,9 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
                 if "dequant_dot" in impl and m < 64:
                     continue
                 if impl == "auto":
-                    # api.matmul's own choice on sm90 (kernel up to PREFILL_THRESHOLD); on CPU the
+                    # api.matmul's own choice on sm90 (kernel up to prefill_threshold(K, N)); on CPU the
                     # same choice forced, the kernel interpreted
-                    path = "kernel" if m <= api.PREFILL_THRESHOLD else "mgpu_dequant_dot"
+                    path = "kernel" if m <= api.prefill_threshold(k, n) else "mgpu_dequant_dot"
                     call_impl, interp = (path, path == "kernel") if ON_CPU else (None, None)
                 else:
                     path = call_impl = "kernel" if impl == "mgpu" else impl

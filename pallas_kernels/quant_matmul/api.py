@@ -1,7 +1,7 @@
 """`matmul(x, qt)`: y = x @ W_hat (+ (x @ u) @ v) for a quantized weight, picking the backend.
 
-- On an sm90 (Hopper) GPU: the Mosaic GPU decode kernel (mgpu_sm90.py) for M <= PREFILL_THRESHOLD
-  tokens; above it the Mosaic dequantize kernel writes W_hat^T in bf16 once and a bf16 dot runs
+- On an sm90 (Hopper) GPU: the Mosaic GPU decode kernel (mgpu_sm90.py) for M <= prefill_threshold
+  (128 tokens, 256 for small weights); above it the Mosaic dequantize kernel writes W_hat^T in bf16 once and a bf16 dot runs
   (the product is compute-bound there: re-dequantizing every tile per token block loses).
 - Elsewhere (CPU, other GPUs): the plain-jnp reference (reference.py).
 - interpret=True runs the Mosaic GPU kernel in GPU interpret mode on CPU (tests, tiny shapes).
@@ -24,8 +24,16 @@ from pallas_kernels.quant_matmul import layout, mgpu_sm90, reference
 # 96% of the bf16 dot's 728 us; XLA's dequantize + dot: 1196 us; benchmarks/results/prefill_probe.json).
 # Decode kernel at M=128 / 256: 95.7 / 162 us; dequantize (56.7) + bf16 dot (47 / 53 us) = ~104 / ~110 us
 # (sum of the two measured parts, 2026-11-23, benchmarks/results/quant_matmul_s11c.md): the kernel up
-# to M=128, the prefill path above.
+# to M=128, the prefill path above. Small matrices (DeepSeek-V2-Lite's 2048 x 1408 experts) keep the
+# kernel to M=256: 13.0 us there against 16.8 us for dequantize + dot (fixed costs of two launches);
+# 4096 x 4096 at M=256: kernel 57.5 us, dequantize + dot 47.8 us (benchmarks/results/quant_matmul_s11g.md).
 PREFILL_THRESHOLD = 128
+SMALL_WEIGHT = 4 * 1024 * 1024      # K * N at or below which the kernel runs up to 2 * PREFILL_THRESHOLD
+
+
+def prefill_threshold(k: int, n: int) -> int:
+    """Largest M that api.matmul sends to the decode kernel on sm90 for a K x N weight."""
+    return 2 * PREFILL_THRESHOLD if k * n <= SMALL_WEIGHT else PREFILL_THRESHOLD
 
 
 def _on_sm90() -> bool:
@@ -97,7 +105,7 @@ def matmul(x: jax.Array, qt, *, interpret: bool | None = None, impl: str | None 
         if interpret:
             impl = "kernel"
         elif _on_sm90():
-            impl = "kernel" if m <= PREFILL_THRESHOLD else "mgpu_dequant_dot"
+            impl = "kernel" if m <= prefill_threshold(k, qt.n) else "mgpu_dequant_dot"
         else:
             impl = "reference"
     if impl == "reference":
