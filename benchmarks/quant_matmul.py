@@ -174,7 +174,8 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
                     # api.matmul's own choice on sm90 (kernel up to prefill_threshold(K, N)); on CPU the
                     # same choice forced, the kernel interpreted
                     path = "kernel" if m <= api.prefill_threshold(k, n) else "mgpu_dequant_dot"
-                    call_impl, interp = (path, path == "kernel") if ON_CPU else (None, None)
+                    call_impl, interp = ((path, path in ("kernel", "mgpu_dequant_dot")) if ON_CPU
+                                         else (None, None))
                 else:
                     path = call_impl = "kernel" if impl == "mgpu" else impl
                     interp = ON_CPU and "mgpu" in impl

@@ -84,7 +84,7 @@ def test_roofline_png(tmp_path):
 
 
 def test_append_keeps_earlier_records(tmp_path, monkeypatch):
-    """Two tiny CPU runs (M above the prefill threshold: no interpret-mode kernel) into one JSON."""
+    """Two tiny CPU runs (M above the prefill threshold: the dequantize kernel, interpreted) into one JSON."""
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     from benchmarks import quant_matmul as qm
     out = str(tmp_path / "qm.json")
@@ -95,7 +95,7 @@ def test_append_keeps_earlier_records(tmp_path, monkeypatch):
     n_first = len(first["records"])
     assert n_first == 2 and {r["impl"] for r in first["records"]} == {"bf16_jnp_dot", "milo"}
     milo = next(r for r in first["records"] if r["impl"] == "milo")
-    assert milo["path"] == "dequant_dot" and milo["relerr"] < 1e-2
+    assert milo["path"] == "mgpu_dequant_dot" and milo["relerr"] < 1e-2
     qm.RESULTS.clear()
     qm.main(["--shapes", "64x128", "--ms", "300", "--ranks", "0", "--append", "--out", out])
     with open(out) as fh:
