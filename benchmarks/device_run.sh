@@ -131,5 +131,11 @@ case "$1" in
     TAIL=30 step quant_matmul 300 python3 -m benchmarks.quant_matmul --shapes 2048x1408,1408x2048,4096x4096,14336x4096 \
       --ms 1,16,256,4096 --peers torch_int4_g128 --ranks 0 --out "$OUT/quant_matmul_s11g.json"
     ;;
+  s11h)  # compensator operands in split 0 only: native tests, then rank 0 / 32 at M = 1 / 16 on Mixtral's shape
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_tests 200 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py -q -m gpu -rfEs -p no:cacheprovider -n 4
+    TAIL=12 step quant_matmul 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --peers "" \
+      --ranks 0,32 --out "$OUT/quant_matmul_s11h.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -41,7 +41,8 @@ from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
-from pallas_kernels.quant_matmul.mgpu_sm90 import (TARGET_CTAS, UNPACKS, _accumulate_and_store, _decode_scratch, _interpret_params,
+from pallas_kernels.quant_matmul.mgpu_sm90 import (TARGET_CTAS, UNPACKS, _accumulate_and_store, _compensator_copies,
+                                                   _compensator_mma, _decode_scratch, _interpret_params,
                                                    _mma_xt, _pick_splits, _split_decode_refs,
                                                    _swizzle_transforms, _tiling, _unpack_and_multiply,
                                                    _unpack_plan)
@@ -430,9 +431,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         ki = lax.axis_index("k")
         off = ki * steps
         expert, valid = _block_expert(counts, mi, num_experts)
-        if comp:   # compensator operands arrive while the main loop runs (in range for skipped blocks too)
-            plgpu.copy_gmem_to_smem(xu.at[ki, pl.ds(mi * mb, mb)], xu_smem, bar)
-            plgpu.copy_gmem_to_smem(v_t.at[pl.ds(expert * n + ni * bn, bn)], v_smem, bar)
+        if comp:   # compensator operands arrive while the main loop runs (split 0 only; in range for
+            # skipped blocks too)
+            _compensator_copies(ki == 0, xu.at[ki, pl.ds(mi * mb, mb)], v_t.at[pl.ds(expert * n + ni * bn, bn)],
+                                xu_smem, v_smem, bar)
         row_block = expert * n_blocks + ni            # this expert's column tile in stacked codes
         scale_base = expert * scale_blocks_per_expert
 
@@ -468,9 +470,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
                 plgpu.wgmma_wait(0)
 
             if comp:
-                plgpu.barrier_wait(bar)
-                _mma_xt(acc_ref, v_smem, xu_smem, interpret)
-                plgpu.wgmma_wait(0)
+                _compensator_mma(ki == 0, acc_ref, v_smem, xu_smem, bar, interpret)
             return acc_ref[...]
 
         _accumulate_and_store(compute, o_smem,

@@ -427,6 +427,25 @@ def _decode_scratch(plan: _UnpackPlan, bn: int, chunk: int, slab: int, mb: int, 
     return scratch
 
 
+def _compensator_copies(first_split, xu_tile, v_tile, xu_smem, v_smem, bar):
+    """Start the TMA copies of the compensator operands (x @ u rows, v^T columns) in the K split
+    that adds the compensator (split 0): the other splits would multiply zeros, and with split-K 4
+    their v^T loads were 3/4 of the compensator's traffic."""
+    @pl.when(first_split)
+    def _():
+        plgpu.copy_gmem_to_smem(xu_tile, xu_smem, bar)
+        plgpu.copy_gmem_to_smem(v_tile, v_smem, bar)
+
+
+def _compensator_mma(first_split, acc_ref, v_smem, xu_smem, bar, interpret: bool):
+    """acc += v^T tile @ (x @ u)^T in split 0 (the epilogue's one extra wgmma)."""
+    @pl.when(first_split)
+    def _():
+        plgpu.barrier_wait(bar)
+        _mma_xt(acc_ref, v_smem, xu_smem, interpret)
+        plgpu.wgmma_wait(0)
+
+
 def _split_decode_refs(refs, n_in: int, plan: _UnpackPlan):
     """(inputs, out, a_buf or None, o_smem, (xu_smem, v_smem, bar) or ()) from a decode kernel's refs."""
     ins, out, rest = refs[:n_in], refs[n_in], list(refs[n_in + 1:])
@@ -470,9 +489,9 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         mi = lax.axis_index("m")
         ki = lax.axis_index("k")
         off = ki * steps                      # first K tile of this split
-        if comp:  # compensator operands arrive while the main loop runs (xu is zero for splits > 0)
-            plgpu.copy_gmem_to_smem(xu.at[ki, pl.ds(mi * mb, mb)], xu_smem, bar)
-            plgpu.copy_gmem_to_smem(v_t.at[pl.ds(ni * bn, bn)], v_smem, bar)
+        if comp:  # compensator operands arrive while the main loop runs; only split 0 adds them
+            _compensator_copies(ki == 0, xu.at[ki, pl.ds(mi * mb, mb)], v_t.at[pl.ds(ni * bn, bn)],
+                                xu_smem, v_smem, bar)
 
         def body(_, *step_refs):
             plane_refs = step_refs[:wps]
@@ -497,9 +516,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 *([codes] * wps), scales, zeros, x)
             plgpu.wgmma_wait(0)
             if comp:
-                plgpu.barrier_wait(bar)
-                _mma_xt(acc_ref, v_smem, xu_smem, interpret)
-                plgpu.wgmma_wait(0)
+                _compensator_mma(ki == 0, acc_ref, v_smem, xu_smem, bar, interpret)
             return acc_ref[...]
 
         acc = None
