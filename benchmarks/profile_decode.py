@@ -35,6 +35,15 @@ def _no_unpack(acc, a_buf, planes, s_ref, z_ref, x_ref, **kw):
     del acc, a_buf, planes, s_ref, z_ref, x_ref, kw
 
 
+def _overrides(cfg, opts):
+    over = {}
+    for o in opts:   # "+field=value" overrides of a Config
+        key, val = o.split("=")
+        typ = type(getattr(cfg, key))
+        over[key] = (val not in ("0", "False", "false")) if typ is bool else typ(val)
+    return over
+
+
 def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     keys = jax.random.split(jax.random.key(0), reps)
     ws = [random_weights(kk, k, n, 64, True) for kk in keys]
@@ -42,11 +51,7 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     cfg = mgpu_sm90.default_config(m, ws[0])
     orig = mgpu_sm90._unpack_and_multiply
     base, *opts = variant.split("+")
-    over = {}
-    for o in opts:   # "+field=value" overrides of the default Config
-        key, val = o.split("=")
-        typ = type(getattr(cfg, key))
-        over[key] = (val not in ("0", "False", "false")) if typ is bool else typ(val)
+    over = _overrides(cfg, opts)
     if base.startswith("split"):
         over["k_splits"] = int(base[5:])
     elif base not in ("default", "stream"):
@@ -62,15 +67,6 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     finally:
         mgpu_sm90._unpack_and_multiply = orig
     return f, ws, x
-
-
-def _overrides(cfg, opts):
-    over = {}
-    for o in opts:   # "+field=value" overrides of a Config
-        key, val = o.split("=")
-        typ = type(getattr(cfg, key))
-        over[key] = (val not in ("0", "False", "false")) if typ is bool else typ(val)
-    return over
 
 
 def run_grouped(m_tokens: int, interpret: bool, k: int, n: int, experts: int = 8, top_k: int = 2,

@@ -18,8 +18,10 @@ QuantizedTensor (mixed precision), becomes `GroupedKernelWeights` (`grouped_matm
 prepare_grouped`: one stacked class per bit width, 3-bit in "planar_pairs"). `models.moe` then
 always takes the grouped path (sorted rows, one grouped matmul per projection), which on an sm90
 GPU is the grouped Mosaic kernel: it reads only the experts that have tokens, so it replaces the
-decode gather path too (Mixtral FFN, 3-bit g64, 1 token: 128 us against 1087 us for the gather
-path, H100, 2026-11-23, benchmarks/results/moe_layer.md).
+decode gather path too. A block's gate_proj and up_proj (same rows, same bit-width classes) are
+fused into one GroupedKernelWeights in gate_proj, up_proj then holding `FusedIntoGate`: one launch
+for both (Mixtral FFN, 3-bit g64, 1 token: 106 us, against 1087 us for the gather path; H100,
+2026-11-23, benchmarks/results/moe_layer_table.md).
 What stays as it is:
   * tensors `prepare` / `prepare_grouped` refuse (N not a multiple of 64, compensator rank > 128,
     group sizes the kernel cannot tile, non-planar layouts): the matmuls send them to their jnp

@@ -18,9 +18,9 @@ Backends (impl):
   once at load time); raw weights are repacked inside every call.
 - None (auto): "kernel" on an sm90 GPU when any expert is quantized (QuantizedTensor, a list holding
   one, or prepared GroupedKernelWeights), "reference" otherwise. Measured (H100, 2026-11-23,
-  benchmarks/results/moe_layer.md, Mixtral FFN 3-bit g64): the kernel beats the quantized reference
-  (dequantize every expert + ragged_dot) at every token count, 128 us vs 7658 us at 1 token and
-  21.4 ms vs 34.7 ms at 4096. Plain bf16 experts stay on ragged_dot: the kernel's bf16 path won at
+  benchmarks/results/moe_layer_table.md, Mixtral FFN 3-bit g64): the kernel beats the quantized
+  reference (dequantize every expert + ragged_dot) at every token count, 110 us vs 7658 us at 1
+  token and 6.4 ms (its prefill path) vs 34.7 ms at 4096. Plain bf16 experts stay on ragged_dot: the kernel's bf16 path won at
   1, 512 and 4096 tokens but lost at 16 and 64 (0.87-0.89x) on Mixtral. Weights the kernel cannot
   take (N not a multiple of 64, tiles it cannot form) fall back to the reference in auto mode.
 """

@@ -283,8 +283,8 @@ def default_config(m: int, c: ExpertClass) -> Config:
     CTA per SM at 64 Mixtral tokens (128 rows, MB 64: 156 KB of SMEM) and 0.57 TB/s; the 1.5x
     margin keeps most experts in one block (one weight read). Skewed routing costs extra weight
     reads (an expert with r rows is read ceil(r / MB) times)."""
-    mb = min(64, max(8, -(-m // 8) * 8))
-    if isinstance(c, FloatClass):
+    if isinstance(c, FloatClass):   # bf16 class: MB from M (measured that way in stop 10)
+        mb = min(64, max(8, -(-m // 8) * 8))
         steps = c.k_pad // FLOAT_BLOCK_K
         blocks = min(-(-m // mb) + len(c.experts), max(1, m))
         return Config(block_n=64, block_m=mb, chunk_slots=1, stages=4,
@@ -572,11 +572,15 @@ def dequantize_class(c, interpret: bool = False) -> jax.Array:
     return w_t.reshape(ec, c.n, c.k_pad)
 
 
+def _uniform(gkw: GroupedKernelWeights) -> bool:
+    """One class holding every expert in order (what the prefill path's single GEMM needs)."""
+    return len(gkw.classes) == 1 and tuple(gkw.classes[0].experts) == tuple(range(gkw.num_experts))
+
+
 def prefill_applies(m: int, gkw: GroupedKernelWeights) -> bool:
-    """Whether `grouped_matmul_mgpu` takes the prefill path by default: one class holding every
-    expert in order (uniform bits) and at least PREFILL_ROWS rows."""
-    return (m >= PREFILL_ROWS and len(gkw.classes) == 1
-            and tuple(gkw.classes[0].experts) == tuple(range(gkw.num_experts)))
+    """Whether `grouped_matmul_mgpu` takes the prefill path by default: a uniform layer (`_uniform`)
+    and at least PREFILL_ROWS rows."""
+    return m >= PREFILL_ROWS and _uniform(gkw)
 
 
 def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes: jax.Array, *,
@@ -584,7 +588,7 @@ def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes:
     """Prefill path: dequantize each expert once, then a bf16 grouped GEMM (jax's ragged_dot_mgpu;
     in interpret mode jax.lax.ragged_dot stands in for it), compensators as two more ragged_dots.
     x [M, K] sorted by expert -> [M, N] in x.dtype; rows past sum(group_sizes) are 0."""
-    if not (len(gkw.classes) == 1 and tuple(gkw.classes[0].experts) == tuple(range(gkw.num_experts))):
+    if not _uniform(gkw):
         raise ValueError("grouped_matmul prefill path: needs one class holding every expert in order "
                          f"(got classes {[c.experts for c in gkw.classes]})")
     c = gkw.classes[0]
@@ -601,7 +605,7 @@ def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes:
         y = ragged_dot_mgpu.ragged_dot(xp, w_t, group_sizes=gs, transpose_rhs=True,
                                        **(gemm or PREFILL_GEMM)).astype(jnp.float32)
     y = y[:m]
-    if getattr(c, "u", None) is not None:
+    if c.u is not None:
         r = c.u.shape[2]
         xu = lax.ragged_dot(xb, c.u, gs, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
         v = jnp.swapaxes(c.v_t.reshape(len(c.experts), c.n, -1)[:, :, :r], 1, 2)   # [E, R, N]

@@ -251,6 +251,21 @@ def _dequant_pairs(planes, jps, scale_list, bn: int, slab: int, unpack: str, int
     return _magic_pairs_native(planes, jps, scale_list, bn, slab, unpack)
 
 
+def _pair_scales_by_slot(s_ref, z_ref, *, bn, slab, group_rows, g_block, unpack):
+    """pair-slot jp -> its group's (s, hi, lo) from _pair_scales, computed once per group (the
+    pair-slots of a tile are visited in order, so one group is live at a time)."""
+    cache = {}
+
+    def scales_of(jp):
+        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
+        if g not in cache:
+            cache.clear()
+            cache[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
+        return cache[g]
+
+    return scales_of
+
+
 def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab, bn, chunk,
                          nchunks, group_rows, g_block, plan: _UnpackPlan, interpret):
     """One pipeline step's work, shared by the dense and the grouped decode kernels: the K tile in
@@ -260,13 +275,8 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
     the group's scale/offset pairs computed once and reused); otherwise one slab at a time.
     a_regs (pairs only): A goes to wgmma from registers, one pair-slot per MMA; a_buf is unused."""
     pairs, unpack, nbuf = plan.pairs, plan.unpack, plan.nbuf
-    group_scales = {}                                                   # g -> (s, hi, lo)
-    def scales_of(jp):
-        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
-        if g not in group_scales:
-            group_scales.clear()                                        # one group live at a time
-            group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
-        return group_scales[g]
+    scales_of = _pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=slab, group_rows=group_rows,
+                                     g_block=g_block, unpack=unpack)
 
     if plan.a_regs:
         # One wgmma per chunk (chunk // 2 pair-slots, converted side by side into one register
@@ -615,20 +625,15 @@ def build_dequant(bits: int, slab: int, group_rows: int, k_pad: int, n: int, chu
             (s,) = idx
             planes = [r[...] for r in step_refs[:wps]]
             s_ref, z_ref = step_refs[wps:]
-            group_scales = {}
+            scales_of = _pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=slab, group_rows=group_rows,
+                                             g_block=g_block, unpack=unpack)
             for c in range(nchunks):
                 buf = a_buf.at[c % 2]
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # buf's previous store has read it
                 if plan.pairs:   # chunk // 2 pair-slots converted side by side, one store
                     jps = list(range(c * chunk // 2, (c + 1) * chunk // 2))
-                    scs = []
-                    for jp in jps:
-                        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
-                        if g not in group_scales:
-                            group_scales.clear()
-                            group_scales[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
-                        scs.append(group_scales[g])
-                    buf[...] = _dequant_pairs(planes, jps, scs, bn, slab, unpack, interpret)
+                    buf[...] = _dequant_pairs(planes, jps, [scales_of(jp) for jp in jps], bn, slab, unpack,
+                                              interpret)
                 else:
                     for jj in range(chunk):
                         j = c * chunk + jj
