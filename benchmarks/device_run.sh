@@ -137,5 +137,13 @@ case "$1" in
     TAIL=12 step quant_matmul 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --peers "" \
       --ranks 0,32 --out "$OUT/quant_matmul_s11h.json"
     ;;
+  s12a)  # stream-K decode kernel: native tests, then CUPTI times against the split-K default (M = 1, 16)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_tests 200 python3 -m pytest \
+      tests/test_quant_matmul_stream_k.py -q -m gpu -rfEs -p no:cacheprovider
+    TAIL=14 step time_m1 260 python3 -m benchmarks.profile_decode --time --variants \
+      default,sk,sk+ctas=132,sk+ctas=396,sk+ctas=528,sk+stages=3,sk+stages=4,sk+chunk_slots=4,skstream,skstream+ctas=132,skstream+stages=4
+    TAIL=8 step time_m16 120 python3 -m benchmarks.profile_decode --time --m 16 --variants \
+      default,sk,sk+ctas=396,sk+stages=3
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -9,6 +9,8 @@ Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
   stream    the same grid and pipeline with the unpack + MMA removed: the loads alone (a probe of the
             pipeline's own ceiling; the output is meaningless)
   splitN    default with k_splits=N
+  sk        the stream-K kernel (stream_k_sm90.py) with default_config's unpack; +ctas=N caps its CTAs
+            (default 2 per SM); skstream: its loads alone (unpack + MMA removed)
   +field=value after any of them overrides that Config field (e.g. stream+k_splits=8+stages=3)
   grouped   the grouped kernel on Mixtral's gate projection (8 experts), 1 token, top-2
 Without ncu it prints CUPTI times (rotated weights) for the same variants.
@@ -51,16 +53,25 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     cfg = mgpu_sm90.default_config(m, ws[0])
     orig = mgpu_sm90._unpack_and_multiply
     base, *opts = variant.split("+")
+    ctas = [int(o.split("=")[1]) for o in opts if o.startswith("ctas=")]
+    opts = [o for o in opts if not o.startswith("ctas=")]
+    if base.startswith("sk"):
+        cfg = dataclasses.replace(cfg, k_splits=1, chunk_slots=8)
     over = _overrides(cfg, opts)
     if base.startswith("split"):
         over["k_splits"] = int(base[5:])
-    elif base not in ("default", "stream"):
+    elif base not in ("default", "stream", "sk", "skstream"):
         raise ValueError(variant)
     cfg = dataclasses.replace(cfg, **over)
-    if base == "stream":
+    if base in ("stream", "skstream"):
         mgpu_sm90._unpack_and_multiply = _no_unpack
     try:
-        f = jax.jit(lambda x, w: mgpu_sm90.matmul_mgpu(x, w, config=cfg, interpret=interpret))
+        if base.startswith("sk"):
+            from pallas_kernels.quant_matmul import stream_k_sm90
+            f = jax.jit(lambda x, w: stream_k_sm90.matmul_stream_k(
+                x, w, config=cfg, max_ctas=(ctas or [None])[0], interpret=interpret))
+        else:
+            f = jax.jit(lambda x, w: mgpu_sm90.matmul_mgpu(x, w, config=cfg, interpret=interpret))
         for w in ws:
             y = f(x, w)
         jax.block_until_ready(y)
@@ -110,7 +121,7 @@ def main():
         else:
             reps = a.reps if not a.time or a.cpu_smoke else max(2, -(-ROTATE_BYTES // logical_weight_bytes(k, n, 3, 64, 0)))
             orig = mgpu_sm90._unpack_and_multiply
-            if v.startswith("stream"):
+            if v.startswith(("stream", "skstream")):
                 mgpu_sm90._unpack_and_multiply = _no_unpack
             try:
                 f, ws, x = run(v, k, n, a.m, int(reps), a.cpu_smoke)

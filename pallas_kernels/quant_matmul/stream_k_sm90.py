@@ -1,0 +1,255 @@
+"""Stream-K decode kernel (Hopper, Mosaic GPU): a persistent grid whose one pipeline runs across work.
+
+Why (pallas_kernels/quant_matmul/NOTES.md, stop 11): the split-K decode kernel (mgpu_sm90.build)
+gives every CTA one (column tile, K split) of only 2 pipeline steps at M=1 on 4096 x 14336; its loads
+alone (no unpack, no MMA) took 11-13 us of the ~8.5 us the bytes need at the copy ceiling: each CTA
+pays a pipeline prologue and an epilogue, and 896 CTAs run in ~1.7 waves.
+
+Here the work is the flat list of T = m_blocks * (N / BN) * (K / tile) steps, ordered (token block,
+column tile, K tile) with K fastest, and CTA j takes the contiguous range [j * L, (j + 1) * L): a few
+CTAs per SM, each with a single `emit_pipeline` over its L steps, so loads stay in flight from the
+first step to the last, across column tiles. A range that crosses into a new column tile stores the
+finished partial sum and starts a new one (the accumulator is the pipeline's carry). A column tile is
+shared by at most `slots` consecutive CTAs; each writes its float32 partial to its own slot of
+out [slots, N, M_pad] (slot = CTA index - first CTA of the tile) and the wrapper sums the slots that
+were written (a static mask: which slots a tile has follows from T, L and the tiling alone).
+
+The per-step work (unpack + wgmma into acc[BN, MB] += A[BN, BK] @ x^T) is the split-K kernel's
+(`mgpu_sm90._unpack_and_multiply`). The compensator is added by the range that starts a column tile
+(K tile 0): its x @ u rows and v^T columns are fetched at that step and multiplied in at the range's
+last step for that tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from milo_jax.quant import packing
+from pallas_kernels.quant_matmul import layout, mgpu_sm90 as base
+from pallas_kernels.quant_matmul.layout import KernelWeights
+
+H100_SMS = 132
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How T steps are dealt to CTAs: CTA j runs steps [j * per_cta, min((j + 1) * per_cta, total))."""
+    total: int           # T = m_blocks * col_tiles * k_tiles
+    per_cta: int         # L
+    ctas: int            # ceil(T / L)
+    k_tiles: int         # steps per (token block, column tile)
+    slots: int           # most CTAs that share one column tile
+
+    def written(self) -> np.ndarray:
+        """[slots, tiles] bool: slot s of tile b holds a partial sum (tiles = m_blocks * col_tiles)."""
+        tiles = self.total // self.k_tiles
+        b = np.arange(tiles)
+        first = (b * self.k_tiles) // self.per_cta
+        last = ((b + 1) * self.k_tiles - 1) // self.per_cta
+        return np.arange(self.slots)[:, None] <= (last - first)[None, :]
+
+
+def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
+    per = -(-total // max_ctas)
+    ctas = -(-total // per)
+    tiles = total // k_tiles
+    b = np.arange(tiles)
+    slots = int(((((b + 1) * k_tiles - 1) // per) - (b * k_tiles) // per).max()) + 1
+    return Schedule(total=total, per_cta=per, ctas=ctas, k_tiles=k_tiles, slots=slots)
+
+
+def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
+          cfg: base.Config, max_ctas: int, interpret: bool):
+    """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [m_pad, Rp], v_t [N, Rp]]) ->
+    float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage)."""
+    cfg = dataclasses.replace(cfg, k_splits=1)
+    tl = base._tiling(bits, slab, k_pad, n, cfg)
+    wps, tile_rows, kt = tl.wps, tl.tile_rows, tl.steps
+    bn, mb, chunk, nchunks = tl.bn, tl.mb, tl.chunk, tl.nchunks
+    if m_pad % mb:
+        raise ValueError(f"M={m_pad} is not tiled by MB={mb}")
+    if group_rows >= tile_rows:
+        if group_rows % tile_rows and group_rows != k_pad:
+            raise ValueError(f"group of {group_rows} rows does not align with tiles of {tile_rows}")
+        g_block = 1
+        scale_index = (lambda t: (t * tile_rows) // group_rows) if group_rows != k_pad else (lambda t: 0 * t)
+    else:
+        g_block = tile_rows // group_rows
+        scale_index = lambda t: t
+    col_tiles = n // bn
+    sched = schedule((m_pad // mb) * col_tiles * kt, kt, max_ctas)
+    per, total = sched.per_cta, sched.total
+    comp = rank_pad > 0
+    plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab)
+    tr = base._swizzle_transforms(slab)
+    tr_r = base._swizzle_transforms(64)
+    wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+    def where_is(j, s):
+        """Step s of CTA j -> (valid, token block, column tile, K tile, first, last, slot)."""
+        g = j * per + s
+        valid = g < total
+        g = jnp.minimum(g, total - 1)
+        tile, t = g // kt, g % kt
+        first = (s == 0) | (t == 0)
+        last = (s == per - 1) | (t == kt - 1) | (g == total - 1)
+        slot = j - (tile * kt) // per
+        return valid, tile // col_tiles, tile % col_tiles, t, first, last, slot
+
+    def kernel(*refs):
+        n_in = 6 if comp else 4
+        ins, out = refs[:n_in], refs[n_in]
+        rest = list(refs[n_in + 1:])
+        a_buf = None if plan.a_regs else rest.pop(0)
+        o_smem = rest.pop(0)
+        codes, scales, zeros, x = ins[:4]
+        j = lax.axis_index("cta")
+
+        def tile_of(s):
+            _, mi, ci, t, *_ = where_is(j, s)
+            return mi, ci, t
+
+        def body(idx, *step_refs):
+            (s,) = idx
+            *step_refs, acc = step_refs
+            plane_refs = step_refs[:wps]
+            s_ref, z_ref, x_ref = step_refs[wps:]
+            valid, mi, ci, t, first, last, slot = where_is(j, s)
+            if comp:
+                xu, v_t = ins[4:]
+                xu_smem, v_smem, bar = rest[0], rest[1], rest[2]
+                # the range that starts this column tile adds its compensator: fetch now, add at `last`
+                base._compensator_copies(t == 0, xu.at[pl.ds(mi * mb, mb)], v_t.at[pl.ds(ci * bn, bn)],
+                                         xu_smem, v_smem, bar)
+            planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
+            zero = jnp.zeros((bn, mb), jnp.float32)
+            if not interpret:
+                zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+            acc = lax.cond(first, lambda a: zero, lambda a: a, acc)     # a new column tile
+
+            def step(acc_ref):
+                base._unpack_and_multiply(acc_ref, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
+                                          bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
+                                          g_block=g_block, plan=plan, interpret=interpret)
+                plgpu.wgmma_wait(0)
+
+            acc = _run_acc(step, acc, interpret)
+            if comp:
+                starts_tile = s >= t                     # K tile 0 of this column tile is in this range
+
+                def add_comp(a):
+                    def mma(acc_ref):
+                        plgpu.barrier_wait(bar)
+                        base._mma_xt(acc_ref, v_smem, xu_smem, interpret)
+                        plgpu.wgmma_wait(0)
+                    return _run_acc(mma, a, interpret)
+
+                acc = lax.cond(last & starts_tile, add_comp, lambda a: a, acc)
+
+            @pl.when(last & valid)
+            def _store():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # o_smem's last store has read it
+                o_smem[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, out.at[slot, pl.ds(ci * bn, bn), pl.ds(mi * mb, mb)])
+            return acc
+
+        code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (tile_of(s)[1], wps * tile_of(s)[2] + p)))
+                      for p in range(wps)]
+        in_specs = code_specs + [
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
+            plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr),
+        ]
+        init = jnp.zeros((bn, mb), jnp.float32)
+        if not interpret:
+            init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
+        plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
+                            init_carry=init)(*([codes] * wps), scales, zeros, x)
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
+    scratch += [plgpu.SMEM((bn, mb), jnp.float32)]
+    if comp:
+        scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
+                    plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
+                    plgpu.Barrier(num_arrivals=2)]
+    f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((sched.slots, n, m_pad), jnp.float32),
+                     grid=(sched.ctas,), grid_names=("cta",), compiler_params=wg, scratch_types=scratch,
+                     **base._interpret_params(interpret))
+    return f, sched
+
+
+def _run_acc(compute, acc, interpret: bool):
+    """acc + whatever `compute(acc_ref)` accumulates: a wgmma register accumulator initialised from
+    the carried value natively; in GPU interpret mode (which has no run_state) a float32 SMEM tile
+    holding the value."""
+    if not interpret:
+        return pl.run_state(compute)(plgpu.ACC.init(acc))
+
+    def scoped(acc_ref):
+        acc_ref[...] = acc
+        compute(acc_ref)
+        return acc_ref[...]
+    return pl.run_scoped(scoped, plgpu.SMEM(acc.shape, jnp.float32))
+
+
+def max_ctas_default() -> int:
+    """CTAs the schedule may use: 2 per SM of the local GPU (132 SMs on the H100; 4 in interpret runs,
+    enough to give tiles several ranges)."""
+    try:
+        dev = jax.devices()[0]
+        sms = getattr(dev, "core_count", None) if dev.platform == "gpu" else None
+    except RuntimeError:
+        sms = None
+    return 2 * (sms or H100_SMS)
+
+
+def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | None = None,
+                    max_ctas: int | None = None, interpret: bool = False) -> jax.Array:
+    """x [M, K] -> bf16 [M, N] through the stream-K decode kernel (weights in the kernel layout)."""
+    m, k = x.shape
+    if k != kw.k:
+        raise ValueError(f"quant_matmul: x {tuple(x.shape)} does not match K={kw.k}")
+    cfg = config or base.default_config(m, kw)
+    if cfg.block_m == 0:
+        cfg = dataclasses.replace(cfg, block_m=base.default_config(m, kw).block_m)
+    per = packing.slots_per_tile(kw.bits)
+    if per % cfg.chunk_slots:
+        cfg = dataclasses.replace(cfg, chunk_slots=per)
+    if cfg.unpack.startswith("magic") != (kw.layout == layout.PAIRS_LAYOUT):
+        raise ValueError(f"quant_matmul: unpack={cfg.unpack!r} does not read weights in layout {kw.layout!r}")
+    max_ctas = max_ctas or (4 if interpret else max_ctas_default())
+    mb = cfg.block_m
+    m_pad = -(-m // mb) * mb
+    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, kw.k_pad - k)))
+    if cfg.unpack == "magic_f16":
+        xp = xp.astype(jnp.float16)
+    args = [kw.codes, kw.scales, kw.zeros, xp]
+    rank_pad = 0
+    if kw.u is not None:
+        rank_pad = kw.v_t.shape[1]
+        xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        args += [jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - kw.rank))), kw.v_t]
+    f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
+                             max_ctas, bool(interpret))
+    parts = f(*args)                                                  # [slots, N, m_pad] f32
+    bn = cfg.block_n
+    written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
+    parts = parts.reshape(sched.slots, kw.n // bn, bn, m_pad // mb, mb)
+    mask = jnp.asarray(written.transpose(0, 2, 1))[:, :, None, :, None]
+    y_t = jnp.where(mask, parts, 0.0).sum(0).reshape(kw.n, m_pad)
+    return y_t[:, :m].T.astype(jnp.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_cached(*args):
+    return build(*args)
