@@ -145,5 +145,11 @@ case "$1" in
     TAIL=8 step time_m16 120 python3 -m benchmarks.profile_decode --time --m 16 --variants \
       default,sk,sk+ctas=396,sk+stages=3
     ;;
+  s12b)  # stream-K with one TMA box for the planes and 128 B-swizzled x: native check, then times
+    TAIL=20 step sk_check 150 python3 -m benchmarks.stream_k_check
+    TAIL=14 step time_m1 200 python3 -m benchmarks.profile_decode --time --variants \
+      default,sk,skstream,sk+ctas=396,sk+stages=3,sk+stages=4,skstream+stages=4
+    TAIL=8 step time_m16 100 python3 -m benchmarks.profile_decode --time --m 16 --variants default,sk,sk+stages=3
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -91,6 +91,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab)
     tr = base._swizzle_transforms(slab)
     tr_r = base._swizzle_transforms(64)
+    # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
+    # per-MMA K slice (chunk * slab) allows, else the A tile's slab-wide swizzle (32 B boxes)
+    x_cols = 64 if plan.a_regs and (chunk * slab) % 64 == 0 else slab
+    tr_x = base._swizzle_transforms(x_cols)
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def where_is(j, s):
@@ -120,8 +124,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         def body(idx, *step_refs):
             (s,) = idx
             *step_refs, acc = step_refs
-            plane_refs = step_refs[:wps]
-            s_ref, z_ref, x_ref = step_refs[wps:]
+            codes_s, s_ref, z_ref, x_ref = step_refs
+            plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
             valid, mi, ci, t, first, last, slot = where_is(j, s)
             if comp:
                 xu, v_t = ins[4:]
@@ -162,18 +166,19 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 plgpu.copy_smem_to_gmem(o_smem, out.at[slot, pl.ds(ci * bn, bn), pl.ds(mi * mb, mb)])
             return acc
 
-        code_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (tile_of(s)[1], wps * tile_of(s)[2] + p)))
-                      for p in range(wps)]
-        in_specs = code_specs + [
+        # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
+        # one box per plane moved 64 B rows); x with the widest swizzle its wgmma slices allow
+        in_specs = [
+            plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2])),
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
-            plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr),
+            plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
         ]
         init = jnp.zeros((bn, mb), jnp.float32)
         if not interpret:
             init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
         plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
-                            init_carry=init)(*([codes] * wps), scales, zeros, x)
+                            init_carry=init)(codes, scales, zeros, x)
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
