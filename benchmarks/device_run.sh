@@ -151,5 +151,11 @@ case "$1" in
       default,sk,skstream,sk+ctas=396,sk+stages=3,sk+stages=4,skstream+stages=4
     TAIL=8 step time_m16 100 python3 -m benchmarks.profile_decode --time --m 16 --variants default,sk,sk+stages=3
     ;;
+  s12c)  # stream-K: compensator within one step; tile-major codes; native check, then times
+    TAIL=24 step sk_check 170 python3 -m benchmarks.stream_k_check
+    TAIL=14 step time_m1 200 python3 -m benchmarks.profile_decode --time --variants \
+      default,sk,sktm,sktmstream,sktm+ctas=396,sktm+stages=4,sktm+ctas=132+stages=4
+    TAIL=8 step time_m16 100 python3 -m benchmarks.profile_decode --time --m 16 --variants default,sk,sktm
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

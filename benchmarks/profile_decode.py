@@ -9,6 +9,7 @@ Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
   stream    the same grid and pipeline with the unpack + MMA removed: the loads alone (a probe of the
             pipeline's own ceiling; the output is meaningless)
   splitN    default with k_splits=N
+  sktm      sk with codes tile-major ([K tiles, N, words]: one contiguous block per step); sktmstream
   sk        the stream-K kernel (stream_k_sm90.py) with default_config's unpack; +ctas=N caps its CTAs
             (default 2 per SM); skstream: its loads alone (unpack + MMA removed)
   +field=value after any of them overrides that Config field (e.g. stream+k_splits=8+stages=3)
@@ -60,10 +61,13 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     over = _overrides(cfg, opts)
     if base.startswith("split"):
         over["k_splits"] = int(base[5:])
-    elif base not in ("default", "stream", "sk", "skstream"):
+    elif base not in ("default", "stream", "sk", "skstream", "sktm", "sktmstream"):
         raise ValueError(variant)
+    if base.startswith("sktm"):
+        from pallas_kernels.quant_matmul import stream_k_sm90
+        ws = [stream_k_sm90.tile_major_codes(w) for w in ws]
     cfg = dataclasses.replace(cfg, **over)
-    if base in ("stream", "skstream"):
+    if base in ("stream", "skstream", "sktmstream"):
         mgpu_sm90._unpack_and_multiply = _no_unpack
     try:
         if base.startswith("sk"):
@@ -121,7 +125,7 @@ def main():
         else:
             reps = a.reps if not a.time or a.cpu_smoke else max(2, -(-ROTATE_BYTES // logical_weight_bytes(k, n, 3, 64, 0)))
             orig = mgpu_sm90._unpack_and_multiply
-            if v.startswith(("stream", "skstream")):
+            if v.startswith(("stream", "skstream", "sktmstream")):
                 mgpu_sm90._unpack_and_multiply = _no_unpack
             try:
                 f, ws, x = run(v, k, n, a.m, int(reps), a.cpu_smoke)

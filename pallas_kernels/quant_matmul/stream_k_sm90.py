@@ -15,9 +15,10 @@ out [slots, N, M_pad] (slot = CTA index - first CTA of the tile) and the wrapper
 were written (a static mask: which slots a tile has follows from T, L and the tiling alone).
 
 The per-step work (unpack + wgmma into acc[BN, MB] += A[BN, BK] @ x^T) is the split-K kernel's
-(`mgpu_sm90._unpack_and_multiply`). The compensator is added by the range that starts a column tile
-(K tile 0): its x @ u rows and v^T columns are fetched at that step and multiplied in at the range's
-last step for that tile.
+(`mgpu_sm90._unpack_and_multiply`). The compensator is added by the range that holds a column tile's
+K tile 0, in that step: its x @ u rows and v^T columns load while the step unpacks and multiplies,
+and one more wgmma adds them at the step's end. (Fetching them there and adding them at the range's
+last step for the tile hung natively once a range held several steps of a tile: H100, 2026-11-24.)
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
 
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
-          cfg: base.Config, max_ctas: int, interpret: bool):
+          cfg: base.Config, max_ctas: int, interpret: bool, tile_major: bool = False):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [m_pad, Rp], v_t [N, Rp]]) ->
     float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage)."""
     cfg = dataclasses.replace(cfg, k_splits=1)
@@ -130,7 +131,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             if comp:
                 xu, v_t = ins[4:]
                 xu_smem, v_smem, bar = rest[0], rest[1], rest[2]
-                # the range that starts this column tile adds its compensator: fetch now, add at `last`
+                # the range holding K tile 0 adds the compensator: its operands load during this
+                # step's unpack and MMA, and are multiplied in at the end of the same step
                 base._compensator_copies(t == 0, xu.at[pl.ds(mi * mb, mb)], v_t.at[pl.ds(ci * bn, bn)],
                                          xu_smem, v_smem, bar)
             planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
@@ -147,8 +149,6 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
 
             acc = _run_acc(step, acc, interpret)
             if comp:
-                starts_tile = s >= t                     # K tile 0 of this column tile is in this range
-
                 def add_comp(a):
                     def mma(acc_ref):
                         plgpu.barrier_wait(bar)
@@ -156,7 +156,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                         plgpu.wgmma_wait(0)
                     return _run_acc(mma, a, interpret)
 
-                acc = lax.cond(last & starts_tile, add_comp, lambda a: a, acc)
+                acc = lax.cond(t == 0, add_comp, lambda a: a, acc)
 
             @pl.when(last & valid)
             def _store():
@@ -168,8 +168,12 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
 
         # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
         # one box per plane moved 64 B rows); x with the widest swizzle its wgmma slices allow
+        if tile_major:   # codes [K tiles, N, wps * slab]: one step's box is 12 KB of contiguous bytes
+            code_spec = plgpu.BlockSpec((None, bn, wps * slab), lambda s: (tile_of(s)[2], tile_of(s)[1], 0))
+        else:
+            code_spec = plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2]))
         in_specs = [
-            plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2])),
+            code_spec,
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
             plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
@@ -245,7 +249,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
         args += [jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - kw.rank))), kw.v_t]
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret))
+                             max_ctas, bool(interpret), kw.codes.ndim == 3)
     parts = f(*args)                                                  # [slots, N, m_pad] f32
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
@@ -253,6 +257,14 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     mask = jnp.asarray(written.transpose(0, 2, 1))[:, :, None, :, None]
     y_t = jnp.where(mask, parts, 0.0).sum(0).reshape(kw.n, m_pad)
     return y_t[:, :m].T.astype(jnp.bfloat16)
+
+
+def tile_major_codes(kw: KernelWeights) -> KernelWeights:
+    """The same weights with codes [K tiles, N, words per tile]: each pipeline step reads one
+    contiguous block instead of N rows of a few words each."""
+    tile_words = kw.codes.shape[1] // (kw.k_pad // (packing.slots_per_tile(kw.bits) * kw.slab))
+    codes = kw.codes.reshape(kw.n, -1, tile_words).transpose(1, 0, 2)
+    return dataclasses.replace(kw, codes=codes)
 
 
 @functools.lru_cache(maxsize=None)
