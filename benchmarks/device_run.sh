@@ -157,5 +157,13 @@ case "$1" in
       default,sk,sktm,sktmstream,sktm+ctas=396,sktm+stages=4,sktm+ctas=132+stages=4
     TAIL=8 step time_m16 100 python3 -m benchmarks.profile_decode --time --m 16 --variants default,sk,sktm
     ;;
+  s12d)  # why stream-K's loads are slow: BN 128 (x traffic halved), then ncu of the two load-only probes
+    TAIL=14 step time_m1 200 python3 -m benchmarks.profile_decode --time --variants \
+      stream,skstream,skstream+block_n=128,sk+block_n=128,sktm+block_n=128,sk+block_n=128+ctas=396
+    TAIL=8 step ncu 240 ncu --clock-control none -k regex:mosaic --set detailed -f -o "$OUT/decode" \
+      python3 -m benchmarks.profile_decode --variants stream,skstream
+    ncu --import "$OUT/decode.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
+    grep -E "^  [a-z_]+|Duration|DRAM Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Achieved Occupancy|Theoretical Occupancy|Block Limit|Issued Warp|Eligible|Dynamic Shared|Waves Per SM|Grid Size" "$OUT/ncu_details.txt" | head -80
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
