@@ -165,5 +165,10 @@ case "$1" in
     ncu --import "$OUT/decode.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
     grep -E "^  [a-z_]+|Duration|DRAM Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Achieved Occupancy|Theoretical Occupancy|Block Limit|Issued Warp|Eligible|Dynamic Shared|Waves Per SM|Grid Size" "$OUT/ncu_details.txt" | head -80
     ;;
+  s12e)  # stream-K timing stability: the same variants twice in one process, M = 1 then 16
+    TAIL=16 step time_m1 240 python3 -m benchmarks.profile_decode --time --variants \
+      default,sk+block_n=128,sk,sk+block_n=128+stages=3,sk+block_n=128+ctas=132,default,sk+block_n=128,sk,sk+block_n=128+stages=3
+    TAIL=8 step time_m16 100 python3 -m benchmarks.profile_decode --time --m 16 --variants default,sk,sk+block_n=128,sk+block_n=128+stages=3
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
