@@ -170,5 +170,13 @@ case "$1" in
       default,sk+block_n=128,sk,sk+block_n=128+stages=3,sk+block_n=128+ctas=132,default,sk+block_n=128,sk,sk+block_n=128+stages=3
     TAIL=8 step time_m16 100 python3 -m benchmarks.profile_decode --time --m 16 --variants default,sk,sk+block_n=128,sk+block_n=128+stages=3
     ;;
+  s12f)  # split-K default vs stream-K (and its loads alone) over shapes and M (probe cache fixed)
+    for shape in 4096x14336 14336x4096 2048x1408 4096x4096; do
+      for m in 1 4 16 64; do
+        TAIL=3 step "time_${shape}_m$m" 60 python3 -m benchmarks.profile_decode --time --shape $shape --m $m \
+          --variants default,sk,skstream
+      done
+    done
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -69,6 +69,11 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     cfg = dataclasses.replace(cfg, **over)
     if base in ("stream", "skstream", "sktmstream"):
         mgpu_sm90._unpack_and_multiply = _no_unpack
+    if base.startswith("sk"):
+        # stream-K kernels are cached by shape and config: a probe and a real kernel of the same config
+        # must not share one (the first runs of this script timed a cached full kernel as "skstream")
+        from pallas_kernels.quant_matmul import stream_k_sm90
+        stream_k_sm90._build_cached.cache_clear()
     try:
         if base.startswith("sk"):
             from pallas_kernels.quant_matmul import stream_k_sm90
