@@ -178,5 +178,12 @@ case "$1" in
       done
     done
     ;;
+  s12g)  # stream-K as the default decode schedule: every native test, then issue 6's table
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_tests 260 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py tests/test_quant_matmul_stream_k.py \
+      -q -m gpu -rfEs -p no:cacheprovider -n 4
+    TAIL=30 step quant_matmul 300 python3 -m benchmarks.quant_matmul --shapes 4096x14336,2048x1408,4096x4096 \
+      --ms 1,4,16,64 --peers torch_int4_g128 --ranks 0,32 --out "$OUT/quant_matmul_s12g.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

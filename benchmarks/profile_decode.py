@@ -5,11 +5,11 @@ hardware counters (where the time goes: DRAM throughput, occupancy, stall reason
         python3 -m benchmarks.profile_decode --variants default,stream,split8
 
 Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
-  default   api's decode config (magic_bf16, A in registers, split-K 4)
-  stream    the same grid and pipeline with the unpack + MMA removed: the loads alone (a probe of the
+  default   api's decode config (magic_bf16, A in registers, stream-K since 2026-11-24)
+  splitk    the split-K config (split-K 4 at M=1 on 4096 x 14336), the default until 2026-11-24
+  stream    the split-K grid and pipeline with the unpack + MMA removed: the loads alone (a probe of the
             pipeline's own ceiling; the output is meaningless)
-  splitN    default with k_splits=N
-  sktm      sk with codes tile-major ([K tiles, N, words]: one contiguous block per step); sktmstream
+  splitN    split-K with k_splits=N
   sk        the stream-K kernel (stream_k_sm90.py) with default_config's unpack; +ctas=N caps its CTAs
             (default 2 per SM); skstream: its loads alone (unpack + MMA removed)
   +field=value after any of them overrides that Config field (e.g. stream+k_splits=8+stages=3)
@@ -57,17 +57,16 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     ctas = [int(o.split("=")[1]) for o in opts if o.startswith("ctas=")]
     opts = [o for o in opts if not o.startswith("ctas=")]
     if base.startswith("sk"):
-        cfg = dataclasses.replace(cfg, k_splits=1, chunk_slots=8)
+        cfg = mgpu_sm90.default_config(m, ws[0], schedule="stream_k")
+    elif base.startswith(("split", "stream")):
+        cfg = mgpu_sm90.default_config(m, ws[0], schedule="split_k")
     over = _overrides(cfg, opts)
-    if base.startswith("split"):
+    if base.startswith("split") and base != "splitk":
         over["k_splits"] = int(base[5:])
-    elif base not in ("default", "stream", "sk", "skstream", "sktm", "sktmstream"):
+    elif base not in ("default", "splitk", "stream", "sk", "skstream"):
         raise ValueError(variant)
-    if base.startswith("sktm"):
-        from pallas_kernels.quant_matmul import stream_k_sm90
-        ws = [stream_k_sm90.tile_major_codes(w) for w in ws]
     cfg = dataclasses.replace(cfg, **over)
-    if base in ("stream", "skstream", "sktmstream"):
+    if base in ("stream", "skstream"):
         mgpu_sm90._unpack_and_multiply = _no_unpack
     if base.startswith("sk"):
         # stream-K kernels are cached by shape and config: a probe and a real kernel of the same config
@@ -130,7 +129,7 @@ def main():
         else:
             reps = a.reps if not a.time or a.cpu_smoke else max(2, -(-ROTATE_BYTES // logical_weight_bytes(k, n, 3, 64, 0)))
             orig = mgpu_sm90._unpack_and_multiply
-            if v.startswith(("stream", "skstream", "sktmstream")):
+            if v.startswith(("stream", "skstream")):
                 mgpu_sm90._unpack_and_multiply = _no_unpack
             try:
                 f, ws, x = run(v, k, n, a.m, int(reps), a.cpu_smoke)

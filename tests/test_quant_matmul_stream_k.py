@@ -40,13 +40,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("k,n,m,rank,ctas", CASES)
-@pytest.mark.parametrize("tile_major", [False, True])
-def test_stream_k_interpret(k, n, m, rank, ctas, tile_major):
+def test_stream_k_interpret(k, n, m, rank, ctas):
     rng = _rng()
     qt = make_weight(k, n, 3, 64, rank, rng)
     kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
-    if tile_major:
-        kw = sk.tile_major_codes(kw)
     x = make_x(m, k, rng)
     y = sk.matmul_stream_k(x, kw, max_ctas=ctas, interpret=True)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
@@ -80,15 +77,12 @@ def test_stream_k_lowers_for_sm90_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
 @pytest.mark.parametrize("ctas", [None, 7, 132])
-@pytest.mark.parametrize("tile_major", [False, True])
-def test_stream_k_native_gpu(ctas, tile_major):
+def test_stream_k_native_gpu(ctas):
     rng = _rng()
     k, n = 2048, 1408
     for rank, ms in ((0, (1, 16, 64)), (32, (1, 3, 100))):
         qt = make_weight(k, n, 3, 64, rank, rng)
         kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
-        if tile_major:
-            kw = sk.tile_major_codes(kw)
         for m in ms:
             x = make_x(m, k, rng)
             y = sk.matmul_stream_k(x, kw, max_ctas=ctas)

@@ -44,6 +44,10 @@ class Config:
     # registers (WGMMA layout, which the magic conversion already produces) instead of storing the
     # A tile to swizzled shared memory and reading it back: no A buffers, no commit_smem fence.
     a_regs: bool = False
+    # "split_k": grid (N/BN, M/MB, k_splits), one (column tile, K split) per CTA, XLA sums the splits.
+    # "stream_k": stream_k_sm90.py, a persistent grid (2 CTAs per SM) whose CTAs each run one pipeline
+    # over a contiguous range of (column tile, K tile) steps; k_splits is unused there.
+    schedule: str = "split_k"
 
 
 # Unpack/dequant variants of the decode kernel (issue 6: the unpack chain is the bottleneck).
@@ -75,20 +79,27 @@ def _pick_splits(steps: int, ctas: int, target: int = TARGET_CTAS) -> int:
     return best
 
 
-def default_config(m: int, kw: KernelWeights) -> Config:
+def default_config(m: int, kw: KernelWeights, schedule: str = "stream_k") -> Config:
+    """The decode kernel's config for M tokens. Stream-K measured faster than split-K on every shape
+    and M tried (H100, 2026-11-24, 3-bit g64; kernel us, split-K -> stream-K): 4096 x 14336 M=1 15.8
+    -> 15.1, M=16 19.0 -> 16.0, M=64 ~53 -> ~28; 2048 x 1408 M=1 3.19 -> 3.07, M=64 5.5 -> 4.2
+    (benchmarks/results/logs/h100_2026-11-24_s12f_*.txt)."""
     mb = min(128, max(8, -(-m // 8) * 8)) if m <= 64 else 64
     per = packing.slots_per_tile(kw.bits)
     chunk = max(1, min(per, 128 // kw.slab))
+    pairs = kw.layout == layout.PAIRS_LAYOUT
+    # A from registers with the magic unpack: 17.7 us against 24.0 us through shared memory
+    # (4096 x 14336, M=1, H100, 2026-11-23, benchmarks/results/quant_matmul_variants.md)
+    unpack = dict(unpack="magic_bf16" if pairs else "f32", a_regs=pairs)
+    if schedule == "stream_k":
+        return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=1, schedule="stream_k",
+                      **unpack)
     steps = kw.k_pad // (per * kw.slab)
     m_blocks = -(-m // mb)
     splits = _pick_splits(steps, (kw.n // 64) * m_blocks)
     if splits > 1:
         chunk = max(1, min(per, 64 // kw.slab))   # smaller A buffers: more CTAs per SM (measured best)
-    pairs = kw.layout == layout.PAIRS_LAYOUT
-    # A from registers with the magic unpack: 17.7 us against 24.0 us through shared memory
-    # (4096 x 14336, M=1, H100, 2026-11-23, benchmarks/results/quant_matmul_variants.md)
-    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
-                  unpack="magic_bf16" if pairs else "f32", a_regs=pairs)
+    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits, **unpack)
 
 
 def _unpack_slot(planes, bits: int, j: int):
@@ -546,6 +557,14 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
     if k != kw.k:
         raise ValueError(f"quant_matmul: x {tuple(x.shape)} does not match K={kw.k}")
     cfg = config or default_config(m, kw)
+    if cfg.schedule == "stream_k":
+        if cfg.k_splits != 1:
+            raise ValueError(f"quant_matmul: k_splits={cfg.k_splits} with schedule='stream_k' (which splits K "
+                             "by its own schedule); use schedule='split_k'")
+        from pallas_kernels.quant_matmul import stream_k_sm90
+        return stream_k_sm90.matmul_stream_k(x, kw, config=cfg, interpret=interpret)
+    if cfg.schedule != "split_k":
+        raise ValueError(f"quant_matmul: schedule={cfg.schedule!r} is not 'split_k' or 'stream_k'")
     if cfg.block_m == 0:
         cfg = dataclasses.replace(cfg, block_m=default_config(m, kw).block_m)
     steps = kw.k_pad // (packing.slots_per_tile(kw.bits) * kw.slab)

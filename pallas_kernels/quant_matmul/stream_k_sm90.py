@@ -68,7 +68,7 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
 
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
-          cfg: base.Config, max_ctas: int, interpret: bool, tile_major: bool = False):
+          cfg: base.Config, max_ctas: int, interpret: bool):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [m_pad, Rp], v_t [N, Rp]]) ->
     float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage)."""
     cfg = dataclasses.replace(cfg, k_splits=1)
@@ -168,12 +168,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
 
         # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
         # one box per plane moved 64 B rows); x with the widest swizzle its wgmma slices allow
-        if tile_major:   # codes [K tiles, N, wps * slab]: one step's box is 12 KB of contiguous bytes
-            code_spec = plgpu.BlockSpec((None, bn, wps * slab), lambda s: (tile_of(s)[2], tile_of(s)[1], 0))
-        else:
-            code_spec = plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2]))
         in_specs = [
-            code_spec,
+            plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2])),
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
             plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
@@ -228,7 +224,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     m, k = x.shape
     if k != kw.k:
         raise ValueError(f"quant_matmul: x {tuple(x.shape)} does not match K={kw.k}")
-    cfg = config or base.default_config(m, kw)
+    cfg = config or base.default_config(m, kw, schedule="stream_k")
     if cfg.block_m == 0:
         cfg = dataclasses.replace(cfg, block_m=base.default_config(m, kw).block_m)
     per = packing.slots_per_tile(kw.bits)
@@ -249,7 +245,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
         args += [jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - kw.rank))), kw.v_t]
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret), kw.codes.ndim == 3)
+                             max_ctas, bool(interpret))
     parts = f(*args)                                                  # [slots, N, m_pad] f32
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
@@ -257,14 +253,6 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     mask = jnp.asarray(written.transpose(0, 2, 1))[:, :, None, :, None]
     y_t = jnp.where(mask, parts, 0.0).sum(0).reshape(kw.n, m_pad)
     return y_t[:, :m].T.astype(jnp.bfloat16)
-
-
-def tile_major_codes(kw: KernelWeights) -> KernelWeights:
-    """The same weights with codes [K tiles, N, words per tile]: each pipeline step reads one
-    contiguous block instead of N rows of a few words each."""
-    tile_words = kw.codes.shape[1] // (kw.k_pad // (packing.slots_per_tile(kw.bits) * kw.slab))
-    codes = kw.codes.reshape(kw.n, -1, tile_words).transpose(1, 0, 2)
-    return dataclasses.replace(kw, codes=codes)
 
 
 @functools.lru_cache(maxsize=None)
