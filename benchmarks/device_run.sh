@@ -185,5 +185,17 @@ case "$1" in
     TAIL=30 step quant_matmul 300 python3 -m benchmarks.quant_matmul --shapes 4096x14336,2048x1408,4096x4096 \
       --ms 1,4,16,64 --peers torch_int4_g128 --ranks 0,32 --out "$OUT/quant_matmul_s12g.json"
     ;;
+  s13a)  # is stream-K compute- or load-bound? SASS of the kernel, compute-only / load-only probes, deeper pipelines
+    mkdir -p "$OUT/dump"
+    MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO="$OUT/dump" \
+      TAIL=3 step dump 90 python3 -m benchmarks.profile_decode --variants sk
+    TAIL=16 step time_m1 240 python3 -m benchmarks.profile_decode --time --variants \
+      sk,skstream,skcompute,sk+ctas=132+stages=4,sk+ctas=132+stages=6,skstream+ctas=132+stages=6,sk+stages=3,skcompute+ctas=132
+    TAIL=6 step time_m16 90 python3 -m benchmarks.profile_decode --time --m 16 --variants sk,skstream,skcompute
+    TAIL=8 step ncu 200 ncu --clock-control none -k regex:mosaic --set detailed --section InstructionStats \
+      --section WarpStateStats -f -o "$OUT/decode" python3 -m benchmarks.profile_decode --variants sk,skcompute
+    ncu --import "$OUT/decode.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
+    grep -E "^  [a-z_]+|Duration|DRAM Throughput|Issued Ipc|Issue Slots|Executed Instructions|Achieved Occupancy|Registers Per|Stall|Eligible|Warp Cycles" "$OUT/ncu_details.txt" | head -60
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -11,7 +11,9 @@ Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
             pipeline's own ceiling; the output is meaningless)
   splitN    split-K with k_splits=N
   sk        the stream-K kernel (stream_k_sm90.py) with default_config's unpack; +ctas=N caps its CTAs
-            (default 2 per SM); skstream: its loads alone (unpack + MMA removed)
+            (default 2 per SM); skstream: its loads alone (unpack + MMA removed); skcompute: its unpack
+            and MMA without the weight traffic (codes, scales and zeros cut to one TMA box: every other
+            box reads out of bounds, which TMA fills with zeros without touching memory)
   +field=value after any of them overrides that Config field (e.g. stream+k_splits=8+stages=3)
   grouped   the grouped kernel on Mixtral's gate projection (8 experts), 1 token, top-2
 Without ncu it prints CUPTI times (rotated weights) for the same variants.
@@ -36,6 +38,15 @@ from benchmarks.quant_matmul_variants import kernel_breakdown, random_weights
 
 def _no_unpack(acc, a_buf, planes, s_ref, z_ref, x_ref, **kw):
     del acc, a_buf, planes, s_ref, z_ref, x_ref, kw
+
+
+def _one_box(w, cfg):
+    """w with codes / scales / zeros cut to the first TMA box of each (the compute-only probe)."""
+    rows = w.tile_rows
+    g = max(1, rows // w.group_rows)
+    words = w.codes.shape[1] * rows // w.k_pad
+    return dataclasses.replace(w, codes=w.codes[:cfg.block_n, :words], scales=w.scales[:g, :cfg.block_n],
+                               zeros=w.zeros[:g, :cfg.block_n])
 
 
 def _overrides(cfg, opts):
@@ -63,7 +74,7 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     over = _overrides(cfg, opts)
     if base.startswith("split") and base != "splitk":
         over["k_splits"] = int(base[5:])
-    elif base not in ("default", "splitk", "stream", "sk", "skstream"):
+    elif base not in ("default", "splitk", "stream", "sk", "skstream", "skcompute"):
         raise ValueError(variant)
     cfg = dataclasses.replace(cfg, **over)
     if base in ("stream", "skstream"):
@@ -77,7 +88,8 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
         if base.startswith("sk"):
             from pallas_kernels.quant_matmul import stream_k_sm90
             f = jax.jit(lambda x, w: stream_k_sm90.matmul_stream_k(
-                x, w, config=cfg, max_ctas=(ctas or [None])[0], interpret=interpret))
+                x, _one_box(w, cfg) if base == "skcompute" else w, config=cfg,
+                max_ctas=(ctas or [None])[0], interpret=interpret))
         else:
             f = jax.jit(lambda x, w: mgpu_sm90.matmul_mgpu(x, w, config=cfg, interpret=interpret))
         for w in ws:
