@@ -186,10 +186,10 @@ from pallas_kernels.quant_matmul import layout as qm_layout  # noqa: E402
 NMAJOR, PAIRS = qm_layout.LAYOUT, qm_layout.PAIRS_LAYOUT
 
 
-@pytest.mark.parametrize("layout_3bit", [NMAJOR, PAIRS])
-def test_kernel_interpret_mixed_bits_and_empty_experts(layout_3bit):
+@pytest.mark.parametrize("low_bit_layout", [NMAJOR, PAIRS])
+def test_kernel_interpret_mixed_bits_and_empty_experts(low_bit_layout):
     """2/3/4-bit experts (three launches), compensators of different ranks, a per-channel expert,
-    K padded (384 -> 512), an empty expert and a whole empty class, rows past the groups; the 3-bit
+    K padded (384 -> 512), an empty expert and a whole empty class, rows past the groups; every
     class in either kernel layout (f32 unpack / magic_bf16 unpack, picked from the layout)."""
     rng = _rng()
     k, n, m = 384, 64, 11
@@ -197,10 +197,11 @@ def test_kernel_interpret_mixed_bits_and_empty_experts(layout_3bit):
              quantized_expert(k, n, 3, 64, 0, rng), quantized_expert(k, n, 4, None, 4, rng),
              quantized_expert(k, n, 3, 64, 16, rng), quantized_expert(k, n, 4, None, 0, rng)]
     experts64 = [dense64(p) for p in parts]
-    gkw = mgpu_sm90.prepare_grouped(parts, layout_3bit=layout_3bit)
+    gkw = mgpu_sm90.prepare_grouped(parts, low_bit_layout=low_bit_layout)
     assert sorted(len(c.experts) for c in gkw.classes) == [1, 2, 3]
-    assert {c.bits: c.layout for c in gkw.classes} == {2: NMAJOR, 3: layout_3bit, 4: NMAJOR}
-    expect = {2: "f32", 3: "magic_bf16" if layout_3bit == PAIRS else "f32", 4: "f32"}
+    assert {c.bits: c.layout for c in gkw.classes} == {2: low_bit_layout, 3: low_bit_layout, 4: low_bit_layout}
+    magic = "magic_bf16" if low_bit_layout == PAIRS else "f32"
+    expect = {2: magic, 3: magic, 4: magic}
     assert {c.bits: mgpu_sm90.default_config(m, c).unpack for c in gkw.classes} == expect
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     gs = jnp.asarray([3, 0, 4, 0, 2, 0], jnp.int32)          # 2-bit and 4-bit classes empty; 2 rows past
@@ -227,7 +228,7 @@ def test_kernel_interpret_one_expert_several_blocks_split_k():
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     gs = jnp.asarray([0, 0, m], jnp.int32)
     cfg = mgpu_sm90.Config(block_m=8, chunk_slots=8, k_splits=2)
-    assert mgpu_sm90.LAYOUT_3BIT == PAIRS
+    assert mgpu_sm90.LOW_BIT_LAYOUT == PAIRS
     y = api.grouped_matmul(x, stacked, gs, impl="kernel", interpret=True, config=cfg)
     y64 = ref64(x, [dense64(p) for p in parts], gs)
     assert rel_err(y, y64) < TOL_BF16
@@ -237,8 +238,8 @@ def test_kernel_interpret_one_expert_several_blocks_split_k():
     assert rel_err(y_regs, y64) < TOL_BF16
 
 
-@pytest.mark.parametrize("layout_3bit,rank", [(PAIRS, 8), (NMAJOR, 0)])
-def test_prefill_path_interpret(layout_3bit, rank):
+@pytest.mark.parametrize("low_bit_layout,rank", [(PAIRS, 8), (NMAJOR, 0)])
+def test_prefill_path_interpret(low_bit_layout, rank):
     """Prefill path (dequantize every expert once with the Mosaic dequantize kernel, then a grouped
     GEMM; jax.lax.ragged_dot stands in for ragged_dot_mgpu in interpret mode) on every routing kind,
     with K padded to the planar tile and a compensator; rows past the groups are 0."""
@@ -246,7 +247,7 @@ def test_prefill_path_interpret(layout_3bit, rank):
     e, k, n, m = 4, 640, 128, 40
     parts = [quantized_expert(k, n, 3, 64, rank, rng) for _ in range(e)]
     stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
-    gkw = mgpu_sm90.prepare_grouped(stacked, layout_3bit=layout_3bit)
+    gkw = mgpu_sm90.prepare_grouped(stacked, low_bit_layout=low_bit_layout)
     assert mgpu_sm90.prefill_applies(mgpu_sm90.PREFILL_ROWS, gkw) and not mgpu_sm90.prefill_applies(m, gkw)
     experts64 = [dense64(p) for p in parts]
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -295,18 +296,21 @@ def test_prefill_path_refuses_mixed_classes():
 
 def test_kernel_interpret_unpack_variants_and_mismatch():
     """Explicit Config.unpack: magic_f16 (f16 A tile and x) on planar_pairs 3-bit experts of group
-    128 and per-channel next to a 4-bit class (which keeps f32), bf16 on planar_nmajor; an unpack
-    that does not read a 3-bit class's layout raises."""
+    128 and per-channel next to a 4-bit planar_pairs class and an 8-bit class (planar_nmajor only:
+    keeps f32), bf16 on planar_nmajor; an unpack that does not read a class's layout raises."""
     rng = _rng()
     k, n, m = 512, 64, 9
     parts = [quantized_expert(k, n, 3, 128, 4, rng), quantized_expert(k, n, 4, 64, 0, rng),
-             quantized_expert(k, n, 3, None, 0, rng)]
+             quantized_expert(k, n, 3, None, 0, rng), quantized_expert(k, n, 8, 64, 0, rng)]
     experts64 = [dense64(p) for p in parts]
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    gs = jnp.asarray([4, 2, 3], jnp.int32)
+    gs = jnp.asarray([4, 2, 1, 2], jnp.int32)
     y64 = ref64(x, experts64, gs)
-    pairs = mgpu_sm90.prepare_grouped(parts, layout_3bit=PAIRS)
-    nmajor = mgpu_sm90.prepare_grouped(parts, layout_3bit=NMAJOR)
+    pairs = mgpu_sm90.prepare_grouped(parts, low_bit_layout=PAIRS)
+    assert {c.bits: c.layout for c in pairs.classes} == {3: PAIRS, 4: PAIRS, 8: NMAJOR}
+    assert {c.bits: mgpu_sm90.class_unpack("magic_f16", c) for c in pairs.classes} == {
+        3: "magic_f16", 4: "magic_f16", 8: "f32"}
+    nmajor = mgpu_sm90.prepare_grouped(parts, low_bit_layout=NMAJOR)
     run = lambda w, unpack: api.grouped_matmul(x, w, gs, impl="kernel", interpret=True,
                                                config=mgpu_sm90.Config(unpack=unpack))
     assert rel_err(run(pairs, "magic_f16"), y64) < TOL_BF16
@@ -317,8 +321,8 @@ def test_kernel_interpret_unpack_variants_and_mismatch():
         run(pairs, "f32")
     with pytest.raises(ValueError, match="not one of"):
         run(pairs, "nope")
-    with pytest.raises(ValueError, match="layout_3bit"):
-        mgpu_sm90.prepare_grouped(parts, layout_3bit="planar")
+    with pytest.raises(ValueError, match="low_bit_layout"):
+        mgpu_sm90.prepare_grouped(parts, low_bit_layout="planar")
 
 
 def test_kernel_interpret_bf16_and_float_quantized_mix():
@@ -346,8 +350,8 @@ def test_kernel_bad_shapes_raise():
                            jnp.array([2, 2], jnp.int32), impl="kernel", interpret=True)
 
 
-@pytest.mark.parametrize("layout_3bit", [NMAJOR, PAIRS])
-def test_kernel_lowers_natively_on_cpu(layout_3bit):
+@pytest.mark.parametrize("low_bit_layout", [NMAJOR, PAIRS])
+def test_kernel_lowers_natively_on_cpu(low_bit_layout):
     """The native (non-interpret) kernels lower for CUDA from this CPU host: Pallas -> Mosaic GPU
     lowering (the pl.when skip inside the accumulator scope, GMEM scalar reads of the block
     counts, dynamic BlockSpec indices, the compensator epilogue, and for planar_pairs the
@@ -361,9 +365,9 @@ def test_kernel_lowers_natively_on_cpu(layout_3bit):
     k, n = 1024, 128
     parts = [quantized_expert(k, n, 3, 64, 8, rng), quantized_expert(k, n, 2, 64, 0, rng),
              jnp.asarray(rng.standard_normal((k, n)) * 0.02, jnp.bfloat16), quantized_expert(k, n, 3, 64, 0, rng)]
-    gkw = mgpu_sm90.prepare_grouped(parts, layout_3bit=layout_3bit)
+    gkw = mgpu_sm90.prepare_grouped(parts, low_bit_layout=low_bit_layout)
     cases = [(1, None), (40, mgpu_sm90.Config(k_splits=2))]
-    if layout_3bit == PAIRS:
+    if low_bit_layout == PAIRS:
         cases += [(3, mgpu_sm90.Config(unpack="magic_f16")), (20, mgpu_sm90.Config(a_regs=True))]
     for m, cfg in cases:
         f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=False, config=cfg))
@@ -371,8 +375,10 @@ def test_kernel_lowers_natively_on_cpu(layout_3bit):
                           jax.ShapeDtypeStruct((len(parts),), jnp.int32)).lower(lowering_platforms=("cuda",))
         text = lowered.as_text()
         assert text.count("mosaic_gpu") >= 3, m      # one launch per class
-        # the magic conversion's inline PTX (lop3) is in the lowered kernel iff the 3-bit class is pairs
-        assert ("lop3.b32" in text) == (layout_3bit == PAIRS), (m, cfg)
+        # the magic conversion's inline PTX (lop3) is in the lowered kernel iff the classes are pairs,
+        # with each width's mask (3-bit and 2-bit classes here)
+        assert ("lop3.b32" in text) == (low_bit_layout == PAIRS), (m, cfg)
+        assert ("0x30003" in text) == (low_bit_layout == PAIRS), (m, cfg)
 
 
 # ------------------------------------------------------------------ native GPU (sm90 only)
@@ -391,10 +397,11 @@ def _native_kernel(config=None):
 
 @pytest.mark.gpu
 @native
-@pytest.mark.parametrize("bits,rank,layout_3bit,a_regs", [(3, 0, PAIRS, False), (3, 16, PAIRS, False),
+@pytest.mark.parametrize("bits,rank,low_bit_layout,a_regs", [(3, 0, PAIRS, False), (3, 16, PAIRS, False),
                                                          (3, 16, PAIRS, True), (3, 16, NMAJOR, False),
-                                                         (4, 0, NMAJOR, False), (2, 8, NMAJOR, False)])
-def test_sm90_native_stacked_routings(bits, rank, layout_3bit, a_regs):
+                                                         (4, 0, NMAJOR, False), (2, 8, NMAJOR, False),
+                                                         (4, 16, PAIRS, True), (2, 8, PAIRS, True)])
+def test_sm90_native_stacked_routings(bits, rank, low_bit_layout, a_regs):
     """Stacked experts of one bit width: random routings, empty experts, every row on one expert,
     rows past the groups; default config (split-K at decode; magic_bf16 for planar_pairs, f32
     for planar_nmajor) for each m, or A from registers (a_regs)."""
@@ -402,7 +409,7 @@ def test_sm90_native_stacked_routings(bits, rank, layout_3bit, a_regs):
     e, k, n = 8, 1408, 256                    # K = 1408 pads to the planar tile
     parts = [quantized_expert(k, n, bits, 64, rank, rng) for _ in range(e)]
     stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
-    gkw = mgpu_sm90.prepare_grouped(stacked, layout_3bit=layout_3bit)
+    gkw = mgpu_sm90.prepare_grouped(stacked, low_bit_layout=low_bit_layout)
     experts64 = [dense64(p) for p in parts]
     f = _native_kernel(mgpu_sm90.Config(a_regs=True) if a_regs else None)
     for m in NATIVE_MS:

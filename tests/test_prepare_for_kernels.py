@@ -33,7 +33,8 @@ CFG = ModelConfig(model_type="qwen2_moe", vocab_size=64, hidden_size=64, num_hid
 QCONFIG = QuantConfig((
     Rule(r"^layers\.0\.attn\.o_proj", method="milo", rank=8, rounds=2, compensator_dtype="int8"),
     Rule(r"^layers\.1\.attn\.o_proj", method="milo", rank=8, rounds=2),
-    Rule(r"^layers\.1\.mlp\.down_proj", method="rtn", bits=4),
+    Rule(r"^layers\.1\.mlp\.down_proj", method="rtn", bits=8),
+    Rule(r"^layers\.1\.mlp\.up_proj", method="rtn", bits=4),
     Rule("attention", method="rtn"), Rule("dense_mlp", method="rtn"),
     Rule("shared_experts", method="rtn"), Rule("routed_experts", method="rtn")))
 TOKENS = np.asarray(jax.random.randint(jax.random.key(3), (2, 12), 0, CFG.vocab_size))
@@ -77,9 +78,9 @@ def test_leaves_are_kernel_weights_in_the_kernel_layout(models):
         if isinstance(v, QuantizedTensor) and v.ndim == 2 and v.shape[1] % 64 == 0:
             assert isinstance(w, KernelWeights), name
             assert (w.k, w.n, w.bits, w.group_size) == (*v.shape, v.bits, v.group_size), name
-            want = PAIRS_LAYOUT if v.bits == 3 else LAYOUT
+            want = PAIRS_LAYOUT if v.bits in (2, 3, 4) else LAYOUT
             assert w.layout == want, (name, w.layout)
-            seen["pairs" if v.bits == 3 else "nmajor"] += 1
+            seen["pairs" if want == PAIRS_LAYOUT else "nmajor"] += 1
             if v.u is not None:
                 assert w.rank == v.rank, name
                 seen["compensated"] += 1
@@ -92,7 +93,7 @@ def test_leaves_are_kernel_weights_in_the_kernel_layout(models):
             fused = name.endswith("gate_proj")
             assert w.shape == (v.shape[0], v.shape[1], v.shape[2] * (2 if fused else 1)), name
             assert [c.bits for c in w.classes] == [v.bits] and w.classes[0].experts == tuple(range(v.shape[0]))
-            assert w.classes[0].layout == (PAIRS_LAYOUT if v.bits == 3 else LAYOUT), name
+            assert w.classes[0].layout == (PAIRS_LAYOUT if v.bits in (2, 3, 4) else LAYOUT), name
             seen["experts"] += 1
         else:
             assert _same(w, v), f"{name}: {type(v).__name__} should have been left as it is"
@@ -100,7 +101,7 @@ def test_leaves_are_kernel_weights_in_the_kernel_layout(models):
                 seen["refused"] += 1
         # the input model is not modified
         assert not isinstance(v, KernelWeights), name
-    # q/o of 2 layers, shared gate/up/down, dense gate/up: 3-bit; dense down: 4-bit;
+    # q/o of 2 layers, shared gate/up/down, dense gate: 3-bit; dense up: 4-bit (pairs too); dense down: 8-bit;
     # k/v of 2 layers (N = 32) refused; stacked experts in the grouped kernel's layout: gate (fused
     # with up) and down
     assert seen == {"pairs": 9, "nmajor": 1, "refused": 4, "experts": 2, "fused_up": 1, "compensated": 2}, seen
@@ -157,10 +158,10 @@ def test_params_dict_and_float32_activations():
     key = jax.random.key(5)
     w = jax.random.normal(key, (128, 64), jnp.float32)
     qt3 = quantize_lowrank(w, bits=3, group_size=64, rank=4, rounds=2)
-    qt4 = quantize_tensor(w, bits=4, group_size=32, method="rtn")
+    qt8 = quantize_tensor(w, bits=8, group_size=32, method="rtn")
     narrow = quantize_tensor(w[:, :32], bits=3, group_size=64, method="rtn")
     bias = jax.random.normal(jax.random.fold_in(key, 1), (64,))
-    params = {"a": {"w": qt3, "b": bias}, "c": qt4, "d": narrow, "e": (qt4, qt4)}
+    params = {"a": {"w": qt3, "b": bias}, "c": qt8, "d": narrow, "e": (qt8, qt8)}
     out = prepare_for_kernels(params)
     assert isinstance(out["a"]["w"], KernelWeights) and out["a"]["w"].layout == PAIRS_LAYOUT
     assert isinstance(out["c"], KernelWeights) and out["c"].layout == LAYOUT
@@ -177,7 +178,7 @@ def test_params_dict_and_float32_activations():
     np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max(), rtol=2e-2)
     # float32 activations keep the exact float32 product of the unprepared weight
     x = jax.random.normal(jax.random.fold_in(key, 2), (3, 128), jnp.float32)
-    for qt, kw in ((qt3, out["a"]["w"]), (qt4, out["c"])):
+    for qt, kw in ((qt3, out["a"]["w"]), (qt8, out["c"])):
         want = np.asarray(linear(x, qt), np.float64)
         got = np.asarray(linear(x, kw), np.float64)
         assert got.dtype == want.dtype

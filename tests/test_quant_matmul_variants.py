@@ -28,13 +28,33 @@ def _rng():
     return np.random.default_rng(_SEED[0])
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("slab", [8, 16, 32])
-def test_pack_pairs_roundtrip(slab):
+def test_pack_pairs_roundtrip(bits, slab):
     rng = _rng()
-    codes = jnp.asarray(rng.integers(0, 8, (2 * 32 * slab, 5)), jnp.uint32)
-    words = layout.pack_pairs(codes, slab)
-    assert words.shape == (2 * 3 * slab, 5) and words.dtype == jnp.uint32
-    np.testing.assert_array_equal(np.asarray(layout.unpack_pairs(words, slab)), np.asarray(codes))
+    tile = (32 if bits == 3 else 32 // bits) * slab
+    codes = jnp.asarray(rng.integers(0, 2**bits, (2 * tile, 5)), jnp.uint32)
+    words = layout.pack_pairs(codes, slab, bits)
+    assert words.shape == (2 * tile * bits // 32, 5) and words.dtype == jnp.uint32
+    np.testing.assert_array_equal(np.asarray(layout.unpack_pairs(words, slab, bits)), np.asarray(codes))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pair_words_2_4_bit_hold_each_pair_slot_in_both_halves(bits):
+    """2/4-bit planar_pairs: one plane; pair-slot i of word w holds rows 2 * slab * i + pair_row(w)
+    and the next one at bits bits * i and 16 + bits * i (every bit used)."""
+    rng = _rng()
+    slab = 16
+    tile = (32 // bits) * slab
+    codes = rng.integers(0, 2**bits, (tile, 1))
+    w = np.asarray(layout.pack_pairs(jnp.asarray(codes, jnp.uint32), slab, bits))[:, 0]
+    assert w.shape == (slab,)
+    mask = 2**bits - 1
+    for col in range(slab):
+        for i in range(layout.pair_slots(bits)):
+            k0 = 2 * slab * i + layout.pair_row(col)
+            assert (w[col] >> (bits * i)) & mask == codes[k0, 0]
+            assert (w[col] >> (16 + bits * i)) & mask == codes[k0 + 1, 0]
 
 
 def test_pair_words_hold_adjacent_rows_16_bits_apart():
@@ -63,25 +83,29 @@ def test_pair_order_matches_wgmma_register_layout():
 
 @pytest.mark.parametrize("magic,base,dtype", [(0x4300, 128, jnp.bfloat16), (0x6400, 1024, jnp.float16)])
 def test_magic_number_conversion(magic, base, dtype):
-    """(code | magic) read as a 16-bit float is base + code, exactly, for every 3-bit code."""
-    halves = np.array([magic | c for c in range(8)], np.uint16)
+    """(code | magic) read as a 16-bit float is base + code, exactly, for every 2/3/4-bit code (the
+    widths planar_pairs holds); at 8 bits bf16 would not be exact, which is why 8-bit stays planar."""
+    halves = np.array([magic | c for c in range(16)], np.uint16)
     vals = np.asarray(jnp.asarray(halves).view(dtype), np.float64)
-    np.testing.assert_array_equal(vals, base + np.arange(8))
+    np.testing.assert_array_equal(vals, base + np.arange(16))
+    assert mgpu_sm90._pair_mask(4) == 0x000F000F and mgpu_sm90._pair_mask(2) == 0x00030003
+    assert layout.PAIRS_BITS == (2, 3, 4) and layout.decode_layout(8) == layout.LAYOUT
 
 
-def test_prepare_pairs_dequantizes_like_planar():
+@pytest.mark.parametrize("bits,k_pad", [(3, 1024), (4, 768), (2, 1024)])
+def test_prepare_pairs_dequantizes_like_planar(bits, k_pad):
     rng = _rng()
-    qt = make_weight(640, 64, 3, 64, 0, rng)               # K padded 640 -> 1024
+    qt = make_weight(640, 64, bits, 64, 0, rng)            # K padded 640 -> one tile multiple
     kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
-    assert kw.layout == layout.PAIRS_LAYOUT and kw.codes.shape == (64, 1024 * 3 // 32)
+    assert kw.layout == layout.PAIRS_LAYOUT and kw.codes.shape == (64, k_pad * bits // 32)
     np.testing.assert_array_equal(np.asarray(api.dequantize_kernel_weights(kw), np.float32),
                                   np.asarray(api.dequantize_kernel_weights(layout.prepare(qt)), np.float32))
 
 
 def test_prepare_pairs_rejects_other_bits_and_mismatched_unpack():
     rng = _rng()
-    with pytest.raises(ValueError, match="3-bit only"):
-        layout.prepare(make_weight(256, 64, 4, 64, 0, rng), layout=layout.PAIRS_LAYOUT)
+    with pytest.raises(ValueError, match=r"holds bits \(2, 3, 4\), got bits=8"):
+        layout.prepare(make_weight(256, 64, 8, 64, 0, rng), layout=layout.PAIRS_LAYOUT)
     qt = make_weight(512, 64, 3, 64, 0, rng)
     x = make_x(2, 512, rng)
     with pytest.raises(ValueError, match="does not read weights"):
@@ -93,7 +117,7 @@ def test_prepare_pairs_rejects_other_bits_and_mismatched_unpack():
         api.matmul(x, layout.prepare(qt), interpret=True, config=mgpu_sm90.Config(unpack="nope"))
 
 
-# (unpack, group, K, M, rank, chunk_slots, k_splits, a_regs)
+# (unpack, group, K, M, rank, chunk_slots, k_splits, a_regs); 3-bit weights (BITS_CASES: 2 and 4)
 VARIANT_CASES = [
     ("bf16", 64, 512, 3, 16, 4, 1, False),
     ("magic_bf16", 64, 1024, 3, 16, 4, 2, False),      # split-K, compensator
@@ -106,14 +130,49 @@ VARIANT_CASES = [
 ]
 
 
+# (bits, unpack, group, K, M, rank, chunk_slots, k_splits, a_regs): the magic unpack on 2/4-bit
+# planar_pairs (one plane, slab 32: a pair-slot is one g64 group, g128 spans two)
+BITS_CASES = [
+    (4, "magic_bf16", 64, 512, 3, 16, 4, 2, True),     # split-K, compensator, A from registers
+    (4, "magic_bf16", 128, 640, 5, 0, 4, 1, False),    # g128, K padded 640 -> 768, through SMEM
+    (4, "magic_f16", None, 256, 16, 0, 2, 1, True),    # per-channel, f16
+    (2, "magic_bf16", 64, 1024, 1, 16, 4, 2, True),    # split-K, compensator
+    (2, "magic_bf16", 128, 640, 9, 0, 8, 1, False),    # g128, K padded 640 -> 1024
+]
+
+
 @pytest.mark.parametrize("unpack,group_size,k,m,rank,chunk,splits,a_regs", VARIANT_CASES)
 def test_variant_interpret(unpack, group_size, k, m, rank, chunk, splits, a_regs):
+    _check_variant(3, unpack, group_size, k, m, rank, chunk, splits, a_regs)
+
+
+@pytest.mark.parametrize("bits,unpack,group_size,k,m,rank,chunk,splits,a_regs", BITS_CASES)
+def test_variant_interpret_2_4_bit(bits, unpack, group_size, k, m, rank, chunk, splits, a_regs):
+    _check_variant(bits, unpack, group_size, k, m, rank, chunk, splits, a_regs)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_2_4_bit_default_is_pairs_stream_k(bits):
+    """api.matmul on a 2/4-bit QuantizedTensor: planar_pairs weights, the magic unpack with A in
+    registers, the stream-K schedule (the default decode path), with a compensator."""
     rng = _rng()
-    qt = make_weight(k, 64, 3, group_size, rank, rng)
+    qt = make_weight(1024, 128, bits, 64, 8, rng)
+    kw = layout.prepare(qt, layout=api._kernel_layout(qt, "kernel", None))
+    cfg = mgpu_sm90.default_config(4, kw)
+    assert kw.layout == layout.PAIRS_LAYOUT and cfg.unpack == "magic_bf16" and cfg.a_regs
+    assert cfg.schedule == "stream_k"
+    x = make_x(4, 1024, rng)
+    assert rel_err(api.matmul(x, qt, interpret=True), ref64(x, qt)) < TOL
+
+
+def _check_variant(bits, unpack, group_size, k, m, rank, chunk, splits, a_regs):
+    rng = _rng()
+    qt = make_weight(k, 64, bits, group_size, rank, rng)
     lay = layout.PAIRS_LAYOUT if unpack.startswith("magic") else layout.LAYOUT
     kw = layout.prepare(qt, layout=lay)
     x = make_x(m, k, rng)
-    cfg = mgpu_sm90.Config(block_m=0, chunk_slots=chunk, k_splits=splits, unpack=unpack, a_regs=a_regs)
+    cfg = mgpu_sm90.Config(block_m=0, chunk_slots=chunk, k_splits=splits, unpack=unpack, a_regs=a_regs,
+                           schedule="split_k")
     y = api.matmul(x, kw, interpret=True, config=cfg)
     assert y.shape == (m, 64) and y.dtype == jnp.bfloat16
     err = rel_err(y, ref64(x, qt))
@@ -145,8 +204,11 @@ def test_a_regs_needs_magic_unpack():
 def test_variant_native_gpu(unpack, a_regs):
     rng = _rng()
     k, n = 1408, 512
-    for group_size, rank, ms in ((64, 0, (1, 16)), (128, 32, (3, 64)), (None, 0, (8,))):
-        qt = make_weight(k, n, 3, group_size, rank, rng)
+    for bits, group_size, rank, ms in ((3, 64, 0, (1, 16)), (3, 128, 32, (3, 64)), (3, None, 0, (8,)),
+                                       (4, 64, 16, (1, 16)), (2, 128, 0, (3,))):
+        if bits != 3 and unpack == "bf16":
+            continue
+        qt = make_weight(k, n, bits, group_size, rank, rng)
         kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT if unpack.startswith("magic") else layout.LAYOUT)
         for m in ms:
             x = make_x(m, k, rng)
@@ -164,15 +226,18 @@ def _lower_native_for_sm90(kw, m, cfg):
     return f.trace(x, kw).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("unpack,a_regs", [("magic_bf16", False), ("magic_f16", False), ("magic_bf16", True)])
-def test_native_lowering_on_cpu(unpack, a_regs):
+@pytest.mark.parametrize("bits,unpack,a_regs", [(3, "magic_bf16", False), (3, "magic_f16", False),
+                                                (3, "magic_bf16", True), (4, "magic_bf16", True),
+                                                (4, "magic_bf16", False), (2, "magic_bf16", True)])
+def test_native_lowering_on_cpu(bits, unpack, a_regs):
     """The inline-PTX conversion builds (layout inference, register mapping) for sm90, and with
-    a_regs its result is a legal register A operand of wgmma."""
+    a_regs its result is a legal register A operand of wgmma; for 2/4-bit with the width's mask."""
     reason = cuda_lowering_unavailable()
     if reason:
         pytest.skip(reason)
     rng = _rng()
-    qt = make_weight(1024, 128, 3, 64, 0, rng)
+    qt = make_weight(1024, 128, bits, 64, 0, rng)
     cfg = mgpu_sm90.Config(block_m=0, chunk_slots=4, unpack=unpack, a_regs=a_regs)
     text = _lower_native_for_sm90(layout.prepare(qt, layout=layout.PAIRS_LAYOUT), 3, cfg)
     assert "mosaic_gpu" in text
+    assert f"lop3.b32 t, t, {hex(mgpu_sm90._pair_mask(bits))}" in text

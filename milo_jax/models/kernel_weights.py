@@ -12,7 +12,7 @@ kernel-ready words.
 
 What is replaced: every parameter whose value is a 2-D QuantizedTensor [K, N] that `prepare`
 accepts, in the layout `quant_matmul.matmul`'s decode kernel reads (`api._kernel_layout`:
-"planar_pairs" for 3-bit, "planar_nmajor" otherwise; the prefill path dequantizes either layout).
+"planar_pairs" for 2/3/4-bit, "planar_nmajor" for 8-bit; the prefill path dequantizes either layout).
 Routed experts: a stacked QuantizedTensor [E, K, N], or a per-expert tuple holding at least one
 QuantizedTensor (mixed precision), becomes `GroupedKernelWeights` (`grouped_matmul.mgpu_sm90.
 prepare_grouped`: one stacked class per bit width, 3-bit in "planar_pairs"). `models.moe` then

@@ -2,9 +2,9 @@
 quantized weight, all experts of one bit-width class in ONE launch.
 
 Weights are repacked once (`prepare_grouped`) into a quant_matmul kernel layout
-(pallas_kernels/quant_matmul/layout.py: "planar_pairs" for 3-bit experts by default, read by the
-magic-number unpack "magic_bf16"; "planar_nmajor", read by the f32 unpack, for the other widths or
-with layout_3bit="planar_nmajor") per expert and stacked per class of equal (bits, group rows, slab,
+(pallas_kernels/quant_matmul/layout.py: "planar_pairs" for 2/3/4-bit experts by default, read by the
+magic-number unpack "magic_bf16"; "planar_nmajor", read by the f32 unpack, for 8-bit experts or
+with low_bit_layout="planar_nmajor") per expert and stacked per class of equal (bits, group rows, slab,
 K_pad, layout): codes [Ec*N, Kp*bits/32], scales / zeros [Ec*Gp, N], v_t [Ec*N, Rp], u [Ec, K, R]. Mixed precision per expert = several classes = one launch per class (the unpack is
 static per bit width); each launch only touches rows of its own experts.
 
@@ -47,11 +47,11 @@ from pallas_kernels.quant_matmul.mgpu_sm90 import (TARGET_CTAS, UNPACKS, _accumu
                                                    _swizzle_transforms, _tiling, _unpack_and_multiply,
                                                    _unpack_plan)
 
-# Kernel layout of 3-bit classes (`prepare_grouped(w, layout_3bit=...)`). "planar_pairs" feeds the
-# magic-number unpack (Config.unpack "magic_bf16" with A in registers, quant_matmul's measured decode
-# default for 3-bit: 17.45 vs 31.4 us dense at 4096 x 14336, M=1, H100; native tests pass in this
-# grouped kernel too). 2/4/8-bit classes stay "planar_nmajor".
-LAYOUT_3BIT = layout.PAIRS_LAYOUT
+# Kernel layout of 2/3/4-bit classes (`prepare_grouped(w, low_bit_layout=...)`). "planar_pairs" feeds
+# the magic-number unpack (Config.unpack "magic_bf16" with A in registers, quant_matmul's measured
+# decode default for 3-bit: 17.45 vs 31.4 us dense at 4096 x 14336, M=1, H100; native tests pass in
+# this grouped kernel too). 8-bit classes stay "planar_nmajor" (layout.decode_layout).
+LOW_BIT_LAYOUT = layout.PAIRS_LAYOUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,8 @@ class Config:
     stages: int = 2            # pipeline depth
     k_splits: int = 0          # 0 = heuristic (quant_matmul's target of ~7 CTAs per SM)
     # quant_matmul's unpack variant (quant_matmul.mgpu_sm90.UNPACKS). "" = per class from its layout:
-    # "magic_bf16" for planar_pairs (3-bit) classes, "f32" otherwise. An explicit "magic_*" applies to
-    # the planar_pairs classes (2/4/8-bit classes, planar_nmajor only, keep "f32"); a 3-bit class
+    # "magic_bf16" for planar_pairs (2/3/4-bit) classes, "f32" otherwise. An explicit "magic_*" applies
+    # to the planar_pairs classes (8-bit classes, planar_nmajor only, keep "f32"); a 2/3/4-bit class
     # whose layout the named unpack does not read raises ValueError.
     unpack: str = ""
     # quant_matmul's Config.a_regs: magic_* classes hand A to wgmma from registers.
@@ -160,22 +160,22 @@ def _split_experts(w) -> list:
     return [w[i] for i in range(w.shape[0])]
 
 
-def prepare_grouped(w, layout_3bit: str | None = None) -> GroupedKernelWeights:
+def prepare_grouped(w, low_bit_layout: str | None = None) -> GroupedKernelWeights:
     """Repack once (load time): stacked QuantizedTensor [E, K, N] or a list of per-expert ones.
 
-    layout_3bit: kernel layout of the 3-bit experts, "planar_pairs" (magic-number unpack) or
-    "planar_nmajor" (f32 / bf16 unpack); None = LAYOUT_3BIT. Other widths are always planar_nmajor.
+    low_bit_layout: kernel layout of the 2/3/4-bit experts, "planar_pairs" (magic-number unpack) or
+    "planar_nmajor" (f32 / bf16 unpack); None = LOW_BIT_LAYOUT. 8-bit experts are always planar_nmajor.
     Already prepared weights are returned as they are (their classes keep their layouts)."""
-    if layout_3bit is None:
-        layout_3bit = LAYOUT_3BIT
-    if layout_3bit not in layout.LAYOUTS:
-        raise ValueError(f"grouped_matmul.prepare_grouped: layout_3bit={layout_3bit!r} is not one of {layout.LAYOUTS}")
+    if low_bit_layout is None:
+        low_bit_layout = LOW_BIT_LAYOUT
+    if low_bit_layout not in layout.LAYOUTS:
+        raise ValueError(f"grouped_matmul.prepare_grouped: low_bit_layout={low_bit_layout!r} is not one of {layout.LAYOUTS}")
     if isinstance(w, GroupedKernelWeights):
         return w
     e, k, n = reference.expert_shape(w)
     parts = _split_experts(w)
     floats = [i for i, p in enumerate(parts) if not isinstance(p, QuantizedTensor)]
-    kws = {i: layout.prepare(p, layout=layout_3bit if p.bits == 3 else layout.LAYOUT)
+    kws = {i: layout.prepare(p, layout=low_bit_layout if p.bits in layout.PAIRS_BITS else layout.LAYOUT)
            for i, p in enumerate(parts) if isinstance(p, QuantizedTensor)}
     buckets: dict = {}
     for i, kw in kws.items():
@@ -313,10 +313,10 @@ def class_unpack(requested: str, c: ExpertClass) -> str:
         return "magic_bf16" if pairs else "f32"
     if requested.startswith("magic") == pairs:
         return requested
-    if c.bits != 3:            # only planar_nmajor exists for this width: the magic request is for 3-bit
+    if c.bits not in layout.PAIRS_BITS:   # only planar_nmajor exists at 8 bits: the magic request is for the others
         return "f32"
-    raise ValueError(f"grouped_matmul: unpack={requested!r} does not read the {c.layout!r} layout of the 3-bit "
-                     f"class {c.experts} (magic_* need prepare_grouped(w, layout_3bit={layout.PAIRS_LAYOUT!r}), "
+    raise ValueError(f"grouped_matmul: unpack={requested!r} does not read the {c.layout!r} layout of the {c.bits}-bit "
+                     f"class {c.experts} (magic_* need prepare_grouped(w, low_bit_layout={layout.PAIRS_LAYOUT!r}), "
                      f"the others {layout.LAYOUT!r})")
 
 

@@ -68,18 +68,19 @@ def _dequant_dot(x, kw: layout.KernelWeights):
 
 
 def _kernel_layout(qt, impl: str, config) -> str:
-    """3-bit weights go to the decode kernel in the "planar_pairs" layout, whose magic-number
+    """2/3/4-bit weights go to the decode kernel in the "planar_pairs" layout, whose magic-number
     unpack (Config.unpack="magic_bf16" with A in registers, picked by default_config for that
-    layout) measured 17.45 us against 31.4 us for the planar f32 unpack (4096 x 14336, M=1, H100,
-    2026-11-23, benchmarks/results/quant_matmul_variants.md); the Mosaic dequantize kernel (prefill)
-    reads it with the same magic unpack. Other widths keep "planar_nmajor". KernelWeights already prepared keep their own layout; an explicit
-    config gets the layout its unpack reads."""
+    layout) measured 17.45 us against 31.4 us for the planar f32 unpack (3-bit, 4096 x 14336, M=1,
+    H100, 2026-11-23, benchmarks/results/quant_matmul_variants.md); the Mosaic dequantize kernel
+    (prefill) reads it with the same magic unpack. 8-bit keeps "planar_nmajor" (layout.decode_layout).
+    KernelWeights already prepared keep their own layout; an explicit config gets the layout its
+    unpack reads."""
     if isinstance(qt, layout.KernelWeights):
         return qt.layout
     if impl == "kernel" and config is not None:
         return layout.PAIRS_LAYOUT if config.unpack.startswith("magic") else layout.LAYOUT
-    if impl in ("kernel", "mgpu_dequant_dot") and qt.bits == 3:
-        return layout.PAIRS_LAYOUT
+    if impl in ("kernel", "mgpu_dequant_dot"):
+        return layout.decode_layout(qt.bits)
     return layout.LAYOUT
 
 

@@ -17,19 +17,24 @@ rows, and a slab it can swizzle (16 or 32 codes = 32 or 64 bytes of bf16):
 K is padded to Kp, a multiple of one planar tile (per * slab rows); padded rows have code 0,
 scale 0 and zero 0, and x is zero-padded to match, so they contribute exactly 0.
 
-Second kernel layout "planar_pairs" (3-bit only, `prepare(qt, layout=PAIRS_LAYOUT)`): the same
-tile of 32 * slab K rows in the same three [N, slab] planes, but the two codes that form one
-bf16x2 (or f16x2) register of the dequantized A tile, rows k and k + 1, sit 16 bits apart in one
-word. Then ((w >> 3i) & 0x00070007) | 0x43004300 is two bf16 values 128 + code at once (the
-"magic number" conversion; 0x64006400 gives f16 1024 + code), about 2 instructions per pair
-instead of ~5 f32 instructions per code. Per tile: pair-slot jp (0..15) covers tile rows
-[jp * 2 * slab, (jp + 1) * 2 * slab); plane p holds pair-slots 5p + i (i < 5) at bits 3i (row
-k0) and 16 + 3i (row k0 + 1); pair-slot 15 keeps bit b of its two codes in plane b, bits 15 and
-31 (zero waste, 3.0 bits per code as in "planar"). Word column w of a pair-slot holds the pair
+Second kernel layout "planar_pairs" (bits 2, 3 and 4; `prepare(qt, layout=PAIRS_LAYOUT)`): the
+same tile of `slots_per_tile(bits) * slab` K rows, but the two codes that form one bf16x2 (or f16x2)
+register of the dequantized A tile, rows k and k + 1, sit 16 bits apart in one word. Then
+((w >> bits * i) & mask2) | 0x43004300 (mask2 = 0x00070007 at 3 bits, 0x000F000F at 4, 0x00030003
+at 2) is two bf16 values 128 + code at once (the "magic number" conversion; 0x64006400 gives f16
+1024 + code), about 2 instructions per pair instead of ~5 f32 instructions per code. Per tile:
+pair-slot jp covers tile rows [jp * 2 * slab, (jp + 1) * 2 * slab).
+- 3 bits (16 pair-slots in three [N, slab] planes): plane p holds pair-slots 5p + i (i < 5) at bits
+  3i (row k0) and 16 + 3i (row k0 + 1); pair-slot 15 keeps bit b of its two codes in plane b, bits 15
+  and 31 (zero waste, 3.0 bits per code as in "planar").
+- 2 and 4 bits (16 // bits pair-slots in one [N, slab] plane): pair-slot i at bits bits * i (row k0)
+  and 16 + bits * i (row k0 + 1): each 16-bit half is full, bits per code as in "planar".
+Word column w of a pair-slot holds the pair
 starting at row k0(w) = 16 (w // 8) + 8 (w % 2) + 2 ((w % 8) // 2): with the u32 slab loaded in
 Mosaic's WGMMA register layout (each lane holds words 2l, 2l + 1 of an 8-word column tile), the
 two words of a lane become exactly the lane's bf16x2 registers of column tiles 2t and 2t + 1 of
 the WGMMA layout of the [BN, 2 * slab] bf16 result, so no data moves between lanes.
+8-bit codes stay "planar_nmajor": 0x4300 | code is 128 + code in bf16 only for codes < 128.
 """
 
 from __future__ import annotations
@@ -48,6 +53,20 @@ PAIRS_LAYOUT = "planar_pairs"
 LAYOUTS = (LAYOUT, PAIRS_LAYOUT)
 MAX_RANK = 128
 PAIR_SLOTS = 16          # 3-bit pair-slots per tile (32 slabs = 16 pairs of slabs)
+PAIRS_BITS = (2, 3, 4)   # widths that "planar_pairs" (the magic-number unpack) holds
+
+
+def pair_slots(bits: int) -> int:
+    """Pair-slots (two slabs each) per planar tile of `bits`-bit codes in "planar_pairs"."""
+    if bits not in PAIRS_BITS:
+        raise ValueError(f"quant_matmul.layout: {PAIRS_LAYOUT!r} holds bits {PAIRS_BITS}, got bits={bits}")
+    return PAIR_SLOTS if bits == 3 else 16 // bits
+
+
+def decode_layout(bits: int) -> str:
+    """Kernel layout the decode and dequantize kernels read fastest at this width: "planar_pairs"
+    (magic-number unpack) for 2/3/4 bits, "planar_nmajor" (f32 unpack) for 8 bits."""
+    return PAIRS_LAYOUT if bits in PAIRS_BITS else LAYOUT
 
 
 def kernel_slab(bits: int) -> int:
@@ -112,14 +131,22 @@ def _pair_rows(slab: int):
     return np.array([pair_row(w) for w in range(slab)])
 
 
-def pack_pairs(codes: jax.Array, slab: int) -> jax.Array:
-    """3-bit codes [Kp, N] (Kp a multiple of 32 * slab) -> "planar_pairs" words [Kp * 3 // 32, N] uint32."""
+def pack_pairs(codes: jax.Array, slab: int, bits: int = 3) -> jax.Array:
+    """Codes [Kp, N] (Kp a multiple of the planar tile) -> "planar_pairs" words
+    [Kp * bits // 32, N] uint32 (one tile: 3 planes of slab words at 3 bits, one plane otherwise)."""
     kp, n = codes.shape
-    if kp % (32 * slab):
-        raise ValueError(f"quant_matmul.layout.pack_pairs: K={kp} is not a multiple of the tile {32 * slab}")
+    slots = pair_slots(bits)
+    tile = 2 * slots * slab
+    if kp % tile:
+        raise ValueError(f"quant_matmul.layout.pack_pairs: K={kp} is not a multiple of the tile {tile}")
     rows = _pair_rows(slab)
-    q = codes.astype(jnp.uint32).reshape(kp // (32 * slab), PAIR_SLOTS, 2 * slab, n)
-    lo, hi = q[:, :, rows, :], q[:, :, rows + 1, :]            # [T, 16, slab, N]
+    q = codes.astype(jnp.uint32).reshape(kp // tile, slots, 2 * slab, n)
+    lo, hi = q[:, :, rows, :], q[:, :, rows + 1, :]            # [T, slots, slab, N]
+    if bits != 3:
+        word = jnp.zeros_like(lo[:, 0])
+        for i in range(slots):
+            word = word | (lo[:, i] << jnp.uint32(bits * i)) | (hi[:, i] << jnp.uint32(16 + bits * i))
+        return word.reshape(kp * bits // 32, n)                 # [T, slab, N] -> words
     planes = []
     for p in range(3):
         word = jnp.zeros_like(lo[:, 0])
@@ -132,14 +159,21 @@ def pack_pairs(codes: jax.Array, slab: int) -> jax.Array:
     return jnp.stack(planes, axis=1).reshape(kp * 3 // 32, n)   # [T, 3, slab, N] -> words
 
 
-def unpack_pairs(words: jax.Array, slab: int) -> jax.Array:
-    """Inverse of `pack_pairs`: words [Kp * 3 // 32, N] -> codes [Kp, N] uint32."""
+def unpack_pairs(words: jax.Array, slab: int, bits: int = 3) -> jax.Array:
+    """Inverse of `pack_pairs`: words [Kp * bits // 32, N] -> codes [Kp, N] uint32."""
     kw_, n = words.shape
-    t = kw_ // (3 * slab)
-    pl_ = words.reshape(t, 3, slab, n)
+    slots = pair_slots(bits)
+    wps = 3 if bits == 3 else 1
+    t = kw_ // (wps * slab)
+    pl_ = words.reshape(t, wps, slab, n)
+    mask = jnp.uint32(2**bits - 1)
     lo, hi = [], []
-    for j in range(PAIR_SLOTS):
-        if j < 15:
+    for j in range(slots):
+        if bits != 3:
+            w = pl_[:, 0]
+            lo.append((w >> jnp.uint32(bits * j)) & mask)
+            hi.append((w >> jnp.uint32(16 + bits * j)) & mask)
+        elif j < 15:
             w = pl_[:, j // 5]
             sh = 3 * (j % 5)
             lo.append((w >> jnp.uint32(sh)) & 7)
@@ -147,25 +181,25 @@ def unpack_pairs(words: jax.Array, slab: int) -> jax.Array:
         else:
             lo.append(sum(((pl_[:, b] >> jnp.uint32(15)) & 1) << jnp.uint32(b) for b in range(3)))
             hi.append(sum(((pl_[:, b] >> jnp.uint32(31)) & 1) << jnp.uint32(b) for b in range(3)))
-    lo, hi = jnp.stack(lo, 1), jnp.stack(hi, 1)                 # [T, 16, slab, N]
+    lo, hi = jnp.stack(lo, 1), jnp.stack(hi, 1)                 # [T, slots, slab, N]
     order = _pair_rows(slab)
     inv = jnp.argsort(jnp.asarray(order))                       # word column for pair row 2 * i
-    pairs = jnp.stack([lo[:, :, inv], hi[:, :, inv]], axis=3)   # [T, 16, slab (pair i), 2, N]
-    return pairs.reshape(t * 32 * slab, n)
+    pairs = jnp.stack([lo[:, :, inv], hi[:, :, inv]], axis=3)   # [T, slots, slab (pair i), 2, N]
+    return pairs.reshape(t * 2 * slots * slab, n)
 
 
 def unpack_codes(kw: "KernelWeights") -> jax.Array:
     """Codes [Kp, N] uint32 of prepared weights, in either kernel layout."""
     if kw.layout == PAIRS_LAYOUT:
-        return unpack_pairs(kw.codes.T, kw.slab)
+        return unpack_pairs(kw.codes.T, kw.slab, kw.bits)
     return packing.unpack(kw.codes.T, kw.bits, kw.k_pad, kw.slab)
 
 
 def prepare(qt: QuantizedTensor, slab: int | None = None, layout: str = LAYOUT) -> KernelWeights:
     """Repack a 2-D planar QuantizedTensor [K, N] into the kernel layout (run once, at load time).
 
-    layout: "planar_nmajor" (every bit width) or "planar_pairs" (3-bit, for the magic-number
-    unpack variants of the decode kernel, `Config(unpack="magic_bf16")`).
+    layout: "planar_nmajor" (every bit width) or "planar_pairs" (bits 2, 3, 4: for the magic-number
+    unpack variants of the decode kernel, `Config(unpack="magic_bf16")`; `decode_layout(bits)`).
     """
     if isinstance(qt, KernelWeights):
         if qt.layout != layout and layout != LAYOUT:
@@ -173,8 +207,8 @@ def prepare(qt: QuantizedTensor, slab: int | None = None, layout: str = LAYOUT) 
         return qt
     if layout not in LAYOUTS:
         raise ValueError(f"quant_matmul.prepare: unknown kernel layout {layout!r} (one of {LAYOUTS})")
-    if layout == PAIRS_LAYOUT and qt.bits != 3:
-        raise ValueError(f"quant_matmul.prepare: layout {PAIRS_LAYOUT!r} is 3-bit only, got bits={qt.bits}")
+    if layout == PAIRS_LAYOUT and qt.bits not in PAIRS_BITS:
+        raise ValueError(f"quant_matmul.prepare: layout {PAIRS_LAYOUT!r} holds bits {PAIRS_BITS}, got bits={qt.bits}")
     if qt.ndim != 2:
         raise ValueError(f"quant_matmul.prepare: expected a 2-D QuantizedTensor [K, N], got shape {qt.shape}")
     if qt.layout != "planar":
@@ -203,7 +237,7 @@ def prepare(qt: QuantizedTensor, slab: int | None = None, layout: str = LAYOUT) 
             scales = jnp.pad(scales, ((0, extra), (0, 0)))
             zeros = jnp.pad(zeros, ((0, extra), (0, 0)))
     if layout == PAIRS_LAYOUT:
-        words = pack_pairs(codes, slab)                           # [Kp*3/32, N]
+        words = pack_pairs(codes, slab, qt.bits)                  # [Kp*bits/32, N]
     else:
         words = packing.pack(codes, qt.bits, slab)                # [Kp*bits/32, N]
     u = v_t = None

@@ -38,7 +38,7 @@ class Config:
     overlap: bool = True       # double-buffered A + wgmma_wait(1); False: wait after every chunk
     k_splits: int = 1          # split K over this many CTAs (f32 partials summed by XLA)
     # How a slab of codes becomes the bf16 A tile (see UNPACKS). "f32" is the measured default;
-    # "magic_*" need weights prepared with layout="planar_pairs" (3-bit).
+    # "magic_*" need weights prepared with layout="planar_pairs" (bits 2, 3, 4).
     unpack: str = "f32"
     # magic_* only: hand each dequantized pair-slot ([BN, 2 * slab]) to wgmma straight from
     # registers (WGMMA layout, which the magic conversion already produces) instead of storing the
@@ -141,8 +141,16 @@ _MAGIC = {  # A dtype, magic pair (base + code as two 16-bit floats), base, 1.0 
 }
 
 
-def _pair_words(planes, jp: int):
-    """(plane indices, PTX that leaves the pair-slot's two codes in bits 0-2 / 16-18 of `t`)."""
+def _pair_mask(bits: int) -> int:
+    """Both halves' code bits: 0x00070007 at 3 bits, 0x000F000F at 4, 0x00030003 at 2."""
+    return ((1 << bits) - 1) * 0x00010001
+
+
+def _pair_words(planes, jp: int, bits: int = 3):
+    """(plane indices, PTX that leaves the pair-slot's two codes in the low bits of both halves of `t`)."""
+    if bits != 3:                 # one plane, pair-slot jp at bits * jp and 16 + bits * jp
+        sh = bits * jp
+        return [0], (f"shr.b32 t, $1, {sh};" if sh else "mov.b32 t, $1;")
     if jp < 15:
         sh = 3 * (jp % 5)
         return [jp // 5], (f"shr.b32 t, $1, {sh};" if sh else "mov.b32 t, $1;")
@@ -152,7 +160,7 @@ def _pair_words(planes, jp: int):
                        " shr.b32 u, $3, 13; and.b32 u, u, 0x00040004; or.b32 t, t, u;")
 
 
-def _magic_pairs_native(planes, jps, scale_list, bn: int, slab: int, unpack: str):
+def _magic_pairs_native(planes, jps, scale_list, bn: int, slab: int, unpack: str, bits: int = 3):
     """Pair-slots `jps` of a "planar_pairs" tile -> [BN, 2 * slab * len(jps)] A-dtype values (pair-slot
     i in columns 2*slab*i ...) through inline PTX, one register array ready for wgmma or a store.
 
@@ -172,11 +180,12 @@ def _magic_pairs_native(planes, jps, scale_list, bn: int, slab: int, unpack: str
     wgmma = plgpu.Layout.WGMMA
     flat, spans, extracts = [], [], []       # flat args; per pair-slot (first, n words) in flat; PTX
     for jp, sc in zip(jps, scale_list):
-        idx_planes, extract = _pair_words(planes, jp)
+        idx_planes, extract = _pair_words(planes, jp, bits)
         spans.append((len(flat), len(idx_planes)))
         extracts.append(extract)
         flat += [planes[i] for i in idx_planes] + list(sc)
     npair = len(jps)
+    mask = hex(_pair_mask(bits))
 
     @plgpu.inline_mgpu(arg_types=tuple(wgmma for _ in flat),
                        return_type=plgpu.ShapeDtypeStruct((bn, 2 * slab * npair), dt, layout=wgmma))
@@ -205,7 +214,7 @@ def _magic_pairs_native(planes, jps, scale_list, bn: int, slab: int, unpack: str
                 lreg = mgu.bitcast(lo_fa.registers[idx], i32)
                 si, hi, lo = (f"${n_in + 1 + i}" for i in range(3))
                 asm = ("{ .reg .b32 t, u, c1; " + extract +
-                       f" lop3.b32 t, t, 0x00070007, {hex(magic)}, 0xea;"      # (t & 0x70007) | magic
+                       f" lop3.b32 t, t, {mask}, {hex(magic)}, 0xea;"          # (t & mask) | magic
                        f" mov.b32 c1, {hex(one)};"
                        f" fma.rn.{ptx_ty} t, t, {si}, {hi};"                   # (base + c) * s + hi
                        f" fma.rn.{ptx_ty} $0, t, c1, {lo}; }}")                # + lo
@@ -217,20 +226,23 @@ def _magic_pairs_native(planes, jps, scale_list, bn: int, slab: int, unpack: str
     return convert(*flat)
 
 
-def _magic_pair_emulated(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpack: str):
+def _magic_pair_emulated(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpack: str, bits: int = 3):
     """jnp twin of `_magic_pairs_native` (one pair-slot) for interpret mode: same codes, same roundings.
 
     The emulation interleaves the low/high codes with a stack + reshape, which only interprets
     (interleaving does not lower on Mosaic GPU; the native path needs no data movement)."""
     dt, base = _MAGIC[unpack][0], _MAGIC[unpack][2]
-    if jp < 15:
+    mask = jnp.uint32(2**bits - 1)
+    if bits != 3:
+        w = planes[0] >> jnp.uint32(bits * jp)
+    elif jp < 15:
         w = planes[jp // 5] >> jnp.uint32(3 * (jp % 5))
     else:
         w = (((planes[0] >> jnp.uint32(15)) & jnp.uint32(0x00010001))
              | ((planes[1] >> jnp.uint32(14)) & jnp.uint32(0x00020002))
              | ((planes[2] >> jnp.uint32(13)) & jnp.uint32(0x00040004)))
-    lo = (w & jnp.uint32(7)).astype(jnp.int32)
-    hi = ((w >> jnp.uint32(16)) & jnp.uint32(7)).astype(jnp.int32)
+    lo = (w & mask).astype(jnp.int32)
+    hi = ((w >> jnp.uint32(16)) & mask).astype(jnp.int32)
     # word column w = 8a + 2l + e holds pair i = 8a + 4e + l (layout.pair_row(w) = 2i)
     order = lambda v: v.reshape(bn, slab // 8, 4, 2).transpose(0, 1, 3, 2).reshape(bn, slab)
     codes = jnp.stack([order(lo), order(hi)], axis=2).reshape(bn, 2 * slab)
@@ -253,13 +265,13 @@ def _pair_scales(s_ref, z_ref, g: int, bn: int, slab: int, unpack: str):
     return wide(s16), wide(hi), wide(lo)
 
 
-def _dequant_pairs(planes, jps, scale_list, bn: int, slab: int, unpack: str, interpret: bool):
+def _dequant_pairs(planes, jps, scale_list, bn: int, slab: int, unpack: str, interpret: bool, bits: int = 3):
     """Pair-slots jps (two slabs, 2 * slab K rows each) of a "planar_pairs" tile, side by side ->
     [BN, 2 * slab * len(jps)] A dtype; scale_list[i]: pair-slot i's (s, hi, lo) from _pair_scales."""
     if interpret:
-        parts = [_magic_pair_emulated(planes, jp, *sc, bn, slab, unpack) for jp, sc in zip(jps, scale_list)]
+        parts = [_magic_pair_emulated(planes, jp, *sc, bn, slab, unpack, bits) for jp, sc in zip(jps, scale_list)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-    return _magic_pairs_native(planes, jps, scale_list, bn, slab, unpack)
+    return _magic_pairs_native(planes, jps, scale_list, bn, slab, unpack, bits)
 
 
 def _pair_scales_by_slot(s_ref, z_ref, *, bn, slab, group_rows, g_block, unpack):
@@ -296,7 +308,7 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
         npc = chunk // 2
         for c in range(nchunks):
             jps = list(range(c * npc, (c + 1) * npc))
-            a = _dequant_pairs(planes, jps, [scales_of(jp) for jp in jps], bn, slab, unpack, interpret)
+            a = _dequant_pairs(planes, jps, [scales_of(jp) for jp in jps], bn, slab, unpack, interpret, bits)
             _mma_xt(acc, a, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret, a_value=True)
             plgpu.wgmma_wait(1)
         return
@@ -306,7 +318,7 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
             for jj in range(chunk // 2):
                 jp = c * chunk // 2 + jj                                # pair-slot: 2 * slab rows
                 buf[:, pl.ds(jj * 2 * slab, 2 * slab)] = _dequant_pairs(
-                    planes, [jp], [scales_of(jp)], bn, slab, unpack, interpret)
+                    planes, [jp], [scales_of(jp)], bn, slab, unpack, interpret, bits)
         else:
             for jj in range(chunk):
                 j = c * chunk + jj
@@ -421,8 +433,8 @@ def _unpack_plan(unpack: str, a_regs: bool, overlap: bool, bits: int, chunk: int
     if unpack not in UNPACKS:
         raise ValueError(f"unpack={unpack!r} is not one of {UNPACKS}")
     pairs = unpack.startswith("magic")
-    if pairs and (bits != 3 or chunk % 2 or slab % 8):
-        raise ValueError(f"unpack={unpack!r} needs 3-bit planar_pairs weights, an even chunk_slots "
+    if pairs and (bits not in layout.PAIRS_BITS or chunk % 2 or slab % 8):
+        raise ValueError(f"unpack={unpack!r} needs planar_pairs weights (bits {layout.PAIRS_BITS}), an even chunk_slots "
                          f"and a slab multiple of 8 (bits={bits}, chunk_slots={chunk}, slab={slab})")
     if a_regs and not pairs:
         raise ValueError(f"a_regs=True needs a magic_* unpack (got unpack={unpack!r})")
@@ -652,7 +664,7 @@ def build_dequant(bits: int, slab: int, group_rows: int, k_pad: int, n: int, chu
                 if plan.pairs:   # chunk // 2 pair-slots converted side by side, one store
                     jps = list(range(c * chunk // 2, (c + 1) * chunk // 2))
                     buf[...] = _dequant_pairs(planes, jps, [scales_of(jp) for jp in jps], bn, slab, unpack,
-                                              interpret)
+                                              interpret, bits)
                 else:
                     for jj in range(chunk):
                         j = c * chunk + jj
