@@ -14,8 +14,10 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl > "$OUT/pip.txt" 2>&1 || { tail "$OUT/pip.txt"; exit 1; }
+if ls .whl/*.whl > /dev/null 2>&1; then   # carried wheels (the H200 image already has pytest-xdist)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl > "$OUT/pip.txt" 2>&1 || { tail "$OUT/pip.txt"; exit 1; }
+fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
 step() {  # step NAME TIMEOUT CMD...: run, keep the log, show its tail
@@ -196,6 +198,17 @@ case "$1" in
       --section WarpStateStats -f -o "$OUT/decode" python3 -m benchmarks.profile_decode --variants sk,skcompute
     ncu --import "$OUT/decode.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
     grep -E "^  [a-z_]+|Duration|DRAM Throughput|Issued Ipc|Issue Slots|Executed Instructions|Achieved Occupancy|Registers Per|Stall|Eligible|Warp Cycles" "$OUT/ncu_details.txt" | head -60
+    ;;
+  s14a)  # 2/4-bit planar_pairs (magic unpack): quant_matmul 2/3/4-bit on Mixtral's shape (relerr checked),
+         # the Mixtral FFN uniform 3-bit vs mixed 2/3/4 (kernel and model paths), then every native test
+    TAIL=30 step quant_matmul 130 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --check --out "$OUT/quant_matmul_s14a.json"
+    TAIL=16 step moe_mixtral 250 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_kernel,mixed234_kernel,q3_model,mixed234_model --tokens 1,16 --budget-s 220 \
+      --out "$OUT/moe_layer_s14a_mixtral.json"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=12 step native_tests 190 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py tests/test_quant_matmul_stream_k.py \
+      -q -m gpu -rfEs -p no:cacheprovider -n 4
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

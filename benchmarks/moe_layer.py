@@ -23,6 +23,8 @@ SiLU(gate)*up, combine back to tokens, plus the shared expert(s). Impls:
 - q3_kernel         the same through the grouped Mosaic GPU kernel (impl="kernel")
 - mixed234_grouped  per-expert 2/3/4-bit lists (gate/up and down with different assignments)
 - mixed234_kernel   the same through the kernel (one launch per bit-width class)
+- mixed234_model    the same weights as the loader prepares them (prepare_for_kernels: gate and up
+                    fused per class) through the model's StackedExperts, as q3_model
 - tokamax_int4      tokamax.ragged_dot (implementation="mosaic": its sm90 int4 Mosaic kernel) on int4
                     weights quantized by qwix (per output column, K tiles of 128, bf16 scales), shared
                     expert int4 through the same call with one group; needs the carried wheels
@@ -78,7 +80,7 @@ SMALL_MODELS = {
 TOKENS = [1, 16, 64, 512, 4096]
 SMALL_TOKENS = [1, 16, 64]
 IMPLS = ["ragged_dot_bf16", "grouped_bf16", "model_bf16", "bf16_kernel", "q3_grouped", "q3_model", "q3_kernel",
-         "mixed234_grouped", "mixed234_kernel", "tokamax_int4"]
+         "mixed234_grouped", "mixed234_kernel", "mixed234_model", "tokamax_int4"]
 TOKAMAX_TILE_K = 128      # int4 scale tile along K for tokamax (its sm90 kernel's block_k divides it)
 # tokamax's sm90 Mosaic kernel on the GPU; its XLA path for the CPU smoke run (there is no interpret mode)
 TOKAMAX_IMPL = "xla" if ON_CPU else "mosaic"
@@ -298,8 +300,8 @@ def impl_fn(impl, num_experts, interpret):
     if impl == "tokamax_int4":
         import_tokamax()   # ImportError here: recorded as this case's error
         return "int4", lambda x, w, i, L: tokamax_ffn(x, w, i, L, num_experts)
-    if impl in ("model_bf16", "q3_model"):
-        return impl.split("_")[0] if impl == "q3_model" else "bf16", lambda x, w, i, L: model_ffn(x, w, i, L, num_experts)
+    if impl in ("model_bf16", "q3_model", "mixed234_model"):
+        return impl.split("_")[0] if impl != "model_bf16" else "bf16", lambda x, w, i, L: model_ffn(x, w, i, L, num_experts)
     raise ValueError(impl)
 
 
@@ -307,7 +309,10 @@ def prepare_as_loader(layer):
     """Every quantized weight of the layer as milo_jax.prepare_for_kernels leaves it (what `milo-jax
     generate/eval` do at load time on Hopper)."""
     from milo_jax.models.kernel_weights import fuse_gate_up, prepare_weight
-    out = jax.tree_util.tree_map(prepare_weight, layer, is_leaf=lambda v: isinstance(v, QuantizedTensor))
+    # routed experts whole (stacked, or per-expert lists as the mixed layers hold them), the rest per leaf
+    out = {name: (prepare_weight(v) if name in ("gate", "up", "down") else
+                  jax.tree_util.tree_map(prepare_weight, v, is_leaf=lambda a: isinstance(a, QuantizedTensor)))
+           for name, v in layer.items()}
     out["gate"], out["up"] = fuse_gate_up(out["gate"], out["up"])    # as prepare_for_kernels does
     return out
 
@@ -398,14 +403,14 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                 if ON_CPU:
                     reps = 1
                 state["stage"] = "weights"
-                key = (kind, reps, "kernel" in impl)
+                key = (kind, reps, "kernel" in impl, impl.endswith("_model"))
                 if key not in layers:
                     # free other kinds' weight sets before making new ones (keep other copy counts)
                     layers = {kk: v for kk, v in layers.items() if kk[0] == kind and kk[2] == key[2]}
                     sets = [make_layer(jax.random.key(1000 * r + 7), m, kind) for r in range(reps)]
                     if "kernel" in impl:
                         sets = [prepare_for_kernel(s) for s in sets]
-                    elif impl == "q3_model" and not ON_CPU:
+                    elif impl == "mixed234_model" or (impl == "q3_model" and not ON_CPU):
                         sets = [prepare_as_loader(s) for s in sets]
                     layers[key] = jax.block_until_ready(sets)
                 sets = layers[key]

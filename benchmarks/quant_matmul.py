@@ -49,7 +49,7 @@ def log(*a):
 # ---------------------------------------------------------------------------------------- data
 def random_kernel_weights(key, k, n, bits, group_size, rank):
     """Random codes (uniform), scales ~ U(0.005, 0.02), zeros ~ U(0, 2^bits - 1) in the kernel layout
-    that api.matmul picks for a QuantizedTensor of this width ("planar_pairs" for 3-bit: the magic
+    that api.matmul picks for a QuantizedTensor of this width ("planar_pairs" for 2/3/4-bit: the magic
     unpack with A in registers; random words are valid codes in either layout)."""
     slab = layout.kernel_slab(bits)
     tile = packing.slots_per_tile(bits) * slab
@@ -74,7 +74,7 @@ def random_kernel_weights(key, k, n, bits, group_size, rank):
                       ((0, 0), (0, rp - rank)))
     return layout.KernelWeights(codes=codes, scales=scales, zeros=zeros, u=u, v_t=v_t, bits=bits,
                                 group_size=group_size or k, k=k, n=n, k_pad=k_pad, slab=slab,
-                                layout=layout.PAIRS_LAYOUT if bits == 3 else layout.LAYOUT)
+                                layout=layout.decode_layout(bits))
 
 
 def logical_weight_bytes(k, n, bits, group_size, rank):
