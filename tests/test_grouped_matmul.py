@@ -381,6 +381,84 @@ def test_kernel_lowers_natively_on_cpu(low_bit_layout):
         assert ("0x30003" in text) == (low_bit_layout == PAIRS), (m, cfg)
 
 
+# ------------------------------------------------ mixed precision in one launch (multi_class_sm90)
+from pallas_kernels.grouped_matmul import multi_class_sm90  # noqa: E402
+
+MIXED_BITS = (2, 3, 4, 3, 2, 4)
+
+
+def _mixed_layer(k, n, rng, group_sizes=None):
+    parts = [quantized_expert(k, n, b, g, 0, rng)
+             for b, g in zip(MIXED_BITS, group_sizes or (64, 64, 128, None, 64, 64))]
+    return parts, [dense64(p) for p in parts], mgpu_sm90.prepare_grouped(parts)
+
+
+def test_multi_class_one_launch_interpret(monkeypatch):
+    """A 2/3/4-bit layer without compensators runs as ONE kernel launch (every class's pipeline in
+    one grid) and matches float64 on every routing kind: random, two experts only, all rows on one
+    expert, rows past the groups, a whole class empty; K = 1024 gives split-K; per-channel and g128
+    experts; the per-class launches (an explicit Config) give the same product."""
+    rng = _rng()
+    k, n = 1024, 128
+    parts, experts64, gkw = _mixed_layer(k, n, rng)
+    assert multi_class_sm90.applies(gkw) and len(gkw.classes) == 5      # (bits, group) classes
+    builds = []
+    real_build = multi_class_sm90.build
+    monkeypatch.setattr(multi_class_sm90, "build", lambda *a: builds.append(a) or real_build(*a))
+    for m in (2, 24):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        plans, mb, blocks, splits, _ = multi_class_sm90.plan_layer(m, gkw)
+        assert splits > 1 and [p.bits for p in plans] == [c.bits for c in gkw.classes]
+        cases = [jnp.asarray([0, m // 2, 0, m - m // 2, 0, 0], jnp.int32)]
+        cases += routings(m, len(parts), rng) if m > 3 else [jnp.asarray([1, 0, 0, 0, 0, 0], jnp.int32)]
+        for gs in cases:
+            builds.clear()
+            y = api.grouped_matmul(x, gkw, gs, impl="kernel", interpret=True)
+            assert len(builds) == 1, "one launch for all classes"
+            y64 = ref64(x, experts64, gs)
+            assert rel_err(y, y64) < TOL_BF16, (m, np.asarray(gs))
+            assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
+        per_class = api.grouped_matmul(x, gkw, cases[0], impl="kernel", interpret=True, config=mgpu_sm90.Config())
+        np.testing.assert_allclose(np.asarray(y := api.grouped_matmul(x, gkw, cases[0], impl="kernel",
+                                                                       interpret=True), np.float32),
+                                   np.asarray(per_class, np.float32), rtol=2e-2, atol=2e-2)
+        assert y.shape == (m, n)
+
+
+def test_multi_class_applies_only_to_pairs_classes_without_compensators():
+    rng = _rng()
+    k, n = 512, 64
+    q = lambda b, r=0: quantized_expert(k, n, b, 64, r, rng)
+    assert multi_class_sm90.applies(mgpu_sm90.prepare_grouped([q(2), q(3), q(4)]))
+    assert not multi_class_sm90.applies(mgpu_sm90.prepare_grouped([q(3), q(3)]))           # one class
+    assert not multi_class_sm90.applies(mgpu_sm90.prepare_grouped([q(2), q(3, 8)]))        # compensator
+    assert not multi_class_sm90.applies(mgpu_sm90.prepare_grouped([q(3), q(8)]))           # 8-bit: nmajor
+    assert not multi_class_sm90.applies(mgpu_sm90.prepare_grouped([q(2), q(4)], low_bit_layout=NMAJOR))
+    assert not multi_class_sm90.applies(mgpu_sm90.prepare_grouped(
+        [q(3), jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)]))                  # bf16 expert
+    with pytest.raises(ValueError, match="several planar_pairs classes"):
+        multi_class_sm90.multi_class_matmul(jnp.ones((2, k), jnp.bfloat16), mgpu_sm90.prepare_grouped([q(3)]),
+                                            jnp.asarray([2], jnp.int32))
+
+
+def test_multi_class_lowers_natively_on_cpu():
+    """The one-launch kernel (three class pipelines under pl.when, each with its width's magic
+    unpack) lowers for CUDA from this CPU host, at decode (1 row) and with split-K."""
+    reason = cuda_lowering_unavailable()
+    if reason:
+        pytest.skip(reason)
+    rng = _rng()
+    k, n = 1024, 128
+    _, _, gkw = _mixed_layer(k, n, rng)
+    for m in (1, 40):
+        f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=False))
+        text = f.trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), gkw,
+                       jax.ShapeDtypeStruct((len(MIXED_BITS),), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("custom_call @mosaic_gpu") == 1, m       # one launch (per class: 5)
+        for mask in ("0x30003", "0x70007", "0xf000f"):      # each class's magic mask in the one kernel
+            assert mask in text, (m, mask)
+
+
 # ------------------------------------------------------------------ native GPU (sm90 only)
 # The same kernel compiled by Mosaic GPU and run on the device (`-m gpu`; skipped without an sm90
 # GPU). Shapes are Mixtral-like in miniature: several column tiles, K padding, split-K by default
@@ -445,6 +523,28 @@ def test_sm90_native_mixed_bits_and_bf16_expert():
     gs = jnp.asarray([7, 3, 10, 0, 12, 8], jnp.int32)
     y = api.grouped_matmul(x, gkw, gs, impl="kernel", config=mgpu_sm90.Config(k_splits=2))
     assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16
+
+
+@pytest.mark.gpu
+@native
+def test_sm90_native_multi_class_one_launch():
+    """Mixed 2/3/4-bit layer (per-channel, g64, g128 experts) in one launch natively: every routing
+    kind, decode to 300 rows (split-K at decode), and the per-class launches agree."""
+    rng = _rng()
+    k, n = 1408, 256
+    parts, experts64, gkw = _mixed_layer(k, n, rng)
+    assert multi_class_sm90.applies(gkw)
+    f = _native_kernel()
+    for m in (1, 2, 16, 300):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        cases = routings(m, len(parts), rng) if m > 3 else [
+            jnp.asarray(np.bincount(rng.integers(0, len(parts), m), minlength=len(parts)), jnp.int32)]
+        for gs in cases:
+            y = f(x, gkw, gs)
+            assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16, (m, np.asarray(gs))
+            assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
+        y_per_class = _native_kernel(mgpu_sm90.Config())(x, gkw, cases[0])
+        assert rel_err(y_per_class, ref64(x, experts64, cases[0])) < TOL_BF16
 
 
 @pytest.mark.gpu

@@ -215,8 +215,11 @@ def test_milo_s1_preset_ranks_run_and_export(tmp_path):
         v = qvals[name]
         want = v.dequantize(jnp.bfloat16) if isinstance(v, QuantizedTensor) else v
         assert np.array_equal(np.asarray(w), np.asarray(want)), name
-    # the dense model computes nearly what the quantized one does (routing may flip at ties)
-    assert np.abs(forward(back) - got).mean() < 0.05 * np.abs(got).mean()
+    # the dense model computes nearly what the quantized one does, token by token; a token whose
+    # top-2 routing flips at a near tie (x @ W_hat + (x @ u) @ v vs x @ bf16(W_hat + u v) round
+    # differently) differs by O(1): at most 2 of the 24 may (transformers 5.24's init gave one)
+    per_token = np.abs(forward(back) - got).mean(-1) / np.abs(got).mean()
+    assert np.median(per_token) < 0.03 and (per_token > 0.05).sum() <= 2, np.round(per_token, 3)
 
 
 def test_budget_preset_never_exceeds_and_beats_uniform_at_equal_bytes():

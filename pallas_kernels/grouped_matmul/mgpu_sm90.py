@@ -627,6 +627,9 @@ def grouped_matmul_mgpu(x: jax.Array, w, group_sizes: jax.Array, *, config: Conf
         prefill = config is None and prefill_applies(x.shape[0], gkw)
     if prefill:
         return grouped_matmul_prefill(x, gkw, group_sizes, interpret=interpret)
+    from pallas_kernels.grouped_matmul import multi_class_sm90
+    if config is None and multi_class_sm90.applies(gkw):   # mixed precision: one launch for all classes
+        return multi_class_sm90.multi_class_matmul(x, gkw, group_sizes, interpret=interpret).astype(x.dtype)
     y = None
     for c in gkw.classes:              # one launch per bit-width class
         yc = _class_matmul(x, group_sizes, c, config, interpret)

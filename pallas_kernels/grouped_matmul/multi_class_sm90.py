@@ -1,0 +1,200 @@
+"""One launch for a mixed-precision expert layer: every bit-width class in one Mosaic GPU grid.
+
+Why: `mgpu_sm90.grouped_matmul_mgpu` launches one kernel per bit-width class, each with its own
+padded copy of x, its own split-K partial buffer and its own read-back. On a mixed 2/3/4-bit Mixtral
+FFN at 1 token that cost 136.6 us against 99.7 us for the uniform 3-bit layer with the same bytes
+(H200, 2026-12-02, benchmarks/results/moe_layer_s14a_mixtral.md): +11 us of Mosaic time for the
+extra launches (a class with no rows still launches its grid) and +25 us of XLA ops around them.
+
+Here the experts are ordered by class ("positions": class 0's experts, then class 1's, ...), x is
+scattered once into one padded buffer in that order (every expert's segment starts at a multiple
+of MB rows), and one grid (N/BN, B, splits) covers all row blocks: a CTA finds its position from the
+block counts (an unrolled select over the E positions, as `_block_expert`), hence its class and its
+expert within the class (static tables), and runs that class's pipeline under `pl.when` (one branch
+per class; their shared-memory scopes are disjoint in time). One output, one read-back.
+
+Scope: classes in the "planar_pairs" layout (2/3/4-bit, the magic unpack with A in registers: the
+models' default) without compensators, all of one N. Anything else keeps the per-class launches
+(`applies` says which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from milo_jax.quant import packing
+from pallas_kernels.grouped_matmul import reference
+from pallas_kernels.quant_matmul import layout
+from pallas_kernels.quant_matmul.mgpu_sm90 import (TARGET_CTAS, _accumulate_and_store, _interpret_params,
+                                                   _pick_splits, _swizzle_transforms, _tiling,
+                                                   _unpack_and_multiply, _unpack_plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassPlan:
+    """Static description of one class inside the multi-class kernel."""
+    bits: int
+    slab: int
+    group_rows: int
+    k_pad: int
+    num_experts: int
+    chunk_slots: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _TileCfg:          # what quant_matmul's _tiling reads
+    block_n: int
+    block_m: int
+    chunk_slots: int
+    k_splits: int
+
+
+def applies(gkw) -> bool:
+    """Whether a layer takes the one-launch path: several classes, all quantized in planar_pairs
+    (magic unpack, A in registers), no compensators."""
+    from pallas_kernels.grouped_matmul.mgpu_sm90 import ExpertClass
+    cs = gkw.classes
+    return len(cs) > 1 and all(isinstance(c, ExpertClass) and c.layout == layout.PAIRS_LAYOUT and c.u is None
+                               and c.bits in layout.PAIRS_BITS for c in cs)
+
+
+def block_m(m: int, num_experts: int) -> int:
+    """MB = 1.5x the rows an expert gets under even routing over all E experts, a multiple of 8,
+    at most 64 (mgpu_sm90.default_config's rule with E for the whole layer)."""
+    even = -(-m // max(1, min(num_experts, m)))
+    return min(64, max(8, -(-(3 * even // 2) // 8) * 8))
+
+
+def _scale_index(group_rows: int, tile_rows: int, k_pad: int):
+    """(g_block, K tile -> scale row block) as in mgpu_sm90.build."""
+    if group_rows >= tile_rows:
+        if group_rows == k_pad:
+            return 1, lambda s: 0 * s
+        return 1, lambda s: (s * tile_rows) // group_rows
+    return tile_rows // group_rows, lambda s: s
+
+
+@functools.lru_cache(maxsize=None)
+def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool):
+    """f(counts [E] int32 by position, (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
+    -> [splits*N, B*MB] (bf16 for one split, else float32 partials). counts[p] = MB-row blocks of
+    the expert at position p (classes in order, each class's experts in order)."""
+    bn = 64
+    cls_of = [ci for ci, p in enumerate(plans) for _ in range(p.num_experts)]
+    local_of = [e for p in plans for e in range(p.num_experts)]
+    total = len(cls_of)
+    n_blocks = n // bn
+    out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
+    per_class = []
+    for p in plans:
+        tl = _tiling(p.bits, p.slab, p.k_pad, n, _TileCfg(bn, mb, p.chunk_slots, splits))
+        g_block, scale_index = _scale_index(p.group_rows, tl.tile_rows, p.k_pad)
+        plan = _unpack_plan("magic_bf16", True, True, p.bits, tl.chunk, tl.nchunks, p.slab)
+        per_class.append((p, tl, g_block, scale_index, (p.k_pad // p.group_rows) // g_block, plan))
+    wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+    def kernel(*refs):
+        counts = refs[0]
+        weights = [refs[1 + 3 * i:4 + 3 * i] for i in range(len(plans))]
+        x, out, o_smem = refs[1 + 3 * len(plans):]
+        ni = lax.axis_index("n")
+        mi = lax.axis_index("m")
+        ki = lax.axis_index("k")
+        cls, local, end = jnp.int32(0), jnp.int32(0), jnp.int32(0)
+        for pos in range(total):           # unrolled: static class / local expert per position
+            start = end
+            end = start + counts[pos]
+            hit = (start <= mi) & (mi < end)
+            cls = lax.select(hit, jnp.int32(cls_of[pos]), cls)
+            local = lax.select(hit, jnp.int32(local_of[pos]), local)
+        valid = mi < end
+
+        def run_class(ci, acc_ref):
+            p, tl, g_block, scale_index, sbpe, plan = per_class[ci]
+            codes, scales, zeros = weights[ci]
+            steps, wps, off = tl.steps, tl.wps, ki * tl.steps
+            row_block = local * n_blocks + ni             # this expert's column tile in stacked codes
+            scale_base = local * sbpe
+
+            def body(_, *step_refs):
+                planes = [r[...] for r in step_refs[:wps]]
+                s_ref, z_ref, x_ref = step_refs[wps:]
+                _unpack_and_multiply(acc_ref, None, planes, s_ref, z_ref, x_ref, bits=p.bits, slab=p.slab,
+                                     bn=bn, chunk=tl.chunk, nchunks=tl.nchunks, group_rows=p.group_rows,
+                                     g_block=g_block, plan=plan, interpret=interpret)
+
+            specs = [plgpu.BlockSpec((bn, p.slab), (lambda s, q=q: (row_block, wps * (s + off) + q)))
+                     for q in range(wps)]
+            specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+                      plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+                      plgpu.BlockSpec((mb, tl.tile_rows), lambda s: (mi, s + off),
+                                      transforms=_swizzle_transforms(p.slab), delay_release=1)]
+            plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs, max_concurrent_steps=2)(
+                *([codes] * wps), scales, zeros, x)
+            plgpu.wgmma_wait(0)
+
+        def compute(acc_ref):
+            for ci in range(len(plans)):
+                # one branch per class; blocks past the last real one run none (no weight reads)
+                pl.when(valid & (cls == ci))(functools.partial(run_class, ci, acc_ref))
+            return acc_ref[...]
+
+        _accumulate_and_store(compute, o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
+                              bn, mb, interpret, store=valid)
+
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
+                        grid=(n_blocks, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
+                        scratch_types=[plgpu.SMEM((bn, mb), out_dtype)], **_interpret_params(interpret))
+
+
+def plan_layer(m: int, gkw):
+    """(plans, MB, row blocks B, splits, k_pad of x) for M sorted rows through `gkw`."""
+    e, n = gkw.num_experts, gkw.n
+    mb = block_m(m, e)
+    num_blocks = max(1, min(-(-m // mb) + e, m))
+    steps = [c.k_pad // (packing.slots_per_tile(c.bits) * c.slab) for c in gkw.classes]
+    active = min(-(-m // mb) + e, max(1, m))          # at most this many real blocks per column tile
+    splits = _pick_splits(functools.reduce(math.gcd, steps), (n // 64) * active, target=2 * TARGET_CTAS)
+    plans = []
+    for c in gkw.classes:
+        per = packing.slots_per_tile(c.bits)
+        chunk = max(2, min(per, (64 if splits > 1 else 128) // c.slab))
+        plans.append(ClassPlan(bits=c.bits, slab=c.slab, group_rows=c.group_rows, k_pad=c.k_pad,
+                               num_experts=len(c.experts), chunk_slots=chunk))
+    return tuple(plans), mb, num_blocks, splits, max(c.k_pad for c in gkw.classes)
+
+
+def multi_class_matmul(x: jax.Array, gkw, group_sizes: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """x [M, K] sorted by expert -> float32 [M, N] (rows past sum(group_sizes) are 0) in one launch."""
+    from pallas_kernels.grouped_matmul.mgpu_sm90 import _read_back
+    if not applies(gkw):
+        raise ValueError("grouped_matmul multi-class launch: needs several planar_pairs classes without "
+                         f"compensators (got {[(c.bits, getattr(c, 'layout', None)) for c in gkw.classes]})")
+    m, k = x.shape
+    e, n = gkw.num_experts, gkw.n
+    plans, mb, num_blocks, splits, k_pad_x = plan_layer(m, gkw)
+    order = [i for c in gkw.classes for i in c.experts]            # position -> global expert
+    pos_of = jnp.zeros((e,), jnp.int32).at[jnp.asarray(order)].set(jnp.arange(e, dtype=jnp.int32))
+    gs = group_sizes.astype(jnp.int32)
+    counts = (gs[jnp.asarray(order)] + mb - 1) // mb               # blocks per position
+    pad_start = (jnp.cumsum(counts) - counts) * mb                 # first padded row per position
+    offsets = jnp.cumsum(gs) - gs                                  # sorted-row offsets per global expert
+    row_expert = reference.row_expert_ids(gs, m)                   # E past the groups
+    in_groups = row_expert < e
+    safe = jnp.minimum(row_expert, e - 1)
+    dest = jnp.where(in_groups, pad_start[pos_of[safe]] + jnp.arange(m, dtype=jnp.int32) - offsets[safe],
+                     num_blocks * mb)
+    x_pad = jnp.zeros((num_blocks * mb, k_pad_x), jnp.bfloat16).at[dest, :k].set(x.astype(jnp.bfloat16),
+                                                                                 mode="drop")
+    f = build(plans, n, num_blocks, mb, splits, k_pad_x, bool(interpret))
+    args = [a for c in gkw.classes for a in (c.codes, c.scales, c.zeros)]
+    out_t = f(counts, *args, x_pad)                                # [splits * N, B * MB]
+    return _read_back(out_t, dest, in_groups, num_blocks * mb, splits, n)
