@@ -210,5 +210,12 @@ case "$1" in
       tests/test_quant_matmul.py tests/test_quant_matmul_variants.py tests/test_quant_matmul_stream_k.py \
       -q -m gpu -rfEs -p no:cacheprovider -n 4
     ;;
+  s14b)  # mixed 2/3/4 in one launch (multi_class_sm90): native tests of it, then the Mixtral FFN uniform vs mixed
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_multi 170 python3 -m pytest tests/test_grouped_matmul.py \
+      -q -m gpu -rfEs -p no:cacheprovider -n 4 -k "multi_class or mixed"
+    TAIL=16 step moe_mixtral 330 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model,q3_kernel,mixed234_kernel --tokens 1,16,64 --budget-s 300 \
+      --out "$OUT/moe_layer_s14b_mixtral.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
