@@ -217,5 +217,18 @@ case "$1" in
       --impls q3_model,mixed234_model,q3_kernel,mixed234_kernel --tokens 1,16,64 --budget-s 300 \
       --out "$OUT/moe_layer_s14b_mixtral.json"
     ;;
+  s14c)  # final code: 2/4-bit magic vs f32 unpack, quant_matmul 2/3/4-bit on the small shapes, the mixed FFN at
+         # 64 tokens (resumes s14b), then every native test
+    TAIL=12 step pairs_vs_nmajor 120 python3 -m benchmarks.pairs_vs_nmajor --out "$OUT/pairs_vs_nmajor.json"
+    TAIL=8 step quant_matmul 150 python3 -m benchmarks.quant_matmul --shapes 2048x1408,4096x4096 --ms 1,16 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0 --out "$OUT/quant_matmul_s14c.json"
+    cp benchmarks/results/moe_layer_s14b_mixtral.json "$OUT/moe_layer_s14c_mixtral.json"
+    TAIL=6 step moe_mixtral 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model,q3_kernel,mixed234_kernel --tokens 1,16,64 --budget-s 70 --append --resume \
+      --out "$OUT/moe_layer_s14c_mixtral.json"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_tests 200 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py tests/test_quant_matmul_stream_k.py \
+      -q -m gpu -rfEs -p no:cacheprovider -n 4
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

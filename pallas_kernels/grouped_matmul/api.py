@@ -12,7 +12,8 @@ Backends (impl):
   The bf16 float-weight case IS jax.lax.ragged_dot.
 - "masked": every expert on every row, keep each row's own expert (no ragged_dot; cross-check).
 - "kernel": the Mosaic GPU kernel (mgpu_sm90.py) over a flat list of (expert, row-block) tiles,
-  skipping experts without rows, one launch per bit-width class (bf16 experts are a class of their
+  skipping experts without rows: one launch for a 2/3/4-bit planar_pairs layer without compensators
+  (multi_class_sm90.py), else one launch per bit-width class (bf16 experts are a class of their
   own: the kernel's bf16 path is milo-jax's replacement for ragged_dot, which reads every expert);
   interpret=True runs it in GPU interpret mode on CPU. Pass `mgpu_sm90.prepare_grouped(w)` (repack
   once at load time); raw weights are repacked inside every call.
