@@ -46,7 +46,7 @@ from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
 from pallas_kernels.quant_matmul.mgpu_sm90 import (TARGET_CTAS, UNPACKS, _accumulate_and_store, _compensator_copies,
                                                    _compensator_mma, _decode_scratch, _interpret_params,
-                                                   _mma_xt, _pick_splits, _split_decode_refs,
+                                                   _mma_xt, _pick_splits, _scale_blocks, _split_decode_refs,
                                                    _swizzle_transforms, _tiling, _unpack_and_multiply,
                                                    _unpack_plan)
 
@@ -278,6 +278,13 @@ def dequantize_grouped(gkw: GroupedKernelWeights):
     return jnp.stack(dense), u, v
 
 
+def block_m_for(m: int, num_experts: int) -> int:
+    """MB for M sorted rows over `num_experts` experts: 1.5x the rows an expert gets under even
+    routing, rounded up to 8, at most 64 (see default_config)."""
+    even = -(-m // max(1, min(num_experts, m)))
+    return min(64, max(8, -(-(3 * even // 2) // 8) * 8))
+
+
 def default_config(m: int, c: ExpertClass) -> Config:
     """MB from the rows per expert; chunk/split-K as quant_matmul's decode default.
 
@@ -292,8 +299,7 @@ def default_config(m: int, c: ExpertClass) -> Config:
         blocks = min(-(-m // mb) + len(c.experts), max(1, m))
         return Config(block_n=64, block_m=mb, chunk_slots=1, stages=4,
                       k_splits=_pick_splits(steps, (c.n // 64) * blocks))
-    even = -(-m // max(1, min(len(c.experts), m)))            # rows per expert, even routing
-    mb = min(64, max(8, -(-(3 * even // 2) // 8) * 8))
+    mb = block_m_for(m, len(c.experts))
     per = packing.slots_per_tile(c.bits)
     steps = c.k_pad // (per * c.slab)
     # active CTAs: at most min(rows, experts) blocks per column tile. Twice quant_matmul's CTA
@@ -407,12 +413,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     wps, tile_rows, steps, splits = tl.wps, tl.tile_rows, tl.steps, tl.splits
     bn, mb, chunk, nchunks = tl.bn, tl.mb, tl.chunk, tl.nchunks
     gp = k_pad // group_rows                   # scale rows per expert
-    if group_rows >= tile_rows:
-        g_block = 1
-        scale_index = (lambda s: (s * tile_rows) // group_rows) if group_rows != k_pad else (lambda s: 0 * s)
-    else:
-        g_block = tile_rows // group_rows
-        scale_index = lambda s: s
+    g_block, scale_index = _scale_blocks(group_rows, tile_rows, k_pad)
     scale_blocks_per_expert = gp // g_block
     n_blocks = n // bn
     comp = rank_pad > 0

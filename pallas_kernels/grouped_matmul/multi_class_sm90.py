@@ -32,9 +32,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from milo_jax.quant import packing
 from pallas_kernels.grouped_matmul import reference
+from pallas_kernels.grouped_matmul.mgpu_sm90 import Config, ExpertClass, _read_back, block_m_for
 from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.mgpu_sm90 import (TARGET_CTAS, _accumulate_and_store, _interpret_params,
-                                                   _pick_splits, _swizzle_transforms, _tiling,
+                                                   _pick_splits, _scale_blocks, _swizzle_transforms, _tiling,
                                                    _unpack_and_multiply, _unpack_plan)
 
 
@@ -49,37 +50,12 @@ class ClassPlan:
     chunk_slots: int
 
 
-@dataclasses.dataclass(frozen=True)
-class _TileCfg:          # what quant_matmul's _tiling reads
-    block_n: int
-    block_m: int
-    chunk_slots: int
-    k_splits: int
-
-
 def applies(gkw) -> bool:
     """Whether a layer takes the one-launch path: several classes, all quantized in planar_pairs
     (magic unpack, A in registers), no compensators."""
-    from pallas_kernels.grouped_matmul.mgpu_sm90 import ExpertClass
     cs = gkw.classes
     return len(cs) > 1 and all(isinstance(c, ExpertClass) and c.layout == layout.PAIRS_LAYOUT and c.u is None
                                and c.bits in layout.PAIRS_BITS for c in cs)
-
-
-def block_m(m: int, num_experts: int) -> int:
-    """MB = 1.5x the rows an expert gets under even routing over all E experts, a multiple of 8,
-    at most 64 (mgpu_sm90.default_config's rule with E for the whole layer)."""
-    even = -(-m // max(1, min(num_experts, m)))
-    return min(64, max(8, -(-(3 * even // 2) // 8) * 8))
-
-
-def _scale_index(group_rows: int, tile_rows: int, k_pad: int):
-    """(g_block, K tile -> scale row block) as in mgpu_sm90.build."""
-    if group_rows >= tile_rows:
-        if group_rows == k_pad:
-            return 1, lambda s: 0 * s
-        return 1, lambda s: (s * tile_rows) // group_rows
-    return tile_rows // group_rows, lambda s: s
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,8 +71,9 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     per_class = []
     for p in plans:
-        tl = _tiling(p.bits, p.slab, p.k_pad, n, _TileCfg(bn, mb, p.chunk_slots, splits))
-        g_block, scale_index = _scale_index(p.group_rows, tl.tile_rows, p.k_pad)
+        tl = _tiling(p.bits, p.slab, p.k_pad, n, Config(block_n=bn, block_m=mb, chunk_slots=p.chunk_slots,
+                                                       k_splits=splits))
+        g_block, scale_index = _scale_blocks(p.group_rows, tl.tile_rows, p.k_pad)
         plan = _unpack_plan("magic_bf16", True, True, p.bits, tl.chunk, tl.nchunks, p.slab)
         per_class.append((p, tl, g_block, scale_index, (p.k_pad // p.group_rows) // g_block, plan))
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
@@ -158,7 +135,7 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
 def plan_layer(m: int, gkw):
     """(plans, MB, row blocks B, splits, k_pad of x) for M sorted rows through `gkw`."""
     e, n = gkw.num_experts, gkw.n
-    mb = block_m(m, e)
+    mb = block_m_for(m, e)      # E of the whole layer: rows spread over every class's experts
     num_blocks = max(1, min(-(-m // mb) + e, m))
     steps = [c.k_pad // (packing.slots_per_tile(c.bits) * c.slab) for c in gkw.classes]
     active = min(-(-m // mb) + e, max(1, m))          # at most this many real blocks per column tile
@@ -174,7 +151,6 @@ def plan_layer(m: int, gkw):
 
 def multi_class_matmul(x: jax.Array, gkw, group_sizes: jax.Array, *, interpret: bool = False) -> jax.Array:
     """x [M, K] sorted by expert -> float32 [M, N] (rows past sum(group_sizes) are 0) in one launch."""
-    from pallas_kernels.grouped_matmul.mgpu_sm90 import _read_back
     if not applies(gkw):
         raise ValueError("grouped_matmul multi-class launch: needs several planar_pairs classes without "
                          f"compensators (got {[(c.bits, getattr(c, 'layout', None)) for c in gkw.classes]})")

@@ -384,6 +384,19 @@ def _tiling(bits: int, slab: int, k_pad: int, n: int, cfg) -> _Tiling:
                    nchunks=per // chunk)
 
 
+def _scale_blocks(group_rows: int, tile_rows: int, k_pad: int):
+    """(g_block, K tile t -> scale-row block index) for scales [Gp, N] read as (g_block, BN) boxes:
+    groups smaller than a tile give g_block = tile_rows // group_rows rows per tile; a group spanning
+    whole tiles gives one row per tile (per-channel: always row 0)."""
+    if group_rows < tile_rows:
+        return tile_rows // group_rows, lambda t: t
+    if group_rows == k_pad:
+        return 1, lambda t: 0 * t
+    if group_rows % tile_rows:
+        raise ValueError(f"group of {group_rows} rows does not align with tiles of {tile_rows}")
+    return 1, lambda t: (t * tile_rows) // group_rows
+
+
 def _interpret_params(interpret: bool) -> dict:
     """plgpu.kernel keyword for GPU interpret mode (CPU tests), empty for native runs."""
     if not interpret:
@@ -497,14 +510,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     bn, mb, chunk, nchunks = tl.bn, tl.mb, tl.chunk, tl.nchunks
     if m_pad % mb:
         raise ValueError(f"M={m_pad} is not tiled by MB={mb}")
-    if group_rows >= tile_rows:
-        if group_rows % tile_rows and group_rows != k_pad:
-            raise ValueError(f"group of {group_rows} rows does not align with tiles of {tile_rows}")
-        g_block = 1
-        scale_index = (lambda s: (s * tile_rows) // group_rows) if group_rows != k_pad else (lambda s: 0 * s)
-    else:
-        g_block = tile_rows // group_rows
-        scale_index = lambda s: s
+    g_block, scale_index = _scale_blocks(group_rows, tile_rows, k_pad)
     comp = rank_pad > 0
     plan = _unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab)
     tr = _swizzle_transforms(slab)
@@ -636,12 +642,7 @@ def build_dequant(bits: int, slab: int, group_rows: int, k_pad: int, n: int, chu
     if unpack not in ("f32", "magic_bf16"):
         raise ValueError(f"dequantize kernel: unpack={unpack!r} (f32 or magic_bf16: the output is bf16)")
     plan = _unpack_plan(unpack, False, True, bits, chunk, nchunks, slab)
-    if group_rows >= tile_rows:
-        g_block = 1
-        scale_index = (lambda s: (s * tile_rows) // group_rows) if group_rows != k_pad else (lambda s: 0 * s)
-    else:
-        g_block = tile_rows // group_rows
-        scale_index = lambda s: s
+    g_block, scale_index = _scale_blocks(group_rows, tile_rows, k_pad)
     scale_blocks_per_expert = (k_pad // group_rows) // g_block
     n_blocks = n // bn
     tr = _swizzle_transforms(slab)

@@ -77,14 +77,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     bn, mb, chunk, nchunks = tl.bn, tl.mb, tl.chunk, tl.nchunks
     if m_pad % mb:
         raise ValueError(f"M={m_pad} is not tiled by MB={mb}")
-    if group_rows >= tile_rows:
-        if group_rows % tile_rows and group_rows != k_pad:
-            raise ValueError(f"group of {group_rows} rows does not align with tiles of {tile_rows}")
-        g_block = 1
-        scale_index = (lambda t: (t * tile_rows) // group_rows) if group_rows != k_pad else (lambda t: 0 * t)
-    else:
-        g_block = tile_rows // group_rows
-        scale_index = lambda t: t
+    g_block, scale_index = base._scale_blocks(group_rows, tile_rows, k_pad)
     col_tiles = n // bn
     sched = schedule((m_pad // mb) * col_tiles * kt, kt, max_ctas)
     per, total = sched.per_cta, sched.total
