@@ -230,5 +230,18 @@ case "$1" in
       tests/test_quant_matmul.py tests/test_quant_matmul_variants.py tests/test_quant_matmul_stream_k.py \
       -q -m gpu -rfEs -p no:cacheprovider -n 4
     ;;
+  s15a)  # H200: is stream-K compute- or load-bound? load-only / compute-only / L2-hot probes, deeper pipelines and
+         # more CTAs per SM, SASS of the kernel, ncu warp states
+    mkdir -p "$OUT/dump"
+    MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO="$OUT/dump" \
+      TAIL=3 step dump 60 python3 -m benchmarks.profile_decode --variants sk
+    TAIL=16 step time_m1 200 python3 -m benchmarks.profile_decode --time --variants \
+      sk,skstream,skcompute,skhot,sk+stages=3,sk+stages=4,sk+ctas=396,sk+ctas=528+stages=3,skstream+ctas=528+stages=4,skhot+ctas=528
+    TAIL=6 step time_m16 70 python3 -m benchmarks.profile_decode --time --m 16 --variants sk,skstream,skhot
+    TAIL=8 step ncu 160 ncu --clock-control none -k regex:mosaic --set detailed --section InstructionStats \
+      --section WarpStateStats -f -o "$OUT/decode" python3 -m benchmarks.profile_decode --variants sk,skstream
+    ncu --import "$OUT/decode.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
+    grep -E "^  [a-z_]+|Duration|DRAM Throughput|Issued Ipc|Issue Slots|Executed Instructions|Achieved Occupancy|Registers Per|Stall|Eligible|Warp Cycles" "$OUT/ncu_details.txt" | head -60
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -13,7 +13,9 @@ Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
   sk        the stream-K kernel (stream_k_sm90.py) with default_config's unpack; +ctas=N caps its CTAs
             (default 2 per SM); skstream: its loads alone (unpack + MMA removed); skcompute: its unpack
             and MMA without the weight traffic (codes, scales and zeros cut to one TMA box: every other
-            box reads out of bounds, which TMA fills with zeros without touching memory)
+            box reads out of bounds, which TMA fills with zeros without touching memory); skhot: the
+            stream-K kernel timed on one weight, not rotated (25.7 MB: it stays in the 50 MB L2, so the
+            loads come from L2: the compute-bound time with the same instruction stream)
   +field=value after any of them overrides that Config field (e.g. stream+k_splits=8+stages=3)
   grouped   the grouped kernel on Mixtral's gate projection (8 experts), 1 token, top-2
 Without ncu it prints CUPTI times (rotated weights) for the same variants.
@@ -67,6 +69,8 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     base, *opts = variant.split("+")
     ctas = [int(o.split("=")[1]) for o in opts if o.startswith("ctas=")]
     opts = [o for o in opts if not o.startswith("ctas=")]
+    if base == "skhot":
+        base = "sk"
     if base.startswith("sk"):
         cfg = mgpu_sm90.default_config(m, ws[0], schedule="stream_k")
     elif base.startswith(("split", "stream")):
@@ -140,6 +144,8 @@ def main():
                 print(f"TIME {v}: {kernel_breakdown(f, (x, gkw, gs), 1)}", flush=True)
         else:
             reps = a.reps if not a.time or a.cpu_smoke else max(2, -(-ROTATE_BYTES // logical_weight_bytes(k, n, 3, 64, 0)))
+            if v.startswith("skhot"):
+                reps = 1   # one weight, L2-resident after the first call
             orig = mgpu_sm90._unpack_and_multiply
             if v.startswith(("stream", "skstream")):
                 mgpu_sm90._unpack_and_multiply = _no_unpack
