@@ -243,5 +243,15 @@ case "$1" in
     ncu --import "$OUT/decode.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
     grep -E "^  [a-z_]+|Duration|DRAM Throughput|Issued Ipc|Issue Slots|Executed Instructions|Achieved Occupancy|Registers Per|Stall|Eligible|Warp Cycles" "$OUT/ncu_details.txt" | head -60
     ;;
+  s15b)  # where the compute goes: SASS of the stream-K kernel (opcode histogram), conversion-only and MMA-only probes
+    mkdir -p /tmp/dump
+    MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO=/tmp/dump TAIL=2 step dump 60 python3 -m benchmarks.profile_decode --variants sk
+    ptx=$(ls /tmp/dump/*.ptx | head -1); echo "ptx: $ptx"
+    ptxas -arch=sm_90a "$ptx" -o /tmp/k.cubin -v > "$OUT/ptxas.txt" 2>&1; tail -3 "$OUT/ptxas.txt"
+    cuobjdump --dump-sass /tmp/k.cubin > "$OUT/sass.txt" 2>&1
+    grep -oE "^ +/\*[0-9a-f]+\*/ +[A-Z0-9_.]+" "$OUT/sass.txt" | awk '{print $2}' | sed 's/\..*//' | sort | uniq -c | sort -rn | head -30
+    TAIL=12 step time_m1 200 python3 -m benchmarks.profile_decode --time --variants sk,sknomma,sknoconv,skhot,sknoconv+chunk_slots=8,sk+chunk_slots=8
+    TAIL=4 step time_m16 60 python3 -m benchmarks.profile_decode --time --m 16 --variants sknomma,sknoconv
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

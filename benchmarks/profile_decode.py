@@ -16,6 +16,9 @@ Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
             box reads out of bounds, which TMA fills with zeros without touching memory); skhot: the
             stream-K kernel timed on one weight, not rotated (25.7 MB: it stays in the 50 MB L2, so the
             loads come from L2: the compute-bound time with the same instruction stream)
+  sknomma   stream-K with one wgmma per step instead of one per chunk (the chunks' converted A tiles
+            are summed in registers first): the conversion's cost with few MMAs
+  sknoconv  stream-K with a constant A tile (no unpack, no scales): the MMAs' and loads' cost
   +field=value after any of them overrides that Config field (e.g. stream+k_splits=8+stages=3)
   grouped   the grouped kernel on Mixtral's gate projection (8 experts), 1 token, top-2
 Without ncu it prints CUPTI times (rotated weights) for the same variants.
@@ -40,6 +43,31 @@ from benchmarks.quant_matmul_variants import kernel_breakdown, random_weights
 
 def _no_unpack(acc, a_buf, planes, s_ref, z_ref, x_ref, **kw):
     del acc, a_buf, planes, s_ref, z_ref, x_ref, kw
+
+
+def _conv_then_one_mma(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab, bn, chunk, nchunks,
+                       group_rows, g_block, plan, interpret):
+    """sknomma: every chunk converted as in _unpack_and_multiply, summed (one bf16x2 add per
+    register), and a single wgmma per step."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    scales_of = mgpu_sm90._pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=slab, group_rows=group_rows,
+                                               g_block=g_block, unpack=plan.unpack)
+    npc, total = chunk // 2, None
+    for c in range(nchunks):
+        jps = list(range(c * npc, (c + 1) * npc))
+        a = mgpu_sm90._dequant_pairs(planes, jps, [scales_of(jp) for jp in jps], bn, slab, plan.unpack,
+                                     interpret, bits)
+        total = a if total is None else total + a
+    mgpu_sm90._mma_xt(acc, total, x_ref.at[:, pl.ds(0, chunk * slab)], interpret, a_value=True)
+    plgpu.wgmma_wait(1)
+
+
+def _constant_a(planes, jps, scale_list, bn, slab, unpack, interpret, bits=3):
+    """sknoconv: a constant A tile in the WGMMA layout instead of the unpack."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    a = jnp.full((bn, 2 * slab * len(jps)), 0.5, jnp.bfloat16)
+    return a if interpret else plgpu.layout_cast(a, plgpu.Layout.WGMMA)
 
 
 def _one_box(w, cfg):
@@ -69,7 +97,12 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     base, *opts = variant.split("+")
     ctas = [int(o.split("=")[1]) for o in opts if o.startswith("ctas=")]
     opts = [o for o in opts if not o.startswith("ctas=")]
-    if base == "skhot":
+    patches = {}
+    if base == "sknomma":
+        patches["_unpack_and_multiply"] = _conv_then_one_mma
+    elif base == "sknoconv":
+        patches["_dequant_pairs"] = _constant_a
+    if base in ("skhot", "sknomma", "sknoconv"):
         base = "sk"
     if base.startswith("sk"):
         cfg = mgpu_sm90.default_config(m, ws[0], schedule="stream_k")
@@ -83,6 +116,9 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     cfg = dataclasses.replace(cfg, **over)
     if base in ("stream", "skstream"):
         mgpu_sm90._unpack_and_multiply = _no_unpack
+    saved = {name: getattr(mgpu_sm90, name) for name in patches}
+    for name, fn in patches.items():
+        setattr(mgpu_sm90, name, fn)
     if base.startswith("sk"):
         # stream-K kernels are cached by shape and config: a probe and a real kernel of the same config
         # must not share one (the first runs of this script timed a cached full kernel as "skstream")
@@ -101,6 +137,8 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
         jax.block_until_ready(y)
     finally:
         mgpu_sm90._unpack_and_multiply = orig
+        for name, fn in saved.items():
+            setattr(mgpu_sm90, name, fn)
     return f, ws, x
 
 
