@@ -250,7 +250,7 @@ case "$1" in
     ptxas -arch=sm_90a "$ptx" -o /tmp/k.cubin -v > "$OUT/ptxas.txt" 2>&1; tail -3 "$OUT/ptxas.txt"
     cuobjdump --dump-sass /tmp/k.cubin > "$OUT/sass.txt" 2>&1
     grep -oE "^ +/\*[0-9a-f]+\*/ +[A-Z0-9_.]+" "$OUT/sass.txt" | awk '{print $2}' | sed 's/\..*//' | sort | uniq -c | sort -rn | head -30
-    TAIL=12 step time_m1 200 python3 -m benchmarks.profile_decode --time --variants sk,sknomma,sknoconv,skhot,sknoconv+chunk_slots=8,sk+chunk_slots=8
+    TAIL=12 step time_m1 200 python3 -m benchmarks.profile_decode --time --variants sk,sknomma,sknoconv,skhot,sknoconv+chunk_slots=16,sk+chunk_slots=4,sk+chunk_slots=16
     TAIL=4 step time_m16 60 python3 -m benchmarks.profile_decode --time --m 16 --variants sknomma,sknoconv
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
