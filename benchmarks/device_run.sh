@@ -253,5 +253,27 @@ case "$1" in
     TAIL=12 step time_m1 200 python3 -m benchmarks.profile_decode --time --variants sk,sknomma,sknoconv,skhot,sknoconv+chunk_slots=16,sk+chunk_slots=4,sk+chunk_slots=16
     TAIL=4 step time_m16 60 python3 -m benchmarks.profile_decode --time --m 16 --variants sknomma,sknoconv
     ;;
+  s15c)  # stall reasons of the stream-K kernel (the s15a report, carried in .probe/), one-op-less and constant-scale
+         # probes, and the warp states at 4 CTAs per SM
+    ncu --import .probe/decode.ncu-rep --page raw --csv > /tmp/raw.csv 2>&1
+    python3 - <<'PY' | tee "$OUT/stalls.txt"
+import csv
+rows = list(csv.reader(open("/tmp/raw.csv")))
+head = rows[0]
+for r in rows[2:]:
+    print("kernel", r[head.index("Kernel Name")] if "Kernel Name" in head else "?")
+    for h, v in zip(head, r):
+        if "issue_stalled" in h and "pct" not in h and v not in ("", "0"):
+            try:
+                if float(v.replace(",", "")) < 0.05:
+                    continue
+            except ValueError:
+                pass
+            print(f"  {h}: {v}")
+PY
+    TAIL=8 step time_m1 150 python3 -m benchmarks.profile_decode --time --variants sk,sk1fma,sknoscale,skhot+ctas=528
+    TAIL=30 step ncu 120 ncu --clock-control none -k regex:mosaic --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section ComputeWorkloadAnalysis python3 -m benchmarks.profile_decode --variants sk+ctas=528
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -19,6 +19,9 @@ Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
   sknomma   stream-K with one wgmma per step instead of one per chunk (the chunks' converted A tiles
             are summed in registers first): the conversion's cost with few MMAs
   sknoconv  stream-K with a constant A tile (no unpack, no scales): the MMAs' and loads' cost
+  sk1fma    stream-K whose conversion drops its second bf16x2 op (the + lo of the split offset):
+            wrong numbers, the time of one op per pair register less
+  sknoscale stream-K with constant scale/offset registers (no per-group scale loads and math)
   +field=value after any of them overrides that Config field (e.g. stream+k_splits=8+stages=3)
   grouped   the grouped kernel on Mixtral's gate projection (8 experts), 1 token, top-2
 Without ncu it prints CUPTI times (rotated weights) for the same variants.
@@ -70,6 +73,25 @@ def _constant_a(planes, jps, scale_list, bn, slab, unpack, interpret, bits=3):
     return a if interpret else plgpu.layout_cast(a, plgpu.Layout.WGMMA)
 
 
+def _inline_asm_without_lo(orig):
+    """llvm.inline_asm with the magic conversion's last op (+ lo) replaced by a move (sk1fma)."""
+    import re
+
+    def patched(res_type, operands, asm, constraints, **kw):
+        asm = re.sub(r"fma\.rn\.(bf16x2|f16x2) \$0, t, c1, \$\d+;", "mov.b32 $0, t;", asm)
+        return orig(res_type, operands, asm, constraints, **kw)
+    return patched
+
+
+def _constant_pair_scales(s_ref, z_ref, g, bn, slab, unpack):
+    """sknoscale: (s, hi, lo) as constants in the WGMMA layout instead of per-group loads and math."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    native = jax.devices()[0].platform == "gpu"
+    full = lambda v: (plgpu.layout_cast(jnp.full((bn, 2 * slab), v, jnp.bfloat16), plgpu.Layout.WGMMA) if native
+                      else jnp.full((bn, 2 * slab), v, jnp.bfloat16))
+    return full(0.01), full(-1.3), full(0.001)
+
+
 def _one_box(w, cfg):
     """w with codes / scales / zeros cut to the first TMA box of each (the compute-only probe)."""
     rows = w.tile_rows
@@ -102,7 +124,14 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
         patches["_unpack_and_multiply"] = _conv_then_one_mma
     elif base == "sknoconv":
         patches["_dequant_pairs"] = _constant_a
-    if base in ("skhot", "sknomma", "sknoconv"):
+    elif base == "sknoscale":
+        patches["_pair_scales"] = _constant_pair_scales
+    llvm_patch = None
+    if base == "sk1fma":
+        from jax._src.lib.mlir.dialects import llvm
+        llvm_patch = (llvm, llvm.inline_asm)
+        llvm.inline_asm = _inline_asm_without_lo(llvm.inline_asm)
+    if base in ("skhot", "sknomma", "sknoconv", "sknoscale", "sk1fma"):
         base = "sk"
     if base.startswith("sk"):
         cfg = mgpu_sm90.default_config(m, ws[0], schedule="stream_k")
@@ -139,6 +168,8 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
         mgpu_sm90._unpack_and_multiply = orig
         for name, fn in saved.items():
             setattr(mgpu_sm90, name, fn)
+        if llvm_patch:
+            llvm_patch[0].inline_asm = llvm_patch[1]
     return f, ws, x
 
 
