@@ -275,5 +275,18 @@ PY
     TAIL=30 step ncu 120 ncu --clock-control none -k regex:mosaic --section Occupancy --section LaunchStats \
       --section WarpStateStats --section ComputeWorkloadAnalysis python3 -m benchmarks.profile_decode --variants sk+ctas=528
     ;;
+  s15d)  # scales up front (SCALES_UPFRONT): stream-K A/B against the lazy schedule, registers, the issue table on
+         # Mixtral's shape, the Mixtral FFN at 1 and 16 tokens
+    mkdir -p /tmp/dump
+    MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO=/tmp/dump TAIL=1 step dump 60 python3 -m benchmarks.profile_decode --variants sk
+    ptxas -arch=sm_90a "$(ls /tmp/dump/*.ptx | head -1)" -o /tmp/k.cubin -v 2>&1 | tail -2
+    TAIL=14 step time_m1 150 python3 -m benchmarks.profile_decode --time --variants \
+      sk,sklazy,sknoscale,sk+stages=3,sk+ctas=396,sk+ctas=528
+    TAIL=4 step time_m16 60 python3 -m benchmarks.profile_decode --time --m 16 --variants sk,sklazy
+    TAIL=24 step quant_matmul 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --check --out "$OUT/quant_matmul_s15d.json"
+    TAIL=10 step moe_mixtral 150 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model --tokens 1,16 --budget-s 130 --out "$OUT/moe_layer_s15d_mixtral.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

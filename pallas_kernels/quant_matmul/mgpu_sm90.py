@@ -274,13 +274,28 @@ def _dequant_pairs(planes, jps, scale_list, bn: int, slab: int, unpack: str, int
     return _magic_pairs_native(planes, jps, scale_list, bn, slab, unpack, bits)
 
 
-def _pair_scales_by_slot(s_ref, z_ref, *, bn, slab, group_rows, g_block, unpack):
-    """pair-slot jp -> its group's (s, hi, lo) from _pair_scales, computed once per group (the
-    pair-slots of a tile are visited in order, so one group is live at a time)."""
+# Compute every group's (s, hi, lo) of a K tile at the start of the step instead of just before the
+# group's first pair-slot: the scale chain (two 16-bit shared-memory loads, then seven dependent
+# ops) otherwise stalls the conversion at every group boundary. With constant scales the stream-K
+# kernel took 12.2 us against 14.7 us (4096 x 14336 3-bit g64, M=1, H200, 2026-12-02,
+# benchmarks/results/logs/h200_2026-12-02_s15c_time_m1.txt), while dropping one of the four ops per
+# pair register changed nothing (14.70 us): the chain's latency, not its op count, was the cost.
+SCALES_UPFRONT = True
+
+
+def _pair_scales_by_slot(s_ref, z_ref, *, bn, slab, group_rows, g_block, unpack, pair_slots: int = 0):
+    """pair-slot jp -> its group's (s, hi, lo) from _pair_scales. pair_slots > 0 (and SCALES_UPFRONT):
+    the groups of pair-slots [0, pair_slots) are all computed now, up front; otherwise each group
+    once, when its first pair-slot asks (the pair-slots of a tile are visited in order)."""
+    group_of = lambda jp: (jp * 2 * slab) // group_rows if g_block > 1 else 0
     cache = {}
+    if pair_slots and SCALES_UPFRONT:
+        for g in sorted({group_of(jp) for jp in range(pair_slots)}):
+            cache[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
+        return lambda jp: cache[group_of(jp)]
 
     def scales_of(jp):
-        g = (jp * 2 * slab) // group_rows if g_block > 1 else 0
+        g = group_of(jp)
         if g not in cache:
             cache.clear()
             cache[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
@@ -299,7 +314,7 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
     a_regs (pairs only): A goes to wgmma from registers, one pair-slot per MMA; a_buf is unused."""
     pairs, unpack, nbuf = plan.pairs, plan.unpack, plan.nbuf
     scales_of = _pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=slab, group_rows=group_rows,
-                                     g_block=g_block, unpack=unpack)
+                                     g_block=g_block, unpack=unpack, pair_slots=nchunks * chunk // 2 if pairs else 0)
 
     if plan.a_regs:
         # One wgmma per chunk (chunk // 2 pair-slots, converted side by side into one register
