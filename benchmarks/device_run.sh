@@ -288,5 +288,27 @@ PY
     TAIL=10 step moe_mixtral 150 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model --tokens 1,16 --budget-s 130 --out "$OUT/moe_layer_s15d_mixtral.json"
     ;;
+  s15e)  # scale path: packed conversions + bfloat16 scales in planar_pairs vs before; pipe use of the s15a kernel
+    ncu --import .probe/decode.ncu-rep --page raw --csv > /tmp/raw.csv 2>&1
+    python3 - <<'PY' | tee "$OUT/pipes.txt"
+import csv
+rows = list(csv.reader(open("/tmp/raw.csv")))
+head = rows[0]
+r = rows[2]
+for h, v in zip(head, r):
+    if ("pipe" in h or "inst_executed" in h) and v not in ("", "0", "0.00"):
+        print(f"  {h}: {v}")
+PY
+    mkdir -p /tmp/dump
+    MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO=/tmp/dump TAIL=1 step dump 60 python3 -m benchmarks.profile_decode --variants sk
+    ptxas -arch=sm_90a "$(ls /tmp/dump/*.ptx | head -1)" -o /tmp/k.cubin -v 2>&1 | tail -2
+    cuobjdump --dump-sass /tmp/k.cubin | grep -oE "^ +/\*[0-9a-f]+\*/ +[A-Z0-9_.]+" | awk '{print $2}' | sed 's/\..*//' \
+      | sort | uniq -c | sort -rn > "$OUT/sass_opcodes.txt"; head -14 "$OUT/sass_opcodes.txt" | tr '\n' ' '; echo
+    TAIL=12 step time_m1 150 python3 -m benchmarks.profile_decode --time --variants sk,skf16s,skcvt0,sklazy,sknoscale
+    TAIL=24 step quant_matmul 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --check --out "$OUT/quant_matmul_s15e.json"
+    TAIL=10 step moe_mixtral 150 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model --tokens 1,16 --budget-s 130 --out "$OUT/moe_layer_s15e_mixtral.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
