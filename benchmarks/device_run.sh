@@ -310,14 +310,5 @@ PY
     TAIL=10 step moe_mixtral 150 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model --tokens 1,16 --budget-s 130 --out "$OUT/moe_layer_s15e_mixtral.json"
     ;;
-  s15f)  # two K tiles per stream-K step vs one (Mixtral's two shapes, M=1 and 16), then the native tests
-    TAIL=8 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+tiles_per_step=2,sk+tiles_per_step=2+stages=3
-    TAIL=4 step time_m16 60 python3 -m benchmarks.profile_decode --time --m 16 --variants sk,sk+tiles_per_step=2
-    TAIL=4 step time_14336 60 python3 -m benchmarks.profile_decode --time --shape 14336x4096 --variants sk,sk+tiles_per_step=2
-    cat "$OUT/time_m16.txt" "$OUT/time_14336.txt" >> "$OUT/time_m1.txt"; rm -f "$OUT/time_m16.txt" "$OUT/time_14336.txt"
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=12 step native_tests 300 python3 -m pytest tests/test_grouped_matmul.py \
-      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py tests/test_quant_matmul_stream_k.py \
-      -q -m gpu -rfEs -p no:cacheprovider -n 4
-    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

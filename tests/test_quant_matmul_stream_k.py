@@ -7,8 +7,6 @@ GPU interpret mode, `gpu` tests run it natively on sm90.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,36 +53,6 @@ def test_stream_k_interpret(k, n, m, rank, ctas):
         assert rel_err(y, ref64(x, qt, compensator=False)) > 5 * err
 
 
-# (K, N, M, rank, group, bits, max_ctas) with two K tiles per step: 4 / 2 / 6 K tiles of 512 rows
-TWO_TILE_CASES = [
-    (2048, 128, 1, 0, 64, 3, 3),     # 2 steps per column tile, ranges cross tiles
-    (1024, 64, 9, 16, 128, 3, 2),    # two token blocks, compensator, g128 (4 groups per tile)
-    (3072, 64, 2, 0, None, 4, 4),    # per-channel 4-bit (scale row 0 for both tiles of a step)
-]
-
-
-@pytest.mark.parametrize("k,n,m,rank,group,bits,ctas", TWO_TILE_CASES)
-def test_stream_k_two_tiles_per_step_interpret(k, n, m, rank, group, bits, ctas):
-    rng = _rng()
-    qt = make_weight(k, n, bits, group, rank, rng)
-    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
-    x = make_x(m, k, rng)
-    cfg = dataclasses.replace(mgpu_sm90.default_config(m, kw), tiles_per_step=2)
-    y = sk.matmul_stream_k(x, kw, config=cfg, max_ctas=ctas, interpret=True)
-    err = rel_err(y, ref64(x, qt))
-    assert err < TOL, err
-    one = sk.matmul_stream_k(x, kw, max_ctas=ctas, interpret=True)     # one K tile per step
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(one, np.float32), rtol=2e-2, atol=2e-2)
-
-
-def test_stream_k_two_tiles_per_step_rejects_odd_tiles():
-    rng = _rng()
-    kw = layout.prepare(make_weight(1536, 64, 3, 64, 0, rng), layout=layout.PAIRS_LAYOUT)   # 3 K tiles
-    cfg = dataclasses.replace(mgpu_sm90.default_config(1, kw), tiles_per_step=2)
-    with pytest.raises(ValueError, match="tiles_per_step=2 needs"):
-        sk.matmul_stream_k(make_x(1, 1536, rng), kw, config=cfg, interpret=True)
-
-
 def test_stream_k_interpret_f32_unpack_per_channel():
     """The planar f32 unpack (other bit widths) and per-channel scales through the same schedule."""
     rng = _rng()
@@ -95,15 +63,13 @@ def test_stream_k_interpret_f32_unpack_per_channel():
     assert rel_err(y, ref64(x, qt)) < TOL
 
 
-@pytest.mark.parametrize("tiles_per_step", [1, 2])
-def test_stream_k_lowers_for_sm90_on_cpu(tiles_per_step):
+def test_stream_k_lowers_for_sm90_on_cpu():
     reason = cuda_lowering_unavailable()
     if reason:
         pytest.skip(reason)
     rng = _rng()
     kw = layout.prepare(make_weight(1024, 128, 3, 64, 32, rng), layout=layout.PAIRS_LAYOUT)
-    cfg = dataclasses.replace(mgpu_sm90.default_config(1, kw), tiles_per_step=tiles_per_step)
-    f = jax.jit(lambda x, kw: sk.matmul_stream_k(x, kw, config=cfg, max_ctas=264))
+    f = jax.jit(lambda x, kw: sk.matmul_stream_k(x, kw, max_ctas=264))
     text = f.trace(jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), kw).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
@@ -121,17 +87,3 @@ def test_stream_k_native_gpu(ctas):
             x = make_x(m, k, rng)
             y = sk.matmul_stream_k(x, kw, max_ctas=ctas)
             assert rel_err(y, ref64(x, qt)) < TOL, (m, rank, ctas)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
-@pytest.mark.parametrize("k,n,m,rank,group,bits,ctas", TWO_TILE_CASES + [(4096, 1408, 1, 0, 64, 3, None),
-                                                                       (4096, 1408, 16, 32, 64, 2, None)])
-def test_stream_k_two_tiles_per_step_native_gpu(k, n, m, rank, group, bits, ctas):
-    rng = _rng()
-    qt = make_weight(k, n, bits, group, rank, rng)
-    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
-    x = make_x(m, k, rng)
-    cfg = dataclasses.replace(mgpu_sm90.default_config(m, kw), tiles_per_step=2)
-    y = sk.matmul_stream_k(x, kw, config=cfg, max_ctas=ctas)
-    assert rel_err(y, ref64(x, qt)) < TOL

@@ -48,10 +48,6 @@ class Config:
     # "stream_k": stream_k_sm90.py, a persistent grid (2 CTAs per SM) whose CTAs each run one pipeline
     # over a contiguous range of (column tile, K tile) steps; k_splits is unused there.
     schedule: str = "split_k"
-    # stream_k only: K tiles per pipeline step (1 or 2). Two halve the per-step costs (TMA issue and
-    # its warpgroup barriers, the end-of-step wgmma wait, the schedule arithmetic) for twice the
-    # shared memory per stage; needs an even number of K tiles and groups inside a tile or per-channel.
-    tiles_per_step: int = 1
 
 
 # Unpack/dequant variants of the decode kernel (issue 6: the unpack chain is the bottleneck).

@@ -78,11 +78,6 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     if m_pad % mb:
         raise ValueError(f"M={m_pad} is not tiled by MB={mb}")
     g_block, scale_index = base._scale_blocks(group_rows, tile_rows, k_pad)
-    tps = cfg.tiles_per_step
-    if tps not in (1, 2) or kt % tps or (tps > 1 and g_block == 1 and group_rows != k_pad):
-        raise ValueError(f"tiles_per_step={tps} needs 1 or 2 dividing the {kt} K tiles, and groups inside a tile "
-                         f"or per-channel (group of {group_rows} rows, tile of {tile_rows})")
-    kt //= tps                      # pipeline steps per column tile from here on
     col_tiles = n // bn
     sched = schedule((m_pad // mb) * col_tiles * kt, kt, max_ctas)
     per, total = sched.per_cta, sched.total
@@ -124,6 +119,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             (s,) = idx
             *step_refs, acc = step_refs
             codes_s, s_ref, z_ref, x_ref = step_refs
+            plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
             valid, mi, ci, t, first, last, slot = where_is(j, s)
             if comp:
                 xu, v_t = ins[4:]
@@ -132,19 +128,16 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 # step's unpack and MMA, and are multiplied in at the end of the same step
                 base._compensator_copies(t == 0, xu.at[pl.ds(mi * mb, mb)], v_t.at[pl.ds(ci * bn, bn)],
                                          xu_smem, v_smem, bar)
+            planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
             zero = jnp.zeros((bn, mb), jnp.float32)
             if not interpret:
                 zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
             acc = lax.cond(first, lambda a: zero, lambda a: a, acc)     # a new column tile
 
             def step(acc_ref):
-                for h in range(tps):          # the step's K tiles, one after the other
-                    planes = [codes_s[:, pl.ds((h * wps + p) * slab, slab)] for p in range(wps)]  # [BN, slab]
-                    gs = pl.ds(h * g_block, g_block) if g_block > 1 else pl.ds(0, 1)
-                    base._unpack_and_multiply(acc_ref, a_buf, planes, s_ref.at[gs], z_ref.at[gs],
-                                              x_ref.at[:, pl.ds(h * tile_rows, tile_rows)], bits=bits, slab=slab,
-                                              bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
-                                              g_block=g_block, plan=plan, interpret=interpret)
+                base._unpack_and_multiply(acc_ref, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
+                                          bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
+                                          g_block=g_block, plan=plan, interpret=interpret)
                 plgpu.wgmma_wait(0)
 
             acc = _run_acc(step, acc, interpret)
@@ -168,15 +161,11 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
 
         # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
         # one box per plane moved 64 B rows); x with the widest swizzle its wgmma slices allow
-        # (with two K tiles per step: both tiles' words, scale rows and x columns in one box each; the
-        # scale block of step t is tiles 2t, 2t + 1, i.e. block t of 2 * g_block rows, or row 0 per-channel)
-        sb = g_block * tps if g_block > 1 else 1
-        s_index = (lambda t: t) if g_block > 1 else (lambda t: scale_index(t))
         in_specs = [
-            plgpu.BlockSpec((bn, tps * wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2])),
-            plgpu.BlockSpec((sb, bn), lambda s: (s_index(tile_of(s)[2]), tile_of(s)[1])),
-            plgpu.BlockSpec((sb, bn), lambda s: (s_index(tile_of(s)[2]), tile_of(s)[1])),
-            plgpu.BlockSpec((mb, tps * tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
+            plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2])),
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
+            plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
         ]
         init = jnp.zeros((bn, mb), jnp.float32)
         if not interpret:
