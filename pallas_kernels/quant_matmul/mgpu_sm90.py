@@ -252,34 +252,19 @@ def _magic_pair_emulated(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpa
     return (f32(t.astype(dt)) + f32(lo2)).astype(dt)
 
 
-# Round the per-row scale and offset to the A dtype only after broadcasting them to the pair-slot's
-# [BN, 2 * slab] register layout: each register then holds the same value twice (a vector<2 x f32>),
-# which converts with one packed cvt.rn.bf16x2.f32 (F2FP) instead of a scalar cvt per value (F2F,
-# two per row and group in the SASS of 2026-12-02: benchmarks/results/logs/h200_2026-12-02_s15b_sass_opcodes.txt).
-PACKED_SCALE_CVT = True
-
-
 def _pair_scales(s_ref, z_ref, g: int, bn: int, slab: int, unpack: str):
     """Scale row g as the magic conversion uses it: (s, hi, lo), each [BN, 2 * slab] in the A dtype,
-    hi + lo = -(base + z) * s. Computed once per group and reused by its pair-slots."""
+    hi + lo = -(base + z) * s. Computed once per group and reused by its pair-slots. (Scales already
+    in the A dtype, as layout.prepare stores them for planar_pairs, need no rounding. Converting
+    after the broadcast, one packed cvt per register instead of a scalar cvt per row, measured no
+    faster: 13.98 against 13.76 us, H200, 2026-12-02, benchmarks/results/logs/h200_2026-12-02_s15e_time_m1.txt.)"""
     dt, base = _MAGIC[unpack][0], _MAGIC[unpack][2]
-    f32 = jnp.float32
-    wide = lambda v: lax.broadcast_in_dim(v, (bn, 2 * slab), (0,))
-    if PACKED_SCALE_CVT:
-        s_row = s_ref[g, :]
-        if s_row.dtype == dt:   # scales stored in the A dtype (layout.prepare for planar_pairs): no rounding
-            s16 = wide(s_row)
-            off = wide(-(z_ref[g, :].astype(f32) + base) * s_row.astype(f32))    # per row, then broadcast
-        else:
-            s16 = wide(s_row.astype(f32)).astype(dt)
-            off = -(wide(z_ref[g, :].astype(f32)) + base) * s16.astype(f32)   # -(base + z) * s, f32
-        hi = off.astype(dt)
-        return s16, hi, (off - hi.astype(f32)).astype(dt)
     s16 = s_ref[g, :].astype(dt)
-    sc = s16.astype(f32)                                        # the scale the product uses
-    off = -(z_ref[g, :].astype(f32) + base) * sc                # -(base + z) * s, f32
+    sc = s16.astype(jnp.float32)                                # the scale the product uses
+    off = -(z_ref[g, :].astype(jnp.float32) + base) * sc        # -(base + z) * s, f32
     hi = off.astype(dt)
-    lo = (off - hi.astype(f32)).astype(dt)
+    lo = (off - hi.astype(jnp.float32)).astype(dt)
+    wide = lambda v: lax.broadcast_in_dim(v, (bn, 2 * slab), (0,))
     return wide(s16), wide(hi), wide(lo)
 
 
