@@ -310,5 +310,20 @@ PY
     TAIL=10 step moe_mixtral 150 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model --tokens 1,16 --budget-s 130 --out "$OUT/moe_layer_s15e_mixtral.json"
     ;;
+  s15g)  # final code of stop 15: native tests, the issue-6 table (Mixtral shape, then the small shapes), the Mixtral FFN
+         # with the grouped split-K target as it is (1848 CTAs) and halved (924)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_tests 200 python3 -m pytest tests/test_grouped_matmul.py \
+      tests/test_quant_matmul.py tests/test_quant_matmul_variants.py tests/test_quant_matmul_stream_k.py \
+      -q -m gpu -rfEs -p no:cacheprovider -n 4
+    TAIL=22 step quant_matmul 100 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --check --out "$OUT/quant_matmul_s15g.json"
+    TAIL=10 step quant_matmul_small 60 python3 -m benchmarks.quant_matmul --shapes 2048x1408,4096x4096 --ms 1,16 \
+      --ours-bits 3,4 --peers torch_int4_g128 --ranks 0 --out "$OUT/quant_matmul_s15g_small.json"
+    TAIL=10 step moe_mixtral 110 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16 --budget-s 100 --out "$OUT/moe_layer_s15g_mixtral.json"
+    TAIL=10 step moe_target924 80 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 1,16 --budget-s 70 --grouped-cta-target 924 \
+      --out "$OUT/moe_layer_s15g_target924.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -517,7 +517,12 @@ def main(argv=None):
     ap.add_argument("--case-timeout-s", type=float, default=None,
                     help="record a case that runs longer as timed out and exit (status 3); 0: never "
                          "(default 150 on the GPU, never on CPU)")
+    ap.add_argument("--grouped-cta-target", type=int, default=None,
+                    help="override grouped_matmul.mgpu_sm90.CTA_TARGET (split-K of the quantized decode launches)")
     args = ap.parse_args(argv)
+    if args.grouped_cta_target:
+        from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped_mgpu
+        grouped_mgpu.CTA_TARGET = args.grouped_cta_target
     global BREAKDOWN
     BREAKDOWN = args.breakdown
     if args.append and os.path.exists(args.out):

@@ -278,6 +278,12 @@ def dequantize_grouped(gkw: GroupedKernelWeights):
     return jnp.stack(dense), u, v
 
 
+# Split K until about this many CTAs run in a quantized class's decode launch: twice quant_matmul's
+# target (Mixtral gate at 1 token, before gate and up were fused: split 2 / 4 / 8 took 30.1 / 28.3 /
+# 27.8 us on the H100, 2026-11-23). benchmarks/moe_layer.py --grouped-cta-target overrides it.
+CTA_TARGET = 2 * TARGET_CTAS
+
+
 def block_m_for(m: int, num_experts: int) -> int:
     """MB for M sorted rows over `num_experts` experts: 1.5x the rows an expert gets under even
     routing, rounded up to 8, at most 64 (see default_config)."""
@@ -306,7 +312,7 @@ def default_config(m: int, c: ExpertClass) -> Config:
     # target: Mixtral gate/up at 1 token (2 blocks x 224 column tiles), split 2 / 4 / 8 took
     # 30.1 / 28.3 / 27.8 us (H100, 2026-11-23, benchmarks/results/logs/h100_2026-11-23_s11c_profile_decode.txt)
     blocks = min(-(-m // mb) + len(c.experts), max(1, m))
-    splits = _pick_splits(steps, (c.n // 64) * blocks, target=2 * TARGET_CTAS)
+    splits = _pick_splits(steps, (c.n // 64) * blocks, target=CTA_TARGET)
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
     unpack = class_unpack("", c)
     return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
