@@ -28,6 +28,9 @@ step() {  # step NAME TIMEOUT CMD...: run, keep the log, show its tail
   echo "=== $name: rc $rc in $(( $(date +%s) - t0 )) s"
   tail -n "${TAIL:-25}" "$OUT/$name.txt"
 }
+pack() {  # move what $OUT holds into $OUT/results.tar (the device returns at most 8 files)
+  (cd "$OUT" && ls | grep -v '^results.tar$' | xargs -r tar -rf results.tar --remove-files)
+}
 case "$1" in
   kernels)
     TAIL=30 step native_tests 230 python3 -m pytest tests/test_grouped_matmul.py \
@@ -315,15 +318,20 @@ PY
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_tests 200 python3 -m pytest tests/test_grouped_matmul.py \
       tests/test_quant_matmul.py tests/test_quant_matmul_variants.py tests/test_quant_matmul_stream_k.py \
       -q -m gpu -rfEs -p no:cacheprovider -n 4
+    pack
     TAIL=22 step quant_matmul 100 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
       --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --check --out "$OUT/quant_matmul_s15g.json"
+    pack
     TAIL=10 step quant_matmul_small 60 python3 -m benchmarks.quant_matmul --shapes 2048x1408,4096x4096 --ms 1,16 \
       --ours-bits 3,4 --peers torch_int4_g128 --ranks 0 --out "$OUT/quant_matmul_s15g_small.json"
+    pack
     TAIL=10 step moe_mixtral 110 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16 --budget-s 100 --out "$OUT/moe_layer_s15g_mixtral.json"
+    pack
     TAIL=10 step moe_target924 80 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model,mixed234_model --tokens 1,16 --budget-s 70 --grouped-cta-target 924 \
       --out "$OUT/moe_layer_s15g_target924.json"
+    pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
