@@ -87,3 +87,23 @@ def test_stream_k_native_gpu(ctas):
             x = make_x(m, k, rng)
             y = sk.matmul_stream_k(x, kw, max_ctas=ctas)
             assert rel_err(y, ref64(x, qt)) < TOL, (m, rank, ctas)
+
+
+def test_stream_k_scales_up_front_match_lazy_scales(monkeypatch):
+    """Scales computed up front (stream-K's default) and at each group's first pair-slot are the same
+    arithmetic: identical outputs; the grouped kernels keep the lazy order (plan flag off)."""
+    rng = _rng()
+    qt = make_weight(1024, 64, 3, 64, 0, rng)
+    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+    x = make_x(2, 1024, rng)
+    outs = []
+    for upfront in (True, False):
+        monkeypatch.setattr(mgpu_sm90, "SCALES_UPFRONT", upfront)
+        sk._build_cached.cache_clear()
+        outs.append(np.asarray(sk.matmul_stream_k(x, kw, max_ctas=3, interpret=True), np.float32))
+    sk._build_cached.cache_clear()
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert rel_err(outs[0], ref64(x, qt)) < TOL
+    plan = mgpu_sm90._unpack_plan("magic_bf16", True, True, 3, 8, 4, 16)
+    assert not plan.scales_upfront and mgpu_sm90._unpack_plan("magic_bf16", True, True, 3, 8, 4, 16,
+                                                              scales_upfront=True).scales_upfront

@@ -283,6 +283,11 @@ def _dequant_pairs(planes, jps, scale_list, bn: int, slab: int, unpack: str, int
 # kernel took 12.2 us against 14.7 us (4096 x 14336 3-bit g64, M=1, H200, 2026-12-02,
 # benchmarks/results/logs/h200_2026-12-02_s15c_time_m1.txt), while dropping one of the four ops per
 # pair register changed nothing (14.70 us): the chain's latency, not its op count, was the cost.
+# Up front measured faster in the stream-K kernel (kernel 14.18 vs 14.79 us at M=1, 15.39 vs 15.80 at
+# M=16; h200_2026-12-02_s15d_time_m1.txt) but it raises the registers from 125 to 166 per thread,
+# and in the grouped decode kernel the Mixtral FFN at 16 tokens went from 314 to 342-355 us (1 token:
+# 100 -> 95.5 us; h200_2026-12-02_s15{d,e,g}_moe_mixtral.txt), so only stream-K asks for it
+# (_unpack_plan(..., scales_upfront=True)); this switch turns it off everywhere (profile_decode sklazy).
 SCALES_UPFRONT = True
 
 
@@ -317,7 +322,7 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
     a_regs (pairs only): A goes to wgmma from registers, one pair-slot per MMA; a_buf is unused."""
     pairs, unpack, nbuf = plan.pairs, plan.unpack, plan.nbuf
     scales_of = _pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=slab, group_rows=group_rows,
-                                     g_block=g_block, unpack=unpack, pair_slots=nchunks * chunk // 2 if pairs else 0)
+                                     g_block=g_block, unpack=unpack, pair_slots=nchunks * chunk // 2 if plan.scales_upfront else 0)
 
     if plan.a_regs:
         # One wgmma per chunk (chunk // 2 pair-slots, converted side by side into one register
@@ -457,10 +462,11 @@ class _UnpackPlan:
     a_dtype: object    # bf16, or f16 for magic_f16
     overlap: bool      # one MMA in flight while the next chunk is unpacked
     nbuf: int          # A buffers in shared memory (0 with a_regs)
+    scales_upfront: bool = False   # a K tile's scale pairs all at the step's start (see SCALES_UPFRONT)
 
 
 def _unpack_plan(unpack: str, a_regs: bool, overlap: bool, bits: int, chunk: int, nchunks: int,
-                 slab: int) -> _UnpackPlan:
+                 slab: int, scales_upfront: bool = False) -> _UnpackPlan:
     if unpack not in UNPACKS:
         raise ValueError(f"unpack={unpack!r} is not one of {UNPACKS}")
     pairs = unpack.startswith("magic")
@@ -475,7 +481,7 @@ def _unpack_plan(unpack: str, a_regs: bool, overlap: bool, bits: int, chunk: int
     overlap = a_regs or (overlap and nchunks % 2 == 0)
     return _UnpackPlan(unpack=unpack, pairs=pairs, a_regs=a_regs,
                        a_dtype=_MAGIC[unpack][0] if pairs else jnp.bfloat16, overlap=overlap,
-                       nbuf=0 if a_regs else (2 if overlap else 1))
+                       nbuf=0 if a_regs else (2 if overlap else 1), scales_upfront=scales_upfront and pairs)
 
 
 def _decode_scratch(plan: _UnpackPlan, bn: int, chunk: int, slab: int, mb: int, out_dtype, comp: bool,

@@ -82,7 +82,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     sched = schedule((m_pad // mb) * col_tiles * kt, kt, max_ctas)
     per, total = sched.per_cta, sched.total
     comp = rank_pad > 0
-    plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab)
+    plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab, scales_upfront=True)
     tr = base._swizzle_transforms(slab)
     tr_r = base._swizzle_transforms(64)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
