@@ -307,7 +307,7 @@ PY
     ptxas -arch=sm_90a "$(ls /tmp/dump/*.ptx | head -1)" -o /tmp/k.cubin -v 2>&1 | tail -2
     cuobjdump --dump-sass /tmp/k.cubin | grep -oE "^ +/\*[0-9a-f]+\*/ +[A-Z0-9_.]+" | awk '{print $2}' | sed 's/\..*//' \
       | sort | uniq -c | sort -rn > "$OUT/sass_opcodes.txt"; head -14 "$OUT/sass_opcodes.txt" | tr '\n' ' '; echo
-    TAIL=12 step time_m1 150 python3 -m benchmarks.profile_decode --time --variants sk,skf16s,sklazy,sknoscale
+    TAIL=12 step time_m1 150 python3 -m benchmarks.profile_decode --time --variants sk,sklazy,sknoscale
     TAIL=24 step quant_matmul 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16 \
       --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --check --out "$OUT/quant_matmul_s15e.json"
     TAIL=10 step moe_mixtral 150 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \

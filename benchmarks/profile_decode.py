@@ -23,7 +23,6 @@ Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
             wrong numbers, the time of one op per pair register less
   sknoscale stream-K with constant scale/offset registers (no per-group scale loads and math)
   sklazy    stream-K with each group's scales computed at its first pair-slot (SCALES_UPFRONT off)
-  skf16s    stream-K on float16 scales (as before 2026-12-02: layout.prepare now stores bfloat16)
   +field=value after any of them overrides that Config field (e.g. stream+k_splits=8+stages=3)
   grouped   the grouped kernel on Mixtral's gate projection (8 experts), 1 token, top-2
 Without ncu it prints CUPTI times (rotated weights) for the same variants.
@@ -130,14 +129,12 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
         patches["_pair_scales"] = _constant_pair_scales
     elif base == "sklazy":
         patches["SCALES_UPFRONT"] = False
-    elif base == "skf16s":
-        ws = [dataclasses.replace(w, scales=w.scales.astype(jnp.float16)) for w in ws]
     llvm_patch = None
     if base == "sk1fma":
         from jax._src.lib.mlir.dialects import llvm
         llvm_patch = (llvm, llvm.inline_asm)
         llvm.inline_asm = _inline_asm_without_lo(llvm.inline_asm)
-    if base in ("skhot", "sknomma", "sknoconv", "sknoscale", "sk1fma", "sklazy", "skf16s"):
+    if base in ("skhot", "sknomma", "sknoconv", "sknoscale", "sk1fma", "sklazy"):
         base = "sk"
     if base.startswith("sk"):
         cfg = mgpu_sm90.default_config(m, ws[0], schedule="stream_k")

@@ -90,8 +90,6 @@ def random_weights(key, k, n, group_size, pairs: bool):
     codes = jax.random.bits(kc, (n, k_pad * bits // 32), jnp.uint32)
     scales = jax.random.uniform(ks, (gp, n), jnp.float32, 0.005, 0.02).astype(jnp.float16)
     zeros = jax.random.uniform(kz, (gp, n), jnp.float32, 0, 7).astype(jnp.float16)
-    if pairs:       # layout.prepare stores planar_pairs scales in bfloat16 (the magic unpack's type)
-        scales = scales.astype(jnp.bfloat16)
     if k_pad != k:  # padded groups: scale 0 (x is zero there too)
         scales = scales.at[k // group_size:].set(0)
         zeros = zeros.at[k // group_size:].set(0)

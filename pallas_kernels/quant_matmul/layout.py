@@ -11,7 +11,6 @@ rows, and a slab it can swizzle (16 or 32 codes = 32 or 64 bytes of bf16):
   codes  [N, Kp * bits // 32] uint32   row n = column n of W; word w of planar tile t, slot j,
                                        holds k = t * per * slab + j * slab + w (3-bit: 3 planes)
   scales [Gp, N], zeros [Gp, N]        unchanged format (16-bit, group-major), zero-padded to Kp
-                                       (planar_pairs: scales rounded to bfloat16, the magic unpack's type)
   u      [K, r]                        unchanged (x @ u runs as a small XLA dot)
   v_t    [N, Rp] bf16                  v transposed and zero-padded to Rp in {64, 128}
 
@@ -239,9 +238,6 @@ def prepare(qt: QuantizedTensor, slab: int | None = None, layout: str = LAYOUT) 
             zeros = jnp.pad(zeros, ((0, extra), (0, 0)))
     if layout == PAIRS_LAYOUT:
         words = pack_pairs(codes, slab, qt.bits)                  # [Kp*bits/32, N]
-        # the magic conversion multiplies by the scale in bf16 anyway; stored as bf16, the kernel
-        # skips a float16 -> float32 -> bfloat16 conversion per row and group (zeros keep their type)
-        scales = scales.astype(jnp.bfloat16)
     else:
         words = packing.pack(codes, qt.bits, slab)                # [Kp*bits/32, N]
     u = v_t = None

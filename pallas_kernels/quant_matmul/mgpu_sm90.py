@@ -254,10 +254,11 @@ def _magic_pair_emulated(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpa
 
 def _pair_scales(s_ref, z_ref, g: int, bn: int, slab: int, unpack: str):
     """Scale row g as the magic conversion uses it: (s, hi, lo), each [BN, 2 * slab] in the A dtype,
-    hi + lo = -(base + z) * s. Computed once per group and reused by its pair-slots. (Scales already
-    in the A dtype, as layout.prepare stores them for planar_pairs, need no rounding. Converting
-    after the broadcast, one packed cvt per register instead of a scalar cvt per row, measured no
-    faster: 13.98 against 13.76 us, H200, 2026-12-02, benchmarks/results/logs/h200_2026-12-02_s15e_time_m1.txt.)"""
+    hi + lo = -(base + z) * s. Computed once per group and reused by its pair-slots. (Converting after
+    the broadcast, one packed cvt per register instead of a scalar cvt per row, measured no faster:
+    13.98 against 13.76 us, H200, 2026-12-02, benchmarks/results/logs/h200_2026-12-02_s15e_time_m1.txt;
+    scales stored in bfloat16 instead of float16 saved nothing measurable either, 13.98 vs 14.01 us,
+    and would change the float32-activation product of prepared weights.)"""
     dt, base = _MAGIC[unpack][0], _MAGIC[unpack][2]
     s16 = s_ref[g, :].astype(dt)
     sc = s16.astype(jnp.float32)                                # the scale the product uses
