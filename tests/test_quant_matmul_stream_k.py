@@ -104,6 +104,7 @@ def test_stream_k_scales_up_front_match_lazy_scales(monkeypatch):
     sk._build_cached.cache_clear()
     np.testing.assert_array_equal(outs[0], outs[1])
     assert rel_err(outs[0], ref64(x, qt)) < TOL
-    plan = mgpu_sm90._unpack_plan("magic_bf16", True, True, 3, 8, 4, 16)
-    assert not plan.scales_upfront and mgpu_sm90._unpack_plan("magic_bf16", True, True, 3, 8, 4, 16,
-                                                              scales_upfront=True).scales_upfront
+    plan = lambda **kw: mgpu_sm90._unpack_plan("magic_bf16", True, True, 3, 8, 4, 16, **kw)
+    assert not plan(scales_upfront=True).scales_upfront              # the switch (still off) wins
+    monkeypatch.setattr(mgpu_sm90, "SCALES_UPFRONT", True)
+    assert not plan().scales_upfront and plan(scales_upfront=True).scales_upfront

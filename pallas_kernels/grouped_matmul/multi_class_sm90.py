@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from milo_jax.quant import packing
-from pallas_kernels.grouped_matmul import mgpu_sm90 as g, reference
+from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, reference
 from pallas_kernels.grouped_matmul.mgpu_sm90 import Config, ExpertClass, _read_back, block_m_for
 from pallas_kernels.quant_matmul import layout
 from pallas_kernels.quant_matmul.mgpu_sm90 import (_accumulate_and_store, _interpret_params,
@@ -139,7 +139,7 @@ def plan_layer(m: int, gkw):
     num_blocks = max(1, min(-(-m // mb) + e, m))
     steps = [c.k_pad // (packing.slots_per_tile(c.bits) * c.slab) for c in gkw.classes]
     active = min(-(-m // mb) + e, max(1, m))          # at most this many real blocks per column tile
-    splits = _pick_splits(functools.reduce(math.gcd, steps), (n // 64) * active, target=g.CTA_TARGET)
+    splits = _pick_splits(functools.reduce(math.gcd, steps), (n // 64) * active, target=grouped.CTA_TARGET)   # read per call: benchmarks override it
     plans = []
     for c in gkw.classes:
         per = packing.slots_per_tile(c.bits)

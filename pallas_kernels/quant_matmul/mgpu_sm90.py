@@ -254,11 +254,8 @@ def _magic_pair_emulated(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpa
 
 def _pair_scales(s_ref, z_ref, g: int, bn: int, slab: int, unpack: str):
     """Scale row g as the magic conversion uses it: (s, hi, lo), each [BN, 2 * slab] in the A dtype,
-    hi + lo = -(base + z) * s. Computed once per group and reused by its pair-slots. (Converting after
-    the broadcast, one packed cvt per register instead of a scalar cvt per row, measured no faster:
-    13.98 against 13.76 us, H200, 2026-12-02, benchmarks/results/logs/h200_2026-12-02_s15e_time_m1.txt;
-    scales stored in bfloat16 instead of float16 saved nothing measurable either, 13.98 vs 14.01 us,
-    and would change the float32-activation product of prepared weights.)"""
+    hi + lo = -(base + z) * s. Computed once per group and reused by its pair-slots. (A packed cvt
+    after the broadcast and bfloat16-stored scales were both tried: no faster, quant_matmul NOTES stop 15.)"""
     dt, base = _MAGIC[unpack][0], _MAGIC[unpack][2]
     s16 = s_ref[g, :].astype(dt)
     sc = s16.astype(jnp.float32)                                # the scale the product uses
@@ -278,28 +275,24 @@ def _dequant_pairs(planes, jps, scale_list, bn: int, slab: int, unpack: str, int
     return _magic_pairs_native(planes, jps, scale_list, bn, slab, unpack, bits)
 
 
-# Compute every group's (s, hi, lo) of a K tile at the start of the step instead of just before the
-# group's first pair-slot: the scale chain (two 16-bit shared-memory loads, then seven dependent
-# ops) otherwise stalls the conversion at every group boundary. With constant scales the stream-K
-# kernel took 12.2 us against 14.7 us (4096 x 14336 3-bit g64, M=1, H200, 2026-12-02,
-# benchmarks/results/logs/h200_2026-12-02_s15c_time_m1.txt), while dropping one of the four ops per
-# pair register changed nothing (14.70 us): the chain's latency, not its op count, was the cost.
-# Up front measured faster in the stream-K kernel (kernel 14.18 vs 14.79 us at M=1, 15.39 vs 15.80 at
-# M=16; h200_2026-12-02_s15d_time_m1.txt) but it raises the registers from 125 to 166 per thread,
-# and in the grouped decode kernel the Mixtral FFN at 16 tokens went from 314 to 342-355 us (1 token:
-# 100 -> 95.5 us; h200_2026-12-02_s15{d,e,g}_moe_mixtral.txt), so only stream-K asks for it
-# (_unpack_plan(..., scales_upfront=True)); this switch turns it off everywhere (profile_decode sklazy).
+# Kernels that ask for it (_unpack_plan(..., scales_upfront=True): stream-K) compute every group's
+# (s, hi, lo) of a K tile at the step's start rather than at the group's first pair-slot, so the scale
+# chain (two 16-bit shared-memory loads, seven dependent ops) does not stall the conversion at each
+# group boundary: stream-K kernel 14.79 -> 14.18 us at M=1, 15.80 -> 15.39 at M=16 (4096 x 14336 3-bit
+# g64, H200, 2026-12-02, benchmarks/results/logs/h200_2026-12-02_s15d_time_m1.txt). It costs registers
+# (125 -> 166 per thread); the grouped kernel, slower with it at 16 tokens, does not ask (grouped NOTES,
+# stop 15). False turns it off everywhere (profile_decode's sklazy probe).
 SCALES_UPFRONT = True
 
 
-def _pair_scales_by_slot(s_ref, z_ref, *, bn, slab, group_rows, g_block, unpack, pair_slots: int = 0):
-    """pair-slot jp -> its group's (s, hi, lo) from _pair_scales. pair_slots > 0 (and SCALES_UPFRONT):
-    the groups of pair-slots [0, pair_slots) are all computed now, up front; otherwise each group
-    once, when its first pair-slot asks (the pair-slots of a tile are visited in order)."""
+def _pair_scales_by_slot(s_ref, z_ref, *, bn, slab, group_rows, g_block, unpack, upfront_slots: int = 0):
+    """pair-slot jp -> its group's (s, hi, lo) from _pair_scales. upfront_slots > 0: the groups of
+    pair-slots [0, upfront_slots) are all computed now; otherwise each group once, when its first
+    pair-slot asks (the pair-slots of a tile are visited in order)."""
     group_of = lambda jp: (jp * 2 * slab) // group_rows if g_block > 1 else 0
     cache = {}
-    if pair_slots and SCALES_UPFRONT:
-        for g in sorted({group_of(jp) for jp in range(pair_slots)}):
+    if upfront_slots:
+        for g in sorted({group_of(jp) for jp in range(upfront_slots)}):
             cache[g] = _pair_scales(s_ref, z_ref, g, bn, slab, unpack)
         return lambda jp: cache[group_of(jp)]
 
@@ -323,7 +316,8 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
     a_regs (pairs only): A goes to wgmma from registers, one pair-slot per MMA; a_buf is unused."""
     pairs, unpack, nbuf = plan.pairs, plan.unpack, plan.nbuf
     scales_of = _pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=slab, group_rows=group_rows,
-                                     g_block=g_block, unpack=unpack, pair_slots=nchunks * chunk // 2 if plan.scales_upfront else 0)
+                                     g_block=g_block, unpack=unpack,
+                                     upfront_slots=nchunks * chunk // 2 if plan.scales_upfront else 0)
 
     if plan.a_regs:
         # One wgmma per chunk (chunk // 2 pair-slots, converted side by side into one register
@@ -482,7 +476,7 @@ def _unpack_plan(unpack: str, a_regs: bool, overlap: bool, bits: int, chunk: int
     overlap = a_regs or (overlap and nchunks % 2 == 0)
     return _UnpackPlan(unpack=unpack, pairs=pairs, a_regs=a_regs,
                        a_dtype=_MAGIC[unpack][0] if pairs else jnp.bfloat16, overlap=overlap,
-                       nbuf=0 if a_regs else (2 if overlap else 1), scales_upfront=scales_upfront and pairs)
+                       nbuf=0 if a_regs else (2 if overlap else 1), scales_upfront=scales_upfront and pairs and SCALES_UPFRONT)
 
 
 def _decode_scratch(plan: _UnpackPlan, bn: int, chunk: int, slab: int, mb: int, out_dtype, comp: bool,
