@@ -333,5 +333,21 @@ PY
       --out "$OUT/moe_layer_s15g_target924.json"
     pack
     ;;
+  s16a)  # stop 16: routed_ffn (padded row domain) native tests; Mixtral FFN routed vs sorted with per-kernel
+         # times; scale pairs up front in the grouped launches by row count
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_tests 170 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 4
+    pack
+    TAIL=16 step moe_mixtral 230 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
+      --impls q3_model,q3_model_sorted,mixed234_model --tokens 1,4,16,64 --budget-s 210 \
+      --out "$OUT/moe_layer_s16a_mixtral.json"
+    pack
+    TAIL=8 step moe_upfront0 70 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
+      --impls q3_model --tokens 1,4 --budget-s 60 --grouped-upfront-rows 0 --out "$OUT/moe_layer_s16a_upfront0.json"
+    pack
+    TAIL=8 step moe_upfront8 70 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
+      --impls q3_model --tokens 4,16 --budget-s 60 --grouped-upfront-rows 32 --out "$OUT/moe_layer_s16a_upfront32.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

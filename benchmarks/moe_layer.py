@@ -25,6 +25,8 @@ SiLU(gate)*up, combine back to tokens, plus the shared expert(s). Impls:
 - mixed234_kernel   the same through the kernel (one launch per bit-width class)
 - mixed234_model    the same weights as the loader prepares them (prepare_for_kernels: gate and up
                     fused per class) through the model's StackedExperts, as q3_model
+- q3_model_sorted / mixed234_model_sorted: the _model impls with routed_ffn off (api.ROUTED_FFN):
+                    sorted rows through grouped_matmul per projection, as before routed_ffn
 - tokamax_int4      tokamax.ragged_dot (implementation="mosaic": its sm90 int4 Mosaic kernel) on int4
                     weights quantized by qwix (per output column, K tiles of 128, bf16 scales), shared
                     expert int4 through the same call with one group; needs the carried wheels
@@ -80,7 +82,8 @@ SMALL_MODELS = {
 TOKENS = [1, 16, 64, 512, 4096]
 SMALL_TOKENS = [1, 16, 64]
 IMPLS = ["ragged_dot_bf16", "grouped_bf16", "model_bf16", "bf16_kernel", "q3_grouped", "q3_model", "q3_kernel",
-         "mixed234_grouped", "mixed234_kernel", "mixed234_model", "tokamax_int4"]
+         "mixed234_grouped", "mixed234_kernel", "mixed234_model", "tokamax_int4", "q3_model_sorted",
+         "mixed234_model_sorted"]
 TOKAMAX_TILE_K = 128      # int4 scale tile along K for tokamax (its sm90 kernel's block_k divides it)
 # tokamax's sm90 Mosaic kernel on the GPU; its XLA path for the CPU smoke run (there is no interpret mode)
 TOKAMAX_IMPL = "xla" if ON_CPU else "mosaic"
@@ -300,6 +303,14 @@ def impl_fn(impl, num_experts, interpret):
     if impl == "tokamax_int4":
         import_tokamax()   # ImportError here: recorded as this case's error
         return "int4", lambda x, w, i, L: tokamax_ffn(x, w, i, L, num_experts)
+    if impl in ("q3_model_sorted", "mixed234_model_sorted"):
+        def sorted_model_ffn(x, w, i, L):
+            old, gapi.ROUTED_FFN = gapi.ROUTED_FFN, False     # read while tracing
+            try:
+                return model_ffn(x, w, i, L, num_experts)
+            finally:
+                gapi.ROUTED_FFN = old
+        return impl.split("_")[0], sorted_model_ffn
     if impl in ("model_bf16", "q3_model", "mixed234_model"):
         return impl.split("_")[0] if impl != "model_bf16" else "bf16", lambda x, w, i, L: model_ffn(x, w, i, L, num_experts)
     raise ValueError(impl)
@@ -403,14 +414,14 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                 if ON_CPU:
                     reps = 1
                 state["stage"] = "weights"
-                key = (kind, reps, "kernel" in impl, impl.endswith("_model"))
+                key = (kind, reps, "kernel" in impl, "_model" in impl)
                 if key not in layers:
                     # free other kinds' weight sets before making new ones (keep other copy counts)
                     layers = {kk: v for kk, v in layers.items() if kk[0] == kind and kk[2] == key[2]}
                     sets = [make_layer(jax.random.key(1000 * r + 7), m, kind) for r in range(reps)]
                     if "kernel" in impl:
                         sets = [prepare_for_kernel(s) for s in sets]
-                    elif impl == "mixed234_model" or (impl == "q3_model" and not ON_CPU):
+                    elif impl.startswith("mixed234_model") or (impl.startswith("q3_model") and not ON_CPU):
                         sets = [prepare_as_loader(s) for s in sets]
                     layers[key] = jax.block_until_ready(sets)
                 sets = layers[key]
@@ -519,10 +530,18 @@ def main(argv=None):
                          "(default 150 on the GPU, never on CPU)")
     ap.add_argument("--grouped-cta-target", type=int, default=None,
                     help="override grouped_matmul.mgpu_sm90.CTA_TARGET (split-K of the quantized decode launches)")
+    ap.add_argument("--grouped-upfront-rows", type=int, default=None,
+                    help="override grouped_matmul.mgpu_sm90.UPFRONT_ROWS (scale pairs up front at most this many rows)")
+    ap.add_argument("--sorted-ffn", action="store_true",
+                    help="model path through grouped_matmul per projection (sorted rows), not routed_ffn's padded rows")
     args = ap.parse_args(argv)
+    from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped_mgpu
     if args.grouped_cta_target:
-        from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped_mgpu
         grouped_mgpu.CTA_TARGET = args.grouped_cta_target
+    if args.grouped_upfront_rows is not None:
+        grouped_mgpu.UPFRONT_ROWS = args.grouped_upfront_rows
+    if args.sorted_ffn:
+        gapi.ROUTED_FFN = False
     global BREAKDOWN
     BREAKDOWN = args.breakdown
     if args.append and os.path.exists(args.out):

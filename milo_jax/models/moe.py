@@ -11,6 +11,7 @@ from milo_jax.models.kernel_weights import FusedIntoGate
 from milo_jax.models.linear import Linear, gathered_expert_linear, grouped_expert_linear
 from milo_jax.models.registry import get_router, register_router
 from milo_jax.quant.tensor import QuantizedTensor
+from pallas_kernels.grouped_matmul.api import routed_ffn, routed_ffn_applies
 
 ACTIVATIONS = {"silu": jax.nn.silu}
 
@@ -92,7 +93,9 @@ class StackedExperts(nnx.Module):
       for the GPU (`milo_jax.prepare_for_kernels`: GroupedKernelWeights) always take the grouped path:
       on Hopper that is the grouped Mosaic kernel, which reads only the experts with tokens (Mixtral
       FFN 3-bit, 1 token: 106 us against 1087 us for the gather path, H100, 2026-11-23); an up_proj
-      holding `FusedIntoGate` was fused into gate_proj at load (one grouped matmul for both).
+      holding `FusedIntoGate` was fused into gate_proj at load (one grouped matmul for both); on sm90
+      such experts run both launches in the padded row domain (`grouped_matmul.routed_ffn`: no sort,
+      no gather or scatter between the launches).
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str = "silu", *,
@@ -128,6 +131,9 @@ class StackedExperts(nnx.Module):
             h = act(gathered_expert_linear(xk, wg, ids)) * gathered_expert_linear(xk, wu, ids)
             y = gathered_expert_linear(h, wd, ids)                       # [T, k, H]
             return jnp.sum(y * weights[..., None].astype(y.dtype), axis=1)
+        if isinstance(wu, FusedIntoGate) and routed_ffn_applies(t * k, wg, wd):
+            # prepared for the GPU: both launches in the padded row domain (grouped_matmul.routed_ffn)
+            return routed_ffn(x, weights, ids, wg, wd, act=act)
         order, inverse, group_sizes = sort_by_expert(ids, self.num_experts)
         x_sorted = jnp.take(x, order // k, axis=0)                       # [T*k, H]
         if isinstance(wu, FusedIntoGate):   # prepare_for_kernels fused up into gate: one launch

@@ -80,3 +80,26 @@ def grouped_matmul(x: jax.Array, w, group_sizes: jax.Array, *, interpret: bool |
         from pallas_kernels.grouped_matmul import mgpu_sm90
         return mgpu_sm90.grouped_matmul_mgpu(x, w, group_sizes, config=config, interpret=bool(interpret))
     raise ValueError(f"grouped_matmul: unknown impl {impl!r} (reference, masked, kernel)")
+
+
+# The models run their fused gate/up + down experts through routed_ffn.routed_ffn on sm90 (see that
+# module for why); False sends them through grouped_matmul per projection (benchmarks/moe_layer.py
+# --sorted-ffn measures both).
+ROUTED_FFN = True
+
+
+def routed_ffn_applies(num_pairs: int, gate_up, down, *, interpret: bool = False) -> bool:
+    """Whether `routed_ffn` runs these projections for num_pairs = T * k (token, slot) pairs: on sm90
+    (or interpret=True), kernel-prepared weights, each projection one padded launch."""
+    from pallas_kernels.grouped_matmul import routed_ffn as rf
+    if not ROUTED_FFN or not (interpret or (AUTO_KERNEL and _on_sm90())):
+        return False
+    return holds_quantized(gate_up) and holds_quantized(down) and rf.applies(num_pairs, gate_up, down)
+
+
+def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, *, act=jax.nn.silu,
+               interpret: bool = False) -> jax.Array:
+    """x [T, H], weights / ids [T, k] -> [T, H]: the routed experts' SiLU FFN with gate and up fused
+    into one [E, H, 2I] GroupedKernelWeights, in the padded row domain (routed_ffn.py)."""
+    from pallas_kernels.grouped_matmul import routed_ffn as rf
+    return rf.routed_ffn(x, weights, ids, gate_up, down, act=act, interpret=interpret)

@@ -71,6 +71,9 @@ class Config:
     unpack: str = ""
     # quant_matmul's Config.a_regs: magic_* classes hand A to wgmma from registers.
     a_regs: bool = False
+    # every group's scale pairs of a K tile computed at the step's start (quant_matmul's
+    # SCALES_UPFRONT, planar_pairs classes only); default_config: at most UPFRONT_ROWS rows
+    scales_upfront: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +286,12 @@ def dequantize_grouped(gkw: GroupedKernelWeights):
 # 27.8 us on the H100, 2026-11-23). benchmarks/moe_layer.py --grouped-cta-target overrides it.
 CTA_TARGET = 2 * TARGET_CTAS
 
+# Scale pairs up front (Config.scales_upfront) in quantized decode launches of at most this many
+# sorted rows. They cost registers (125 -> 166 per thread: 4 -> 3 CTAs per SM); Mixtral FFN 3-bit
+# (H200, 2026-12-02, stop 15): 1 token (2 rows) 100.3 -> 95.5 us, 16 tokens (32 rows) 314.5 -> 342 us.
+# benchmarks/moe_layer.py --grouped-upfront-rows overrides it.
+UPFRONT_ROWS = 2
+
 
 def block_m_for(m: int, num_experts: int) -> int:
     """MB for M sorted rows over `num_experts` experts: 1.5x the rows an expert gets under even
@@ -316,7 +325,7 @@ def default_config(m: int, c: ExpertClass) -> Config:
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
     unpack = class_unpack("", c)
     return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
-                  unpack=unpack, a_regs=unpack.startswith("magic"))
+                  unpack=unpack, a_regs=unpack.startswith("magic"), scales_upfront=m <= UPFRONT_ROWS)
 
 
 def class_unpack(requested: str, c: ExpertClass) -> str:
@@ -424,7 +433,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     n_blocks = n // bn
     comp = rank_pad > 0
     unpack = cfg.unpack or "f32"
-    plan = _unpack_plan(unpack, cfg.a_regs and unpack.startswith("magic"), True, bits, chunk, nchunks, slab)
+    plan = _unpack_plan(unpack, cfg.a_regs and unpack.startswith("magic"), True, bits, chunk, nchunks, slab,
+                        scales_upfront=cfg.scales_upfront)
     tr = _swizzle_transforms(slab)
     tr_r = _swizzle_transforms(64)
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
@@ -493,12 +503,11 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
                         scratch_types=scratch, **_interpret_params(interpret))
 
 
-def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret: bool):
-    """Rows of this class's experts -> (y [M, N] with zeros elsewhere)."""
-    m, k = x.shape
+def class_config(m: int, c, cfg: Config | None) -> tuple[Config, int]:
+    """(config with its 0 fields resolved, static row-block bound B) of class c for M rows."""
     ec = len(c.experts)
-    cfg = cfg or default_config(m, c)
     base = default_config(m, c)
+    cfg = cfg or base
     if cfg.block_m == 0:
         cfg = dataclasses.replace(cfg, block_m=base.block_m)
     if cfg.k_splits == 0:
@@ -509,10 +518,43 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
     per = 1 if is_float else packing.slots_per_tile(c.bits)
     if per % cfg.chunk_slots:
         cfg = dataclasses.replace(cfg, chunk_slots=per)
-    mb = cfg.block_m
     # static upper bound of row blocks: each expert's rows rounded up to blocks, and every block
     # holds at least one row (decode, 1 token top-2: 2 blocks, not 1 + Ec)
-    num_blocks = max(1, min(-(-m // mb) + ec, m))
+    return cfg, max(1, min(-(-m // cfg.block_m) + ec, m))
+
+
+def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool):
+    """The class's launch over the padded rows: x_pad [B*MB, >= K] (each local expert's rows from
+    a multiple of MB; zero rows pad them), counts [Ec] int32 MB-row blocks per local expert ->
+    [splits * N, B * MB] (bf16 for one split, else float32 partials; blocks past the last real one
+    are not written)."""
+    k = c.k
+    mb = cfg.block_m
+    x_pad = x_pad[:, :c.k_pad] if x_pad.shape[1] >= c.k_pad else jnp.pad(x_pad, ((0, 0), (0, c.k_pad - x_pad.shape[1])))
+    x_pad = x_pad.astype(jnp.bfloat16)
+    if isinstance(c, FloatClass):
+        return build_float(c.k_pad, c.n, len(c.experts), num_blocks, cfg, bool(interpret))(counts, c.w_t, x_pad)
+    args = [counts, c.codes, c.scales, c.zeros, x_pad]
+    rank_pad = 0
+    if c.u is not None:
+        rank_pad = c.v_t.shape[1]
+        # x @ u per padded row: groups = each local expert's padded segment (zero rows add 0)
+        xu = jax.lax.ragged_dot(x_pad[:, :k], c.u, counts * mb, preferred_element_type=jnp.float32)
+        xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - c.u.shape[2])))
+        xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))   # only split 0 adds it
+        args += [xu, c.v_t]
+    if cfg.unpack == "magic_f16":
+        args[4] = x_pad.astype(jnp.float16)   # the A tile is f16: wgmma needs both operands f16
+    f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, len(c.experts), num_blocks, rank_pad, cfg, bool(interpret))
+    return f(*args)
+
+
+def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret: bool):
+    """Rows of this class's experts -> (y [M, N] with zeros elsewhere)."""
+    m, k = x.shape
+    ec = len(c.experts)
+    cfg, num_blocks = class_config(m, c, cfg)
+    mb = cfg.block_m
     gs = group_sizes.astype(jnp.int32)
     offsets = jnp.cumsum(gs) - gs                        # global sorted-row offsets
     class_ids = jnp.asarray(c.experts, jnp.int32)
@@ -527,25 +569,8 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
     lsafe = jnp.maximum(local, 0)
     dest = jnp.where(in_class, pad_start[lsafe] + jnp.arange(m, dtype=jnp.int32) - offsets[class_ids[lsafe]],
                      num_blocks * mb)
-    xb = x.astype(jnp.bfloat16)
-    x_pad = jnp.zeros((num_blocks * mb, c.k_pad), jnp.bfloat16).at[dest, :k].set(xb, mode="drop")
-    if is_float:
-        f = build_float(c.k_pad, c.n, ec, num_blocks, cfg, bool(interpret))
-        out_t = f(counts, c.w_t, x_pad)
-        return _read_back(out_t, dest, in_class, num_blocks * mb, cfg.k_splits, c.n)
-    args = [counts, c.codes, c.scales, c.zeros, x_pad]
-    rank_pad = 0
-    if c.u is not None:
-        rank_pad = c.v_t.shape[1]
-        # x @ u per padded row: groups = each local expert's padded segment (zero rows add 0)
-        xu = jax.lax.ragged_dot(x_pad[:, :k], c.u, counts * mb, preferred_element_type=jnp.float32)
-        xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - c.u.shape[2])))
-        xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))   # only split 0 adds it
-        args += [xu, c.v_t]
-    if cfg.unpack == "magic_f16":
-        args[4] = x_pad.astype(jnp.float16)   # the A tile is f16: wgmma needs both operands f16
-    f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, ec, num_blocks, rank_pad, cfg, bool(interpret))
-    out_t = f(*args)                                     # [splits * N, B * MB]
+    x_pad = jnp.zeros((num_blocks * mb, c.k_pad), jnp.bfloat16).at[dest, :k].set(x.astype(jnp.bfloat16), mode="drop")
+    out_t = class_kernel(x_pad, counts, c, cfg, num_blocks, interpret)   # [splits * N, B * MB]
     return _read_back(out_t, dest, in_class, num_blocks * mb, cfg.k_splits, c.n)
 
 

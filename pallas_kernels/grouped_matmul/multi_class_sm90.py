@@ -59,10 +59,12 @@ def applies(gkw) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool):
+def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool,
+          scales_upfront: bool = False):
     """f(counts [E] int32 by position, (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
     -> [splits*N, B*MB] (bf16 for one split, else float32 partials). counts[p] = MB-row blocks of
-    the expert at position p (classes in order, each class's experts in order)."""
+    the expert at position p (classes in order, each class's experts in order). scales_upfront:
+    grouped Config.scales_upfront."""
     bn = 64
     cls_of = [ci for ci, p in enumerate(plans) for _ in range(p.num_experts)]
     local_of = [e for p in plans for e in range(p.num_experts)]
@@ -74,7 +76,8 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
         tl = _tiling(p.bits, p.slab, p.k_pad, n, Config(block_n=bn, block_m=mb, chunk_slots=p.chunk_slots,
                                                        k_splits=splits))
         g_block, scale_index = _scale_blocks(p.group_rows, tl.tile_rows, p.k_pad)
-        plan = _unpack_plan("magic_bf16", True, True, p.bits, tl.chunk, tl.nchunks, p.slab)
+        plan = _unpack_plan("magic_bf16", True, True, p.bits, tl.chunk, tl.nchunks, p.slab,
+                            scales_upfront=scales_upfront)
         per_class.append((p, tl, g_block, scale_index, (p.k_pad // p.group_rows) // g_block, plan))
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
@@ -170,7 +173,16 @@ def multi_class_matmul(x: jax.Array, gkw, group_sizes: jax.Array, *, interpret: 
                      num_blocks * mb)
     x_pad = jnp.zeros((num_blocks * mb, k_pad_x), jnp.bfloat16).at[dest, :k].set(x.astype(jnp.bfloat16),
                                                                                  mode="drop")
-    f = build(plans, n, num_blocks, mb, splits, k_pad_x, bool(interpret))
-    args = [a for c in gkw.classes for a in (c.codes, c.scales, c.zeros)]
-    out_t = f(counts, *args, x_pad)                                # [splits * N, B * MB]
+    out_t = multi_class_kernel(x_pad, counts, gkw, m, interpret)   # [splits * N, B * MB]
     return _read_back(out_t, dest, in_groups, num_blocks * mb, splits, n)
+
+
+def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False):
+    """The one launch over padded rows: x_pad [B*MB, >= K] bf16 in position order (plan_layer(m,
+    gkw)), counts [E] int32 MB-row blocks per position -> [splits*N, B*MB] (bf16 for one split, else
+    float32 partials; blocks past the last real one are not written)."""
+    plans, mb, num_blocks, splits, k_pad_x = plan_layer(m, gkw)
+    x_pad = x_pad[:, :k_pad_x] if x_pad.shape[1] >= k_pad_x else jnp.pad(x_pad, ((0, 0), (0, k_pad_x - x_pad.shape[1])))
+    f = build(plans, gkw.n, num_blocks, mb, splits, k_pad_x, bool(interpret), m <= grouped.UPFRONT_ROWS)
+    args = [a for c in gkw.classes for a in (c.codes, c.scales, c.zeros)]
+    return f(counts, *args, x_pad.astype(jnp.bfloat16))

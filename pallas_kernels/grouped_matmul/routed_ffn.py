@@ -1,0 +1,125 @@
+"""The routed experts of an MoE FFN kept in the padded row domain between their two grouped launches.
+
+y[t] = sum_j weights[t, j] * FFN_e(x[t]) with e = ids[t, j], FFN_e(x) = (act(x @ G_e) * (x @ U_e)) @ D_e,
+gate and up fused into one [E, H, 2I] projection (`mgpu_sm90.fuse_columns`: expert e's I gate
+columns, then its I up columns).
+
+Why: through `grouped_matmul` (rows sorted by expert in, rows sorted by expert out) the Mixtral FFN
+at 1 token took 95-100 us on the H200, of which ~21 us were ~19 XLA ops around the two launches
+(stop 15, grouped NOTES): the (token, slot) pairs argsorted and gathered, a padded copy of x
+scattered for each launch, each launch's split-K partials read back through a gather along their
+minor (row) axis, the inverse permutation. Here:
+* the pairs go straight to their padded rows: a pair's row is its expert's first padded row plus
+  its rank among the pairs routed to that expert (a cumulative sum of one-hot rows; no sort, no
+  inverse permutation). Ranks follow the pair order t * k + j, as the stable sort did;
+* the gate/up launch's partials are summed over the splits with a dense reduction and SiLU(gate) *
+  up of every padded row IS the down launch's padded x (same experts, same order, same MB): nothing
+  is gathered or scattered between the launches. Padding rows are zero in x, so they are zero in
+  the product (act(0) * 0); blocks past the last real one are written by neither launch and never
+  read;
+* the down launch's partials are summed densely, then each pair's row is read once and weighted.
+A down projection whose classes order the experts differently (mixed precision with other bit
+widths than gate/up) gets its own padded rows: one gather-scatter between the launches.
+
+Scope (`applies`): both projections quantized GroupedKernelWeights that run as one launch each (one
+class holding every expert, or the multi-class launch), fewer rows than the prefill path takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, multi_class_sm90
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One projection's launch over padded rows, for M = T * k pairs (all static)."""
+    order: tuple          # global expert at each position (the padded buffer's expert order)
+    mb: int               # rows per block
+    num_blocks: int       # static bound B of row blocks
+    splits: int           # split-K partials in the output
+    run: Callable         # (x_pad [B*MB, K'] , counts [E] int32) -> [splits * N, B * MB]
+
+    @property
+    def rows_pad(self) -> int:
+        return self.num_blocks * self.mb
+
+
+def launch_for(m: int, gkw, interpret: bool = False) -> Launch | None:
+    """The padded-row launch of `gkw` for m pairs, or None when it takes several launches (classes
+    that the multi-class kernel does not cover) or the prefill path."""
+    if grouped.prefill_applies(m, gkw):
+        return None
+    if grouped._uniform(gkw):
+        c = gkw.classes[0]
+        if not isinstance(c, grouped.ExpertClass):
+            return None
+        cfg, nb = grouped.class_config(m, c, None)
+        run = lambda x_pad, counts: grouped.class_kernel(x_pad, counts, c, cfg, nb, interpret)
+        return Launch(order=tuple(c.experts), mb=cfg.block_m, num_blocks=nb, splits=cfg.k_splits, run=run)
+    if multi_class_sm90.applies(gkw):
+        _, mb, nb, splits, _ = multi_class_sm90.plan_layer(m, gkw)
+        run = lambda x_pad, counts: multi_class_sm90.multi_class_kernel(x_pad, counts, gkw, m, interpret)
+        return Launch(order=tuple(i for c in gkw.classes for i in c.experts), mb=mb, num_blocks=nb,
+                      splits=splits, run=run)
+    return None
+
+
+def applies(m: int, gate_up, down) -> bool:
+    """Whether `routed_ffn` takes these projections at m = T * k pairs."""
+    ok = lambda w: isinstance(w, grouped.GroupedKernelWeights) and launch_for(m, w) is not None
+    return ok(gate_up) and ok(down) and gate_up.num_experts == down.num_experts and gate_up.n == 2 * down.k
+
+
+def padded_rows(ids: jax.Array, order: tuple, mb: int):
+    """ids [T, k] int32 -> (dest [T*k] padded row of each pair, counts [E] MB-row blocks per position).
+
+    Position p holds expert order[p]; its rows start at MB * (blocks of positions before p); pair
+    t * k + j goes to its expert's start plus the number of earlier pairs on that expert."""
+    e = len(order)
+    pos_of = np.empty(e, np.int32)
+    pos_of[list(order)] = np.arange(e, dtype=np.int32)
+    pos = jnp.asarray(pos_of)[ids.reshape(-1).astype(jnp.int32)]              # [P]
+    onehot = (pos[:, None] == jnp.arange(e, dtype=jnp.int32)[None, :]).astype(jnp.int32)   # [P, E]
+    seen = jnp.cumsum(onehot, axis=0)                                        # pairs so far per position
+    rank = jnp.sum(seen * onehot, axis=1) - 1
+    counts = (seen[-1] + mb - 1) // mb
+    pad_start = (jnp.cumsum(counts) - counts) * mb
+    return pad_start[pos] + rank, counts
+
+
+def _summed(out_t, splits: int, n: int, rows_pad: int) -> jax.Array:
+    """[splits * N, rows_pad] launch output -> [N, rows_pad] float32 (a dense sum over the splits)."""
+    return out_t.astype(jnp.float32).reshape(splits, n, rows_pad).sum(0)
+
+
+def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, *,
+               act: Callable = jax.nn.silu, interpret: bool = False) -> jax.Array:
+    """x [T, H], weights [T, k], ids [T, k] int32 -> [T, H] in x.dtype (float32 accumulation and
+    combine, bf16 operands). gate_up: GroupedKernelWeights [E, H, 2I] (gate | up per expert),
+    down: [E, I, H]; both must pass `applies`."""
+    t, k = ids.shape
+    m = t * k
+    if not applies(m, gate_up, down):
+        raise ValueError(f"routed_ffn: projections {gate_up.shape} / {down.shape} at {m} pairs do not run as one "
+                         "padded launch each (see routed_ffn.applies)")
+    inter = down.k
+    first, second = launch_for(m, gate_up, interpret), launch_for(m, down, interpret)
+    dest, counts = padded_rows(ids, first.order, first.mb)
+    xb = jnp.take(x.astype(jnp.bfloat16), jnp.arange(m) // k, axis=0)       # pair p reads token p // k
+    x_pad = jnp.zeros((first.rows_pad, x.shape[1]), jnp.bfloat16).at[dest].set(xb)
+    gu = _summed(first.run(x_pad, counts), first.splits, gate_up.n, first.rows_pad)   # [2I, R]
+    h = (act(gu[:inter]) * gu[inter:]).T.astype(jnp.bfloat16)                 # [R, I]
+    if (second.order, second.mb, second.num_blocks) != (first.order, first.mb, first.num_blocks):
+        dest2, counts2 = padded_rows(ids, second.order, second.mb)
+        h = jnp.zeros((second.rows_pad, inter), jnp.bfloat16).at[dest2].set(jnp.take(h, dest, axis=0))
+        dest, counts = dest2, counts2
+    y_pad = _summed(second.run(h, counts), second.splits, down.n, second.rows_pad)   # [H, R]
+    y = jnp.take(y_pad, dest, axis=1).reshape(down.n, t, k)                  # each pair's row, once
+    return jnp.sum(y * weights.astype(jnp.float32)[None], axis=-1).T.astype(x.dtype)

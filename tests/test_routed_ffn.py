@@ -1,0 +1,166 @@
+"""grouped_matmul.routed_ffn (the routed experts' FFN in the padded row domain) against a float64
+per-pair reference and against the sorted path (grouped_matmul per projection), in GPU interpret
+mode: uniform 3-bit, a compensator, mixed bit widths with the same and with a different expert
+order in the down projection, empty experts, every pair on one expert."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from milo_jax.models.moe import sort_by_expert
+from pallas_kernels.grouped_matmul import api, mgpu_sm90, routed_ffn as rf
+from tests.conftest import cuda_lowering_unavailable
+from tests.test_grouped_matmul import dense64, quantized_expert
+
+H, I, E, K_TOP = 256, 128, 4, 2
+TOL = 1.5e-2   # bf16 x, bf16 SiLU(gate) * up, bf16 codes' products, f32 accumulation
+
+
+def _rng(seed):
+    return np.random.default_rng(7100 + seed)
+
+
+def _stack(parts, k, n):
+    return dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(len(parts), k, n))
+
+
+def _layer(rng, gate_bits, down_bits, rank=0):
+    """(gate_up GroupedKernelWeights, down GroupedKernelWeights, float64 experts (G, U, D) per expert)."""
+    def proj(bits, k, n):
+        parts = [quantized_expert(k, n, b, 64, rank, rng) for b in bits]
+        uniform = len(set(bits)) == 1
+        return parts, mgpu_sm90.prepare_grouped(_stack(parts, k, n) if uniform else parts)
+    g_parts, g = proj(gate_bits, H, I)
+    u_parts, u = proj(gate_bits, H, I)
+    d_parts, d = proj(down_bits, I, H)
+    experts64 = [tuple(dense64(p) for p in ps) for ps in zip(g_parts, u_parts, d_parts)]
+    return mgpu_sm90.fuse_columns(g, u), d, experts64
+
+
+def _apply64(wu):
+    w, u, v = wu
+    return (lambda a: a @ w + ((a @ u) @ v if u is not None else 0.0))
+
+
+def ffn64(x, weights, ids, experts64):
+    x64 = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    y = np.zeros((x64.shape[0], experts64[0][2][0].shape[1]))
+    for t in range(x64.shape[0]):
+        for j in range(ids.shape[1]):
+            g, u, d = (_apply64(p) for p in experts64[int(ids[t, j])])
+            a = x64[t:t + 1]
+            gv = g(a)
+            h = gv / (1 + np.exp(-gv)) * u(a)
+            y[t] += float(weights[t, j]) * d(h)[0]
+    return y
+
+
+def rel_err(y, y64):
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    assert np.all(np.isfinite(y))
+    return float(np.linalg.norm(y - y64) / np.linalg.norm(y64))
+
+
+def routings(t, rng):
+    """(ids [T, k], weights [T, k]): random distinct experts per token; every token on experts 0 and
+    3 (1 and 2 empty)."""
+    ids = np.stack([rng.choice(E, K_TOP, replace=False) for _ in range(t)]).astype(np.int32)
+    two = np.tile(np.asarray([[3, 0]], np.int32), (t, 1))
+    w = rng.random((t, K_TOP)).astype(np.float32) + 0.1
+    w /= w.sum(1, keepdims=True)
+    return [(jnp.asarray(ids), jnp.asarray(w)), (jnp.asarray(two), jnp.asarray(w))]
+
+
+def sorted_ffn(x, weights, ids, gate_up, down):
+    """The per-projection path StackedExperts takes otherwise (sort, grouped_matmul, inverse)."""
+    t, k = ids.shape
+    order, inverse, gs = sort_by_expert(ids, E)
+    xs = jnp.take(x, order // k, axis=0)
+    gu = api.grouped_matmul(xs, gate_up, gs, impl="kernel", interpret=True)
+    h = jax.nn.silu(gu[:, :I]) * gu[:, I:]
+    ys = api.grouped_matmul(h, down, gs, impl="kernel", interpret=True)
+    y = jnp.take(ys, inverse, axis=0).reshape(t, k, -1)
+    return jnp.sum(y.astype(jnp.float32) * weights[..., None], axis=1)
+
+
+def test_padded_rows_are_each_experts_segment_in_pair_order():
+    ids = jnp.asarray([[2, 0], [0, 3], [2, 0]], jnp.int32)
+    order = (3, 0, 1, 2)                       # positions: expert 3 first
+    dest, counts = rf.padded_rows(ids, order, 8)
+    # expert 3: 1 pair -> 1 block at rows 0..7; expert 0: 3 pairs at 8..; 1: none; 2: 2 pairs at 16..
+    np.testing.assert_array_equal(np.asarray(counts), [1, 1, 0, 1])
+    np.testing.assert_array_equal(np.asarray(dest), [16, 8, 9, 0, 17, 10])
+
+
+@pytest.mark.parametrize("case", ["uniform3", "rank8", "mixed_same_order", "mixed_other_order"])
+def test_routed_ffn_matches_float64_and_the_sorted_path(case):
+    rng = _rng(hash(case) % 97)
+    gate_bits, down_bits, rank = {
+        "uniform3": ((3,) * E, (3,) * E, 0),
+        "rank8": ((3,) * E, (3,) * E, 8),
+        "mixed_same_order": ((2, 3, 4, 3), (2, 3, 4, 3), 0),
+        "mixed_other_order": ((2, 3, 4, 3), (4, 4, 2, 3), 0),
+    }[case]
+    gate_up, down, experts64 = _layer(rng, gate_bits, down_bits, rank)
+    f = jax.jit(lambda x, w, i, a, b: api.routed_ffn(x, w, i, a, b, interpret=True))
+    for t in (1, 5):
+        assert rf.applies(t * K_TOP, gate_up, down)
+        x = jnp.asarray(rng.standard_normal((t, H)), jnp.bfloat16)
+        for ids, w in routings(t, rng):
+            y = f(x, w, ids, gate_up, down)
+            assert y.shape == (t, H) and y.dtype == jnp.bfloat16
+            y64 = ffn64(x, np.asarray(w), np.asarray(ids), experts64)
+            assert rel_err(y, y64) < TOL, (case, t, np.asarray(ids))
+            ys = sorted_ffn(x, w, ids, gate_up, down)
+            assert rel_err(y, np.asarray(ys, np.float64)) < TOL, (case, t)
+
+
+def test_applies_and_refuses():
+    rng = _rng(1)
+    gate_up, down, _ = _layer(rng, (3,) * E, (3,) * E)
+    assert rf.applies(2, gate_up, down)
+    assert not rf.applies(2, gate_up, gate_up)                 # gate_up.n must be 2 * down.k
+    assert not rf.applies(mgpu_sm90.PREFILL_ROWS, gate_up, down)   # the prefill path's rows
+    # several launches per projection (a compensator in a mixed layer): the sorted path
+    mixed_rank = mgpu_sm90.prepare_grouped([quantized_expert(I, H, b, 64, 8, rng) for b in (2, 3, 3, 3)])
+    assert not rf.applies(2, gate_up, mixed_rank)
+    assert not api.routed_ffn_applies(2, gate_up, down)        # CPU, not interpret: the sorted path
+    assert api.routed_ffn_applies(2, gate_up, down, interpret=True)
+    with pytest.raises(ValueError, match="one padded launch each"):
+        rf.routed_ffn(jnp.ones((1, H), jnp.bfloat16), jnp.ones((1, 2)), jnp.zeros((1, 2), jnp.int32),
+                      gate_up, mixed_rank, interpret=True)
+
+
+def test_routed_ffn_lowers_natively_on_cpu():
+    """Two Mosaic GPU launches and no sort in the lowered FFN (1 token, top-2)."""
+    reason = cuda_lowering_unavailable()
+    if reason:
+        pytest.skip(reason)
+    rng = _rng(2)
+    gate_up, down, _ = _layer(rng, (3,) * E, (3,) * E)
+    f = jax.jit(lambda x, w, i: rf.routed_ffn(x, w, i, gate_up, down))
+    text = f.trace(jax.ShapeDtypeStruct((1, H), jnp.bfloat16), jax.ShapeDtypeStruct((1, 2), jnp.float32),
+                   jax.ShapeDtypeStruct((1, 2), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2
+    assert "stablehlo.sort" not in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
+@pytest.mark.parametrize("case", ["uniform3", "mixed_other_order"])
+def test_sm90_native_routed_ffn(case):
+    rng = _rng(3)
+    gate_bits, down_bits = {"uniform3": ((3,) * E, (3,) * E), "mixed_other_order": ((2, 3, 4, 3), (4, 4, 2, 3))}[case]
+    gate_up, down, experts64 = _layer(rng, gate_bits, down_bits)
+    assert api.routed_ffn_applies(2, gate_up, down)
+    f = jax.jit(lambda x, w, i, a, b: api.routed_ffn(x, w, i, a, b))
+    for t in (1, 3, 40):
+        x = jnp.asarray(rng.standard_normal((t, H)), jnp.bfloat16)
+        for ids, w in routings(t, rng):
+            y = f(x, w, ids, gate_up, down)
+            assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL, (case, t)
