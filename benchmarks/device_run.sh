@@ -349,5 +349,17 @@ PY
       --impls q3_model --tokens 4,16 --budget-s 60 --grouped-upfront-rows 32 --out "$OUT/moe_layer_s16a_upfront32.json"
     pack
     ;;
+  s16b)  # stop 16 final: native tests; Mixtral FFN table (ragged_dot bf16 in the same run); the combine as a reduction
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_tests 170 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul_stream_k.py -q -m gpu -rfEs -p no:cacheprovider -n 4
+    pack
+    TAIL=16 step moe_mixtral 250 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model,q3_model_sorted --tokens 1,16,64 --budget-s 230 \
+      --out "$OUT/moe_layer_s16b_mixtral.json"
+    pack
+    TAIL=8 step moe_reduce 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
+      --impls q3_model --tokens 1,16 --budget-s 50 --routed-combine reduce --out "$OUT/moe_layer_s16b_reduce.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

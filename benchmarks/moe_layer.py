@@ -534,7 +534,12 @@ def main(argv=None):
                     help="override grouped_matmul.mgpu_sm90.UPFRONT_ROWS (scale pairs up front at most this many rows)")
     ap.add_argument("--sorted-ffn", action="store_true",
                     help="model path through grouped_matmul per projection (sorted rows), not routed_ffn's padded rows")
+    ap.add_argument("--routed-combine", choices=("slots", "reduce"), default=None,
+                    help="grouped_matmul.routed_ffn.COMBINE_BY_SLOT: k unrolled row reads or a gather + sum")
     args = ap.parse_args(argv)
+    if args.routed_combine:
+        from pallas_kernels.grouped_matmul import routed_ffn as routed_ffn_mod
+        routed_ffn_mod.COMBINE_BY_SLOT = args.routed_combine == "slots"
     from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped_mgpu
     if args.grouped_cta_target:
         grouped_mgpu.CTA_TARGET = args.grouped_cta_target

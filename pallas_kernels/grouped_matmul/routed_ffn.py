@@ -37,6 +37,11 @@ import numpy as np
 from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, multi_class_sm90
 
 
+# The weighted combine as k unrolled row reads (True) or one gather then a sum over the k slots
+# (benchmarks/moe_layer.py --routed-combine measures both).
+COMBINE_BY_SLOT = True
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One projection's launch over padded rows, for M = T * k pairs (all static)."""
@@ -121,5 +126,10 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
         h = jnp.zeros((second.rows_pad, inter), jnp.bfloat16).at[dest2].set(jnp.take(h, dest, axis=0))
         dest, counts = dest2, counts2
     y_pad = _summed(second.run(h, counts), second.splits, down.n, second.rows_pad)   # [H, R]
-    y = jnp.take(y_pad, dest, axis=1).reshape(down.n, t, k)                  # each pair's row, once
-    return jnp.sum(y * weights.astype(jnp.float32)[None], axis=-1).T.astype(x.dtype)
+    w = weights.astype(jnp.float32)
+    if COMBINE_BY_SLOT:   # k weighted row reads, unrolled: an elementwise fusion, no reduction
+        dest = dest.reshape(t, k)
+        y = sum(w[:, j, None] * jnp.take(y_pad, dest[:, j], axis=1).T for j in range(k))
+    else:
+        y = jnp.sum(jnp.take(y_pad, dest, axis=1).reshape(down.n, t, k) * w[None], axis=-1).T
+    return y.astype(x.dtype)
