@@ -164,3 +164,16 @@ def test_sm90_native_routed_ffn(case):
         for ids, w in routings(t, rng):
             y = f(x, w, ids, gate_up, down)
             assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL, (case, t)
+
+
+def test_combine_orders_agree(monkeypatch):
+    """The two forms of the weighted combine (COMBINE_BY_SLOT) give the same FFN."""
+    rng = _rng(4)
+    gate_up, down, _ = _layer(rng, (3,) * E, (3,) * E)
+    x = jnp.asarray(rng.standard_normal((3, H)), jnp.bfloat16)
+    ids, w = routings(3, rng)[0]
+    outs = []
+    for by_slot in (False, True):
+        monkeypatch.setattr(rf, "COMBINE_BY_SLOT", by_slot)
+        outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-2, atol=1e-3)

@@ -38,8 +38,9 @@ from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, multi_class_sm90
 
 
 # The weighted combine as k unrolled row reads (True) or one gather then a sum over the k slots
-# (benchmarks/moe_layer.py --routed-combine measures both).
-COMBINE_BY_SLOT = True
+# (False). Mixtral FFN at 1 token: 87.5 vs 86.0-86.2 us (H200, 2026-12-02, moe_layer s16a/s16b,
+# --routed-combine), so the gather + sum stays.
+COMBINE_BY_SLOT = False
 
 
 @dataclasses.dataclass(frozen=True)
