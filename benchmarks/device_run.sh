@@ -361,5 +361,15 @@ PY
       --impls q3_model --tokens 1,16 --budget-s 50 --routed-combine reduce --out "$OUT/moe_layer_s16b_reduce.json"
     pack
     ;;
+  s17a)  # stop 17: magic_fold (unscaled A, scale/zero folded in f32) native tests and kernel times against magic_bf16
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=12 step native_fold 200 python3 -m pytest tests/test_quant_matmul_stream_k.py \
+      -q -m gpu -rfEs -p no:cacheprovider -n 4
+    pack
+    for M in 1 16 64; do
+      TAIL=6 step time_m$M 100 python3 -m benchmarks.profile_decode --time --m $M \
+        --variants sk,sk+unpack=magic_fold,sk,sk+unpack=magic_fold
+      pack
+    done
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -108,3 +108,60 @@ def test_stream_k_scales_up_front_match_lazy_scales(monkeypatch):
     assert not plan(scales_upfront=True).scales_upfront              # the switch (still off) wins
     monkeypatch.setattr(mgpu_sm90, "SCALES_UPFRONT", True)
     assert not plan().scales_upfront and plan(scales_upfront=True).scales_upfront
+
+
+# (bits, group, K, N, M, rank): magic_fold's fold blocks are one group (64, 128 rows) or, per channel,
+# the whole 512-row tile (four MMAs per block); 2/4-bit pair-slots are 64 rows
+FOLD_CASES = [(3, 64, 1536, 128, 5, 16), (3, 128, 1024, 64, 3, 0), (3, None, 1536, 64, 1, 0),
+              (4, 64, 1024, 64, 2, 0), (2, 128, 1024, 64, 9, 32)]
+
+
+def _fold_config(m, kw):
+    import dataclasses
+    return dataclasses.replace(mgpu_sm90.default_config(m, kw), unpack="magic_fold")
+
+
+@pytest.mark.parametrize("bits,group,k,n,m,rank", FOLD_CASES)
+def test_stream_k_magic_fold_interpret(bits, group, k, n, m, rank):
+    """magic_fold (unscaled 128 + code A, scale and zero folded in float32) against float64: it rounds
+    no weight to bf16, so it is at least as close as magic_bf16 on the same inputs."""
+    rng = _rng()
+    qt = make_weight(k, n, bits, group, rank, rng)
+    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+    x = make_x(m, k, rng)
+    ref = ref64(x, qt)
+    y = sk.matmul_stream_k(x, kw, config=_fold_config(m, kw), max_ctas=4, interpret=True)
+    err = rel_err(y, ref)
+    assert y.shape == (m, n) and err < TOL, err
+    assert err <= rel_err(sk.matmul_stream_k(x, kw, max_ctas=4, interpret=True), ref) * 1.05
+    if rank:
+        assert rel_err(y, ref64(x, qt, compensator=False)) > 5 * err
+
+
+def test_magic_fold_is_stream_k_only():
+    rng = _rng()
+    kw = layout.prepare(make_weight(1024, 64, 3, 64, 0, rng), layout=layout.PAIRS_LAYOUT)
+    import dataclasses
+    cfg = dataclasses.replace(_fold_config(1, kw), schedule="split_k")
+    with pytest.raises(ValueError, match="stream-K"):
+        mgpu_sm90.matmul_mgpu(make_x(1, 1024, rng), kw, config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="whole pair-slots"):
+        mgpu_sm90.fold_blocks(16, 512, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
+@pytest.mark.parametrize("bits,group", [(3, 64), (3, 128), (3, None), (2, 64), (4, 64)])
+def test_stream_k_magic_fold_native_gpu(bits, group):
+    rng = _rng()
+    k, n = 2048, 1408
+    for rank, ms in ((0, (1, 16, 64)), (32, (1, 3, 100))):
+        qt = make_weight(k, n, bits, group, rank, rng)
+        kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+        for m in ms:
+            x = make_x(m, k, rng)
+            ref = ref64(x, qt)
+            y = sk.matmul_stream_k(x, kw, config=_fold_config(m, kw))
+            err = rel_err(y, ref)
+            assert err < TOL, (bits, group, m, rank, err)
+            assert err <= rel_err(sk.matmul_stream_k(x, kw), ref) * 1.05, (bits, group, m, rank)

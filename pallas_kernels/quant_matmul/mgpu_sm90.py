@@ -62,7 +62,11 @@ class Config:
 #  magic_f16  the same with 1024 + c as f16x2 and f16 arithmetic (4x finer rounding than bf16);
 #             the A tile and x are then f16 (x is converted in the wrapper: activations must be
 #             inside f16 range, |x| < 65504).
-UNPACKS = ("f32", "bf16", "magic_bf16", "magic_f16")
+#  magic_fold "planar_pairs", stream-K only: A = 128 + code exactly (shr, lop3: no scale or zero in
+#             the conversion), one wgmma per group into a fresh accumulator next to a wgmma of ones
+#             (the group's sums of x, X), then y += s * acc_g - (128 + z) * s * X in float32
+#             (`_fold_unpack_and_multiply`). No bf16 rounding of the dequantized weight at all.
+UNPACKS = ("f32", "bf16", "magic_bf16", "magic_f16", "magic_fold")
 
 
 # Split K until about this many CTAs run (H100: 132 SMs). Measured on 4096 x 14336, 3-bit g64:
@@ -139,6 +143,7 @@ _MAGIC = {  # A dtype, magic pair (base + code as two 16-bit floats), base, 1.0 
     "magic_bf16": (jnp.bfloat16, 0x43004300, 128.0, 0x3F803F80, "bf16x2"),
     "magic_f16": (jnp.float16, 0x64006400, 1024.0, 0x3C003C00, "f16x2"),
 }
+_MAGIC["magic_fold"] = _MAGIC["magic_bf16"]   # the same 128 + code pairs, left unscaled
 
 
 def _pair_mask(bits: int) -> int:
@@ -165,7 +170,8 @@ def _magic_pairs_native(planes, jps, scale_list, bn: int, slab: int, unpack: str
     i in columns 2*slab*i ...) through inline PTX, one register array ready for wgmma or a store.
 
     planes: [BN, slab] uint32 arrays; scale_list[i] = (s2, hi2, lo2) of pair-slot i: [BN, 2 * slab]
-    scale and the two parts of -(base + zero) * scale, in the A dtype.
+    scale and the two parts of -(base + zero) * scale, in the A dtype. scale_list None: the raw
+    magic values base + code (bf16, exact; the "magic_fold" conversion, two instructions per pair).
     Inside inline_mgpu every array is in Mosaic's WGMMA layout: a lane's vector<2 x i32> of u32
     column tile t holds words 8t + 2l and 8t + 2l + 1, which by the layout's word order are the
     lane's bf16x2 registers of column tiles 2t and 2t + 1 of the pair-slot's result (layout.pair_row).
@@ -177,13 +183,15 @@ def _magic_pairs_native(planes, jps, scale_list, bn: int, slab: int, unpack: str
     from jax.experimental.mosaic.gpu import utils as mgu
 
     dt, magic, _, one, ptx_ty = _MAGIC[unpack]
+    scaled = scale_list is not None
+    n_sc = 3 if scaled else 0
     wgmma = plgpu.Layout.WGMMA
     flat, spans, extracts = [], [], []       # flat args; per pair-slot (first, n words) in flat; PTX
-    for jp, sc in zip(jps, scale_list):
+    for i, jp in enumerate(jps):
         idx_planes, extract = _pair_words(planes, jp, bits)
         spans.append((len(flat), len(idx_planes)))
         extracts.append(extract)
-        flat += [planes[i] for i in idx_planes] + list(sc)
+        flat += [planes[i] for i in idx_planes] + (list(scale_list[i]) if scaled else [])
     npair = len(jps)
     mask = hex(_pair_mask(bits))
 
@@ -192,36 +200,47 @@ def _magic_pairs_native(planes, jps, scale_list, bn: int, slab: int, unpack: str
     def convert(ctx, *fas):
         del ctx
         i32 = ir.IntegerType.get_signless(32)
-        pair_shape = fas[spans[0][0] + spans[0][1]].registers.shape       # one pair-slot's output grid
+        first_words = fas[spans[0][0]]
+        ws0 = first_words.registers.shape
+        pair_shape = (ws0[0], 2 * ws0[1]) + tuple(ws0[2:])             # one pair-slot's output grid
+        out_ty = (fas[spans[0][0] + spans[0][1]].registers.flat[0].type if scaled
+                  else ir.VectorType.get([2], mgu.dtype_to_ir_type(dt)))
         cols = pair_shape[1]
         out_shape = (pair_shape[0], cols * npair) + tuple(pair_shape[2:])
         regs = np.empty(out_shape, dtype=object)
         for p, ((first, n_in), extract) in enumerate(zip(spans, extracts)):
             words = fas[first:first + n_in]
-            s_fa, hi_fa, lo_fa = fas[first + n_in:first + n_in + 3]
+            sc_fas = fas[first + n_in:first + n_in + n_sc]
             for w in words:
                 ws = w.registers.shape
                 if len(ws) != len(pair_shape) or ws[1] * 2 != cols or any(
                         a != b for d, (a, b) in enumerate(zip(ws, pair_shape)) if d != 1):
                     raise ValueError(f"magic unpack: code words with register grid {ws} do not pair with the "
                                      f"output grid {pair_shape} (one output register = two code halves)")
+            for fa_ in sc_fas:
+                if fa_.registers.shape != pair_shape:
+                    raise ValueError(f"magic unpack: scale grid {fa_.registers.shape} is not the output grid "
+                                     f"{pair_shape}")
             for idx in np.ndindex(*pair_shape):
                 src = (idx[0], idx[1] // 2) + tuple(idx[2:])
                 ins = [vector.extract(w.registers[src], dynamic_position=[],
                                       static_position=ir.DenseI64ArrayAttr.get([idx[1] % 2])) for w in words]
-                sreg = mgu.bitcast(s_fa.registers[idx], i32)
-                hreg = mgu.bitcast(hi_fa.registers[idx], i32)
-                lreg = mgu.bitcast(lo_fa.registers[idx], i32)
-                si, hi, lo = (f"${n_in + 1 + i}" for i in range(3))
-                asm = ("{ .reg .b32 t, u, c1; " + extract +
-                       f" lop3.b32 t, t, {mask}, {hex(magic)}, 0xea;"          # (t & mask) | magic
-                       f" mov.b32 c1, {hex(one)};"
-                       f" fma.rn.{ptx_ty} t, t, {si}, {hi};"                   # (base + c) * s + hi
-                       f" fma.rn.{ptx_ty} $0, t, c1, {lo}; }}")                # + lo
-                r = llvm.inline_asm(i32, [*ins, sreg, hreg, lreg], asm, "=r" + ",r" * (n_in + 3))
-                regs[(idx[0], p * cols + idx[1]) + tuple(idx[2:])] = mgu.bitcast(r, s_fa.registers[idx].type)
-        return mgpu.FragmentedArray(_registers=regs, _layout=fas[spans[0][0] + spans[0][1]].layout,
-                                    _is_signed=None)
+                if scaled:
+                    sc_regs = [mgu.bitcast(fa_.registers[idx], i32) for fa_ in sc_fas]
+                    si, hi, lo = (f"${n_in + 1 + i}" for i in range(3))
+                    asm = ("{ .reg .b32 t, u, c1; " + extract +
+                           f" lop3.b32 t, t, {mask}, {hex(magic)}, 0xea;"          # (t & mask) | magic
+                           f" mov.b32 c1, {hex(one)};"
+                           f" fma.rn.{ptx_ty} t, t, {si}, {hi};"                   # (base + c) * s + hi
+                           f" fma.rn.{ptx_ty} $0, t, c1, {lo}; }}")                # + lo
+                else:
+                    sc_regs = []
+                    asm = ("{ .reg .b32 t, u; " + extract +
+                           f" lop3.b32 $0, t, {mask}, {hex(magic)}, 0xea; }}")     # base + c, exact
+                r = llvm.inline_asm(i32, [*ins, *sc_regs], asm, "=r" + ",r" * (n_in + n_sc))
+                regs[(idx[0], p * cols + idx[1]) + tuple(idx[2:])] = mgu.bitcast(r, out_ty)
+        out_layout = fas[spans[0][0] + spans[0][1]].layout if scaled else first_words.layout   # both WGMMA
+        return mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=None)
 
     return convert(*flat)
 
@@ -246,6 +265,8 @@ def _magic_pair_emulated(planes, jp: int, s2, hi2, lo2, bn: int, slab: int, unpa
     # word column w = 8a + 2l + e holds pair i = 8a + 4e + l (layout.pair_row(w) = 2i)
     order = lambda v: v.reshape(bn, slab // 8, 4, 2).transpose(0, 1, 3, 2).reshape(bn, slab)
     codes = jnp.stack([order(lo), order(hi)], axis=2).reshape(bn, 2 * slab)
+    if s2 is None:                       # magic_fold: the raw pair values base + code (exact)
+        return (codes.astype(jnp.float32) + base).astype(dt)
     # fma in the 16-bit type = f32 product (exact: <= 11 x 11 bits) + sum, rounded to the 16-bit type
     f32 = lambda a: a.astype(jnp.float32)
     t = (f32(codes) + base) * f32(s2) + f32(hi2)
@@ -268,8 +289,10 @@ def _pair_scales(s_ref, z_ref, g: int, bn: int, slab: int, unpack: str):
 
 def _dequant_pairs(planes, jps, scale_list, bn: int, slab: int, unpack: str, interpret: bool, bits: int = 3):
     """Pair-slots jps (two slabs, 2 * slab K rows each) of a "planar_pairs" tile, side by side ->
-    [BN, 2 * slab * len(jps)] A dtype; scale_list[i]: pair-slot i's (s, hi, lo) from _pair_scales."""
+    [BN, 2 * slab * len(jps)] A dtype; scale_list[i]: pair-slot i's (s, hi, lo) from _pair_scales;
+    scale_list None: the unscaled values 128 + code (magic_fold)."""
     if interpret:
+        scale_list = scale_list or [(None, None, None)] * len(jps)
         parts = [_magic_pair_emulated(planes, jp, *sc, bn, slab, unpack, bits) for jp, sc in zip(jps, scale_list)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     return _magic_pairs_native(planes, jps, scale_list, bn, slab, unpack, bits)
@@ -315,6 +338,9 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
     the group's scale/offset pairs computed once and reused); otherwise one slab at a time.
     a_regs (pairs only): A goes to wgmma from registers, one pair-slot per MMA; a_buf is unused."""
     pairs, unpack, nbuf = plan.pairs, plan.unpack, plan.nbuf
+    if plan.fold:
+        raise ValueError("unpack='magic_fold' runs in the stream-K decode kernel only (schedule='stream_k'); "
+                         "this kernel accumulates in a wgmma register accumulator it cannot fold into")
     scales_of = _pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=slab, group_rows=group_rows,
                                      g_block=g_block, unpack=unpack,
                                      upfront_slots=nchunks * chunk // 2 if plan.scales_upfront else 0)
@@ -346,6 +372,81 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
         plgpu.commit_smem()
         _mma_xt(acc, buf, x_ref.at[:, pl.ds(c * chunk * slab, chunk * slab)], interpret)
         plgpu.wgmma_wait(1 if plan.overlap else 0)
+
+
+def fold_blocks(group_rows: int, tile_rows: int, slab: int) -> tuple[int, int]:
+    """(F, KC) of the magic_fold step: K rows per fold block (one scale group, or the whole tile when a
+    group spans tiles) and K rows per wgmma inside it (at most 128: A registers per MMA)."""
+    f = min(group_rows, tile_rows)
+    if f % (2 * slab):
+        raise ValueError(f"unpack='magic_fold' needs groups of whole pair-slots: group of {group_rows} rows, "
+                         f"pair-slot of {2 * slab}")
+    return f, min(f, 128)
+
+
+def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, *, bits, slab, bn, mb, group_rows, g_block,
+                              tile_rows, interpret):
+    """One pipeline step of the magic_fold decode: acc [BN, MB] float32 value -> acc + this K tile.
+
+    Per fold block f (F K rows with one scale row g, see fold_blocks):
+        raw  = (128 + q) @ x_f^T        wgmma, A = the raw magic pairs (exact in bf16)
+        sums = ones @ x_f^T             wgmma, every row = the block's sums of x (X_f[m])
+        acc += s_g * raw - (128 + z_g) * s_g * sums        (float32, s and z broadcast along rows)
+    which is sum_k s (q - z) x over the block with no bf16 rounding of the weight. The conversion
+    is two instructions per pair of codes and needs no per-group scale pairs (magic_bf16: four, plus
+    ~12 per row and group for the bf16 scale/offset pairs). Natively each block's two accumulators
+    live in one run_scoped (their read at its end waits for the MMAs); inside it the previous block's
+    fold and the next block's conversion run while the MMAs do.
+    """
+    f_rows, kc = fold_blocks(group_rows, tile_rows, slab)
+    nf, nmma, ppm = tile_rows // f_rows, f_rows // kc, kc // (2 * slab)
+    base = _MAGIC["magic_fold"][2]
+
+    def row_terms(f):              # (s, -(128 + z) * s) of fold block f, broadcast to [BN, MB]
+        g = f if g_block > 1 else 0
+        sc = s_ref[g, :].astype(jnp.float32)
+        off = -(z_ref[g, :].astype(jnp.float32) + base) * sc
+        wide = lambda v: lax.broadcast_in_dim(v, (bn, mb), (0,))
+        return wide(sc), wide(off)
+
+    def convert(c):                # MMA chunk c (= f * nmma + i) -> A [BN, KC] = 128 + codes
+        jps = list(range(c * ppm, (c + 1) * ppm))
+        return _dequant_pairs(planes, jps, None, bn, slab, "magic_fold", interpret, bits)
+
+    x_chunk = lambda c: x_ref.at[:, pl.ds(c * kc, kc)]
+    fold = lambda acc, raw, sums, terms: acc + terms[0] * raw + terms[1] * sums
+
+    if interpret:                  # the same arithmetic as jnp dots (GPU interpret mode has no ACC)
+        ones = jnp.ones((bn, kc), jnp.bfloat16)
+        dot = lambda a, c: lax.dot_general(a, x_chunk(c)[...], (((1,), (1,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+        for f in range(nf):
+            cs = range(f * nmma, (f + 1) * nmma)
+            raw = sum(dot(convert(c), c) for c in cs)
+            sums = sum(dot(ones, c) for c in cs)
+            acc = fold(acc, raw, sums, row_terms(f))
+        return acc
+
+    ones = plgpu.layout_cast(jnp.ones((bn, kc), jnp.bfloat16), plgpu.Layout.WGMMA)
+    terms = [row_terms(f) for f in range(nf)]       # up front: the loads do not stall the MMAs
+    a = convert(0)
+    pending = None                                  # (raw, sums, f) of the previous block
+    for f in range(nf):
+        def block(raw_ref, sums_ref, a=a, pending=pending, acc=acc, f=f):
+            for i in range(nmma):
+                c = f * nmma + i
+                plgpu.wgmma(raw_ref, a, plgpu.transpose_ref(x_chunk(c), (1, 0)))
+                plgpu.wgmma(sums_ref, ones, plgpu.transpose_ref(x_chunk(c), (1, 0)))
+                if i == 0 and pending is not None:
+                    acc = fold(acc, pending[0], pending[1], terms[pending[2]])
+                if c + 1 < nf * nmma:
+                    a = convert(c + 1)
+                if i + 1 < nmma:
+                    plgpu.wgmma_wait(2)             # chunk c's A registers stay live until then
+            return raw_ref[...], sums_ref[...], acc, a
+        raw, sums, acc, a = pl.run_scoped(block, plgpu.ACC((bn, mb), jnp.float32), plgpu.ACC((bn, mb), jnp.float32))
+        pending = (raw, sums, f)
+    return fold(acc, pending[0], pending[1], terms[pending[2]])
 
 
 def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool, a_value: bool = False):
@@ -458,6 +559,7 @@ class _UnpackPlan:
     overlap: bool      # one MMA in flight while the next chunk is unpacked
     nbuf: int          # A buffers in shared memory (0 with a_regs)
     scales_upfront: bool = False   # a K tile's scale pairs all at the step's start (see SCALES_UPFRONT)
+    fold: bool = False             # magic_fold: unscaled A, scale and zero folded in float32 (stream-K only)
 
 
 def _unpack_plan(unpack: str, a_regs: bool, overlap: bool, bits: int, chunk: int, nchunks: int,
@@ -470,13 +572,16 @@ def _unpack_plan(unpack: str, a_regs: bool, overlap: bool, bits: int, chunk: int
                          f"and a slab multiple of 8 (bits={bits}, chunk_slots={chunk}, slab={slab})")
     if a_regs and not pairs:
         raise ValueError(f"a_regs=True needs a magic_* unpack (got unpack={unpack!r})")
+    if unpack == "magic_fold" and not a_regs:
+        raise ValueError("unpack='magic_fold' hands A to wgmma from registers: it needs a_regs=True")
     # Two alternating A buffers let wgmma of chunk c run while chunk c + 1 is unpacked. The
     # buffer parity must not repeat across a step boundary, so an odd chunk count waits at the end.
     # With A in registers there are no buffers: one MMA stays in flight across the step boundary.
     overlap = a_regs or (overlap and nchunks % 2 == 0)
     return _UnpackPlan(unpack=unpack, pairs=pairs, a_regs=a_regs,
                        a_dtype=_MAGIC[unpack][0] if pairs else jnp.bfloat16, overlap=overlap,
-                       nbuf=0 if a_regs else (2 if overlap else 1), scales_upfront=scales_upfront and pairs and SCALES_UPFRONT)
+                       nbuf=0 if a_regs else (2 if overlap else 1), scales_upfront=scales_upfront and pairs and SCALES_UPFRONT,
+                       fold=unpack == "magic_fold")
 
 
 def _decode_scratch(plan: _UnpackPlan, bn: int, chunk: int, slab: int, mb: int, out_dtype, comp: bool,

@@ -87,7 +87,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     tr_r = base._swizzle_transforms(64)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
     # per-MMA K slice (chunk * slab) allows, else the A tile's slab-wide swizzle (32 B boxes)
-    x_cols = 64 if plan.a_regs and (chunk * slab) % 64 == 0 else slab
+    mma_k = base.fold_blocks(group_rows, tile_rows, slab)[1] if plan.fold else chunk * slab
+    x_cols = 64 if plan.a_regs and mma_k % 64 == 0 else slab
     tr_x = base._swizzle_transforms(x_cols)
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
@@ -140,7 +141,12 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                                           g_block=g_block, plan=plan, interpret=interpret)
                 plgpu.wgmma_wait(0)
 
-            acc = _run_acc(step, acc, interpret)
+            if plan.fold:   # scale and zero folded in float32 per group (mgpu_sm90._fold_unpack_and_multiply)
+                acc = base._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab, bn=bn,
+                                                     mb=mb, group_rows=group_rows, g_block=g_block,
+                                                     tile_rows=tile_rows, interpret=interpret)
+            else:
+                acc = _run_acc(step, acc, interpret)
             if comp:
                 def add_comp(a):
                     def mma(acc_ref):
