@@ -371,5 +371,14 @@ PY
       pack
     done
     ;;
+  s17b)  # magic_fold: fold blocks per accumulator scope (FOLD_SPAN) and the cost of the ones-wgmma (FOLD_SUMS=0 probe)
+    F=sk+unpack=magic_fold
+    TAIL=9 step time_m1 150 python3 -m benchmarks.profile_decode --time --m 1 \
+      --variants sk,$F+FOLD_SPAN=1,$F+FOLD_SPAN=2,$F+FOLD_SPAN=4,$F+FOLD_SPAN=8,$F+FOLD_SPAN=8+FOLD_SUMS=0,$F+FOLD_SPAN=1+FOLD_SUMS=0,sk
+    pack
+    TAIL=6 step time_m16 100 python3 -m benchmarks.profile_decode --time --m 16 \
+      --variants sk,$F+FOLD_SPAN=4,$F+FOLD_SPAN=8,$F+FOLD_SPAN=8+FOLD_SUMS=0
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

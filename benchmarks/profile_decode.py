@@ -121,6 +121,10 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
     ctas = [int(o.split("=")[1]) for o in opts if o.startswith("ctas=")]
     opts = [o for o in opts if not o.startswith("ctas=")]
     patches = {}
+    for o in [o for o in opts if o.split("=")[0].isupper()]:   # "+NAME=value": a mgpu_sm90 module constant
+        name, val = o.split("=")
+        patches[name] = val not in ("0", "False", "false") if isinstance(getattr(mgpu_sm90, name), bool) else int(val)
+    opts = [o for o in opts if not o.split("=")[0].isupper()]
     if base == "sknomma":
         patches["_unpack_and_multiply"] = _conv_then_one_mma
     elif base == "sknoconv":

@@ -429,24 +429,38 @@ def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, *, bits, slab, b
 
     ones = plgpu.layout_cast(jnp.ones((bn, kc), jnp.bfloat16), plgpu.Layout.WGMMA)
     terms = [row_terms(f) for f in range(nf)]       # up front: the loads do not stall the MMAs
+    span = max(1, min(FOLD_SPAN, nf))
+    while nf % span:
+        span -= 1
     a = convert(0)
-    pending = None                                  # (raw, sums, f) of the previous block
-    for f in range(nf):
-        def block(raw_ref, sums_ref, a=a, pending=pending, acc=acc, f=f):
-            for i in range(nmma):
-                c = f * nmma + i
-                plgpu.wgmma(raw_ref, a, plgpu.transpose_ref(x_chunk(c), (1, 0)))
-                plgpu.wgmma(sums_ref, ones, plgpu.transpose_ref(x_chunk(c), (1, 0)))
-                if i == 0 and pending is not None:
-                    acc = fold(acc, pending[0], pending[1], terms[pending[2]])
-                if c + 1 < nf * nmma:
-                    a = convert(c + 1)
-                if i + 1 < nmma:
-                    plgpu.wgmma_wait(2)             # chunk c's A registers stay live until then
-            return raw_ref[...], sums_ref[...], acc, a
-        raw, sums, acc, a = pl.run_scoped(block, plgpu.ACC((bn, mb), jnp.float32), plgpu.ACC((bn, mb), jnp.float32))
-        pending = (raw, sums, f)
-    return fold(acc, pending[0], pending[1], terms[pending[2]])
+    pending = []                                    # (raw, sums, f) of the previous scope's blocks
+    for f0 in range(0, nf, span):
+        def blocks(*acc_refs, a=a, pending=pending, acc=acc, f0=f0):
+            for b in range(span):
+                raw_ref, sums_ref = acc_refs[2 * b], acc_refs[2 * b + 1]
+                for i in range(nmma):
+                    c = (f0 + b) * nmma + i
+                    plgpu.wgmma(raw_ref, a, plgpu.transpose_ref(x_chunk(c), (1, 0)))
+                    if FOLD_SUMS:
+                        plgpu.wgmma(sums_ref, ones, plgpu.transpose_ref(x_chunk(c), (1, 0)))
+                    if i == 0 and b < len(pending):         # the previous scope's block b
+                        acc = fold(acc, *pending[b][:2], terms[pending[b][2]])
+                    if c + 1 < nf * nmma:
+                        a = convert(c + 1)
+                    if i + 1 < nmma:
+                        plgpu.wgmma_wait(2)                 # chunk c's A registers stay live until then
+            return [r[...] for r in acc_refs], acc, a
+        vals, acc, a = pl.run_scoped(blocks, *[plgpu.ACC((bn, mb), jnp.float32) for _ in range(2 * span)])
+        pending = [(vals[2 * b], vals[2 * b + 1], f0 + b) for b in range(span)]
+    for raw, sums, f in pending:
+        acc = fold(acc, raw, sums, terms[f])
+    return acc
+
+
+# magic_fold: fold blocks whose accumulators share one run_scoped (its end waits for their MMAs);
+# FOLD_SUMS False drops the ones-wgmma (wrong results: a timing probe of its cost only).
+FOLD_SPAN = 1
+FOLD_SUMS = True
 
 
 def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool, a_value: bool = False):
