@@ -380,5 +380,19 @@ PY
       --variants sk,$F+FOLD_SPAN=4,$F+FOLD_SPAN=8,$F+FOLD_SPAN=8+FOLD_SUMS=0
     pack
     ;;
+  s17c)  # magic_fold with the group sums from XLA (no ones-wgmma): native tests, span sweep, M = 1 / 16 / 64
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=5 step native_fold 200 python3 -m pytest tests/test_quant_matmul_stream_k.py \
+      -q -m gpu -rfEs -p no:cacheprovider -n 4
+    pack
+    F=sk+unpack=magic_fold
+    TAIL=7 step time_m1 150 python3 -m benchmarks.profile_decode --time --m 1 \
+      --variants sk,$F,$F+FOLD_SPAN=4,$F+FOLD_SPAN=2,$F+FOLD_SPAN=1,sk,$F
+    pack
+    TAIL=6 step time_m16 100 python3 -m benchmarks.profile_decode --time --m 16 \
+      --variants sk,$F,$F+FOLD_SPAN=2,$F+FOLD_ACC_COLS=128
+    pack
+    TAIL=4 step time_m64 100 python3 -m benchmarks.profile_decode --time --m 64 --variants sk,$F,$F+FOLD_ACC_COLS=128
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -63,9 +63,9 @@ class Config:
 #             the A tile and x are then f16 (x is converted in the wrapper: activations must be
 #             inside f16 range, |x| < 65504).
 #  magic_fold "planar_pairs", stream-K only: A = 128 + code exactly (shr, lop3: no scale or zero in
-#             the conversion), one wgmma per group into a fresh accumulator next to a wgmma of ones
-#             (the group's sums of x, X), then y += s * acc_g - (128 + z) * s * X in float32
-#             (`_fold_unpack_and_multiply`). No bf16 rounding of the dequantized weight at all.
+#             the conversion), one wgmma per group into a fresh accumulator, then
+#             y += s * acc_g - (128 + z) * s * X in float32 with X the group's sums of x (computed by
+#             XLA beside the kernel) (`_fold_unpack_and_multiply`). No bf16 rounding of the weight.
 UNPACKS = ("f32", "bf16", "magic_bf16", "magic_f16", "magic_fold")
 
 
@@ -384,83 +384,85 @@ def fold_blocks(group_rows: int, tile_rows: int, slab: int) -> tuple[int, int]:
     return f, min(f, 128)
 
 
-def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, *, bits, slab, bn, mb, group_rows, g_block,
-                              tile_rows, interpret):
+def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, *, bits, slab, bn, mb, group_rows,
+                              g_block, tile_rows, interpret):
     """One pipeline step of the magic_fold decode: acc [BN, MB] float32 value -> acc + this K tile.
 
-    Per fold block f (F K rows with one scale row g, see fold_blocks):
+    xs_ref [nf, MB] float32: row f = the sums of x over fold block f (X_f[m]). Per fold block f
+    (F K rows with one scale row g, see fold_blocks):
         raw  = (128 + q) @ x_f^T        wgmma, A = the raw magic pairs (exact in bf16)
-        sums = ones @ x_f^T             wgmma, every row = the block's sums of x (X_f[m])
-        acc += s_g * raw - (128 + z_g) * s_g * sums        (float32, s and z broadcast along rows)
+        acc += s_g * raw - (128 + z_g) * s_g * X_f         (float32; s, z along rows, X along columns)
     which is sum_k s (q - z) x over the block with no bf16 rounding of the weight. The conversion
-    is two instructions per pair of codes and needs no per-group scale pairs (magic_bf16: four, plus
-    ~12 per row and group for the bf16 scale/offset pairs). Natively each block's two accumulators
-    live in one run_scoped (their read at its end waits for the MMAs); inside it the previous block's
-    fold and the next block's conversion run while the MMAs do.
+    is two instructions per pair of codes and needs no per-group bf16 scale pairs (magic_bf16: four
+    per pair, plus ~12 per row and group for the scale/offset pairs). Natively the raw accumulators
+    of FOLD_SPAN blocks share one run_scoped (its end waits for their MMAs); inside it the previous
+    scope's folds and the next conversions run while the MMAs do.
     """
     f_rows, kc = fold_blocks(group_rows, tile_rows, slab)
     nf, nmma, ppm = tile_rows // f_rows, f_rows // kc, kc // (2 * slab)
     base = _MAGIC["magic_fold"][2]
 
-    def row_terms(f):              # (s, -(128 + z) * s) of fold block f, broadcast to [BN, MB]
+    def terms(f):                  # (s, -(128 + z) * s, X) of fold block f, broadcast to [BN, MB]
         g = f if g_block > 1 else 0
         sc = s_ref[g, :].astype(jnp.float32)
         off = -(z_ref[g, :].astype(jnp.float32) + base) * sc
-        wide = lambda v: lax.broadcast_in_dim(v, (bn, mb), (0,))
-        return wide(sc), wide(off)
+        rows = lambda v: lax.broadcast_in_dim(v, (bn, mb), (0,))
+        return rows(sc), rows(off), lax.broadcast_in_dim(xs_ref[f, :], (bn, mb), (1,))
 
     def convert(c):                # MMA chunk c (= f * nmma + i) -> A [BN, KC] = 128 + codes
         jps = list(range(c * ppm, (c + 1) * ppm))
         return _dequant_pairs(planes, jps, None, bn, slab, "magic_fold", interpret, bits)
 
     x_chunk = lambda c: x_ref.at[:, pl.ds(c * kc, kc)]
-    fold = lambda acc, raw, sums, terms: acc + terms[0] * raw + terms[1] * sums
+    fold = lambda acc, raw, t: acc + t[0] * raw + t[1] * t[2]
 
     if interpret:                  # the same arithmetic as jnp dots (GPU interpret mode has no ACC)
-        ones = jnp.ones((bn, kc), jnp.bfloat16)
-        dot = lambda a, c: lax.dot_general(a, x_chunk(c)[...], (((1,), (1,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+        dot = lambda c: lax.dot_general(convert(c), x_chunk(c)[...], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
         for f in range(nf):
-            cs = range(f * nmma, (f + 1) * nmma)
-            raw = sum(dot(convert(c), c) for c in cs)
-            sums = sum(dot(ones, c) for c in cs)
-            acc = fold(acc, raw, sums, row_terms(f))
+            acc = fold(acc, sum(dot(c) for c in range(f * nmma, (f + 1) * nmma)), terms(f))
         return acc
 
-    ones = plgpu.layout_cast(jnp.ones((bn, kc), jnp.bfloat16), plgpu.Layout.WGMMA)
-    terms = [row_terms(f) for f in range(nf)]       # up front: the loads do not stall the MMAs
-    span = max(1, min(FOLD_SPAN, nf))
-    while nf % span:
-        span -= 1
+    span = fold_span(nf, mb)
     a = convert(0)
-    pending = []                                    # (raw, sums, f) of the previous scope's blocks
+    pending = []                                    # (raw, f) of the previous scope's blocks
     for f0 in range(0, nf, span):
-        def blocks(*acc_refs, a=a, pending=pending, acc=acc, f0=f0):
+        def blocks(*raw_refs, a=a, pending=pending, acc=acc, f0=f0):
             for b in range(span):
-                raw_ref, sums_ref = acc_refs[2 * b], acc_refs[2 * b + 1]
                 for i in range(nmma):
                     c = (f0 + b) * nmma + i
-                    plgpu.wgmma(raw_ref, a, plgpu.transpose_ref(x_chunk(c), (1, 0)))
-                    if FOLD_SUMS:
-                        plgpu.wgmma(sums_ref, ones, plgpu.transpose_ref(x_chunk(c), (1, 0)))
+                    plgpu.wgmma(raw_refs[b], a, plgpu.transpose_ref(x_chunk(c), (1, 0)))
                     if i == 0 and b < len(pending):         # the previous scope's block b
-                        acc = fold(acc, *pending[b][:2], terms[pending[b][2]])
+                        acc = fold(acc, pending[b][0], terms(pending[b][1]))
                     if c + 1 < nf * nmma:
                         a = convert(c + 1)
                     if i + 1 < nmma:
-                        plgpu.wgmma_wait(2)                 # chunk c's A registers stay live until then
-            return [r[...] for r in acc_refs], acc, a
-        vals, acc, a = pl.run_scoped(blocks, *[plgpu.ACC((bn, mb), jnp.float32) for _ in range(2 * span)])
-        pending = [(vals[2 * b], vals[2 * b + 1], f0 + b) for b in range(span)]
-    for raw, sums, f in pending:
-        acc = fold(acc, raw, sums, terms[f])
+                        plgpu.wgmma_wait(1)                 # chunk c's A registers stay live until then
+            return [r[...] for r in raw_refs], acc, a
+        raws, acc, a = pl.run_scoped(blocks, *[plgpu.ACC((bn, mb), jnp.float32) for _ in range(span)])
+        pending = [(raws[b], f0 + b) for b in range(span)]
+    for raw, f in pending:
+        acc = fold(acc, raw, terms(f))
     return acc
 
 
-# magic_fold: fold blocks whose accumulators share one run_scoped (its end waits for their MMAs);
-# FOLD_SUMS False drops the ones-wgmma (wrong results: a timing probe of its cost only).
-FOLD_SPAN = 1
-FOLD_SUMS = True
+# magic_fold: fold blocks whose raw accumulators share one run_scoped (its end waits for their MMAs),
+# capped at FOLD_ACC_COLS accumulator columns (span * MB: registers).
+FOLD_SPAN = 8
+FOLD_ACC_COLS = 64
+
+
+def fold_span(nf: int, mb: int) -> int:
+    span = max(1, min(FOLD_SPAN, nf, FOLD_ACC_COLS // mb))
+    while nf % span:
+        span -= 1
+    return span
+
+
+def fold_group_sums(xp: jax.Array, f_rows: int) -> jax.Array:
+    """xp [M_pad, Kp] bf16 -> [Kp / F, M_pad] float32: the sums of x over each fold block of F rows."""
+    m_pad, k_pad = xp.shape
+    return xp.astype(jnp.float32).reshape(m_pad, k_pad // f_rows, f_rows).sum(-1).T
 
 
 def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool, a_value: bool = False):

@@ -69,8 +69,9 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
           cfg: base.Config, max_ctas: int, interpret: bool):
-    """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [m_pad, Rp], v_t [N, Rp]]) ->
-    float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage)."""
+    """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [m_pad, Rp], v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
+    float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage).
+    xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums)."""
     cfg = dataclasses.replace(cfg, k_splits=1)
     tl = base._tiling(bits, slab, k_pad, n, cfg)
     wps, tile_rows, kt = tl.wps, tl.tile_rows, tl.steps
@@ -87,7 +88,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     tr_r = base._swizzle_transforms(64)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
     # per-MMA K slice (chunk * slab) allows, else the A tile's slab-wide swizzle (32 B boxes)
-    mma_k = base.fold_blocks(group_rows, tile_rows, slab)[1] if plan.fold else chunk * slab
+    f_rows, fold_k = base.fold_blocks(group_rows, tile_rows, slab) if plan.fold else (tile_rows, chunk * slab)
+    nf, mma_k = tile_rows // f_rows, fold_k
     x_cols = 64 if plan.a_regs and mma_k % 64 == 0 else slab
     tr_x = base._swizzle_transforms(x_cols)
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
@@ -104,7 +106,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         return valid, tile // col_tiles, tile % col_tiles, t, first, last, slot
 
     def kernel(*refs):
-        n_in = 6 if comp else 4
+        n_in = (6 if comp else 4) + plan.fold
         ins, out = refs[:n_in], refs[n_in]
         rest = list(refs[n_in + 1:])
         a_buf = None if plan.a_regs else rest.pop(0)
@@ -119,11 +121,12 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         def body(idx, *step_refs):
             (s,) = idx
             *step_refs, acc = step_refs
-            codes_s, s_ref, z_ref, x_ref = step_refs
+            codes_s, s_ref, z_ref, x_ref = step_refs[:4]
+            xs_ref = step_refs[4] if plan.fold else None
             plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
             valid, mi, ci, t, first, last, slot = where_is(j, s)
             if comp:
-                xu, v_t = ins[4:]
+                xu, v_t = ins[4:6]
                 xu_smem, v_smem, bar = rest[0], rest[1], rest[2]
                 # the range holding K tile 0 adds the compensator: its operands load during this
                 # step's unpack and MMA, and are multiplied in at the end of the same step
@@ -142,7 +145,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 plgpu.wgmma_wait(0)
 
             if plan.fold:   # scale and zero folded in float32 per group (mgpu_sm90._fold_unpack_and_multiply)
-                acc = base._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab, bn=bn,
+                acc = base._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, bits=bits, slab=slab, bn=bn,
                                                      mb=mb, group_rows=group_rows, g_block=g_block,
                                                      tile_rows=tile_rows, interpret=interpret)
             else:
@@ -173,11 +176,15 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
             plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
         ]
+        pipe_in = [codes, scales, zeros, x]
+        if plan.fold:   # the fold blocks' sums of x: [Kp / F, M_pad] float32, nf rows per K tile
+            in_specs.append(plgpu.BlockSpec((nf, mb), lambda s: (tile_of(s)[2], tile_of(s)[0])))
+            pipe_in.append(ins[-1])
         init = jnp.zeros((bn, mb), jnp.float32)
         if not interpret:
             init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
         plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
-                            init_carry=init)(codes, scales, zeros, x)
+                            init_carry=init)(*pipe_in)
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
@@ -243,6 +250,9 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         rank_pad = kw.v_t.shape[1]
         xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
         args += [jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - kw.rank))), kw.v_t]
+    if cfg.unpack == "magic_fold":
+        f_rows = base.fold_blocks(kw.group_rows, packing.slots_per_tile(kw.bits) * kw.slab, kw.slab)[0]
+        args.append(base.fold_group_sums(xp, f_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
                              max_ctas, bool(interpret))
     parts = f(*args)                                                  # [slots, N, m_pad] f32
