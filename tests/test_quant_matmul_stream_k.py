@@ -100,7 +100,8 @@ def test_stream_k_scales_up_front_match_lazy_scales(monkeypatch):
     for upfront in (True, False):
         monkeypatch.setattr(mgpu_sm90, "SCALES_UPFRONT", upfront)
         sk._build_cached.cache_clear()
-        outs.append(np.asarray(sk.matmul_stream_k(x, kw, max_ctas=3, interpret=True), np.float32))
+        outs.append(np.asarray(sk.matmul_stream_k(x, kw, config=_fold_config(2, kw, "magic_bf16"), max_ctas=3,
+                                                  interpret=True), np.float32))
     sk._build_cached.cache_clear()
     np.testing.assert_array_equal(outs[0], outs[1])
     assert rel_err(outs[0], ref64(x, qt)) < TOL
@@ -116,9 +117,9 @@ FOLD_CASES = [(3, 64, 1536, 128, 5, 16), (3, 128, 1024, 64, 3, 0), (3, None, 153
               (4, 64, 1024, 64, 2, 0), (2, 128, 1024, 64, 9, 32)]
 
 
-def _fold_config(m, kw):
+def _fold_config(m, kw, unpack="magic_fold"):
     import dataclasses
-    return dataclasses.replace(mgpu_sm90.default_config(m, kw), unpack="magic_fold")
+    return dataclasses.replace(mgpu_sm90.default_config(m, kw), unpack=unpack)
 
 
 @pytest.mark.parametrize("bits,group,k,n,m,rank", FOLD_CASES)
@@ -133,7 +134,8 @@ def test_stream_k_magic_fold_interpret(bits, group, k, n, m, rank):
     y = sk.matmul_stream_k(x, kw, config=_fold_config(m, kw), max_ctas=4, interpret=True)
     err = rel_err(y, ref)
     assert y.shape == (m, n) and err < TOL, err
-    assert err <= rel_err(sk.matmul_stream_k(x, kw, max_ctas=4, interpret=True), ref) * 1.05
+    bf16 = sk.matmul_stream_k(x, kw, config=_fold_config(m, kw, "magic_bf16"), max_ctas=4, interpret=True)
+    assert err <= rel_err(bf16, ref) * 1.05
     if rank:
         assert rel_err(y, ref64(x, qt, compensator=False)) > 5 * err
 
@@ -164,4 +166,14 @@ def test_stream_k_magic_fold_native_gpu(bits, group):
             y = sk.matmul_stream_k(x, kw, config=_fold_config(m, kw))
             err = rel_err(y, ref)
             assert err < TOL, (bits, group, m, rank, err)
-            assert err <= rel_err(sk.matmul_stream_k(x, kw), ref) * 1.05, (bits, group, m, rank)
+            bf16 = sk.matmul_stream_k(x, kw, config=_fold_config(m, kw, "magic_bf16"))
+            assert err <= rel_err(bf16, ref) * 1.05, (bits, group, m, rank)
+
+
+def test_default_config_folds_small_blocks_only():
+    rng = _rng()
+    kw = layout.prepare(make_weight(1024, 64, 3, 64, 0, rng), layout=layout.PAIRS_LAYOUT)
+    assert mgpu_sm90.default_config(1, kw).unpack == "magic_fold"
+    assert mgpu_sm90.default_config(16, kw).unpack == "magic_fold"
+    assert mgpu_sm90.default_config(64, kw).unpack == "magic_bf16"
+    assert mgpu_sm90.default_config(1, kw, schedule="split_k").unpack == "magic_bf16"

@@ -83,6 +83,12 @@ def _pick_splits(steps: int, ctas: int, target: int = TARGET_CTAS) -> int:
     return best
 
 
+# Stream-K takes the magic_fold unpack up to this many tokens per block: kernel 14.2 -> 12.9 us at M=1,
+# 15.5 -> 14.6 at M=16, but 26.5 -> 31.2 at M=64 (its float32 fold grows with MB), 4096 x 14336 3-bit
+# g64, H200, 2026-12-03 (benchmarks/results/logs/h200_2026-12-03_s17c_time_m*.txt).
+FOLD_MAX_BLOCK_M = 16
+
+
 def default_config(m: int, kw: KernelWeights, schedule: str = "stream_k") -> Config:
     """The decode kernel's config for M tokens. Stream-K measured faster than split-K on every shape
     and M tried (H100, 2026-11-24, 3-bit g64; kernel us, split-K -> stream-K): 4096 x 14336 M=1 15.8
@@ -95,6 +101,8 @@ def default_config(m: int, kw: KernelWeights, schedule: str = "stream_k") -> Con
     # A from registers with the magic unpack: 17.7 us against 24.0 us through shared memory
     # (4096 x 14336, M=1, H100, 2026-11-23, benchmarks/results/quant_matmul_variants.md)
     unpack = dict(unpack="magic_bf16" if pairs else "f32", a_regs=pairs)
+    if schedule == "stream_k" and pairs and mb <= FOLD_MAX_BLOCK_M and not (kw.group_rows % (2 * kw.slab)):
+        unpack["unpack"] = "magic_fold"
     if schedule == "stream_k":
         return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=1, schedule="stream_k",
                       **unpack)
