@@ -190,7 +190,7 @@ NMAJOR, PAIRS = qm_layout.LAYOUT, qm_layout.PAIRS_LAYOUT
 def test_kernel_interpret_mixed_bits_and_empty_experts(low_bit_layout):
     """2/3/4-bit experts (three launches), compensators of different ranks, a per-channel expert,
     K padded (384 -> 512), an empty expert and a whole empty class, rows past the groups; every
-    class in either kernel layout (f32 unpack / magic_bf16 unpack, picked from the layout)."""
+    class in either kernel layout (f32 unpack / magic_fold unpack, picked from the layout)."""
     rng = _rng()
     k, n, m = 384, 64, 11
     parts = [quantized_expert(k, n, 3, 64, 8, rng), quantized_expert(k, n, 2, 128, 0, rng),
@@ -200,7 +200,7 @@ def test_kernel_interpret_mixed_bits_and_empty_experts(low_bit_layout):
     gkw = mgpu_sm90.prepare_grouped(parts, low_bit_layout=low_bit_layout)
     assert sorted(len(c.experts) for c in gkw.classes) == [1, 2, 3]
     assert {c.bits: c.layout for c in gkw.classes} == {2: low_bit_layout, 3: low_bit_layout, 4: low_bit_layout}
-    magic = "magic_bf16" if low_bit_layout == PAIRS else "f32"
+    magic = "magic_fold" if low_bit_layout == PAIRS else "f32"    # magic_fold: small row blocks (MB <= 16)
     expect = {2: magic, 3: magic, 4: magic}
     assert {c.bits: mgpu_sm90.default_config(m, c).unpack for c in gkw.classes} == expect
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)

@@ -153,13 +153,13 @@ def test_variant_interpret_2_4_bit(bits, unpack, group_size, k, m, rank, chunk, 
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_2_4_bit_default_is_pairs_stream_k(bits):
-    """api.matmul on a 2/4-bit QuantizedTensor: planar_pairs weights, the magic unpack with A in
+    """api.matmul on a 2/4-bit QuantizedTensor: planar_pairs weights, the magic (fold) unpack with A in
     registers, the stream-K schedule (the default decode path), with a compensator."""
     rng = _rng()
     qt = make_weight(1024, 128, bits, 64, 8, rng)
     kw = layout.prepare(qt, layout=api._kernel_layout(qt, "kernel", None))
     cfg = mgpu_sm90.default_config(4, kw)
-    assert kw.layout == layout.PAIRS_LAYOUT and cfg.unpack == "magic_bf16" and cfg.a_regs
+    assert kw.layout == layout.PAIRS_LAYOUT and cfg.unpack == "magic_fold" and cfg.a_regs   # M <= 16
     assert cfg.schedule == "stream_k"
     x = make_x(4, 1024, rng)
     assert rel_err(api.matmul(x, qt, interpret=True), ref64(x, qt)) < TOL
@@ -183,7 +183,8 @@ def test_pairs_default_config_picks_magic():
     rng = _rng()
     qt = make_weight(512, 64, 3, 64, 0, rng)
     kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
-    assert mgpu_sm90.default_config(1, kw).unpack == "magic_bf16"
+    assert mgpu_sm90.default_config(1, kw).unpack == "magic_fold"
+    assert mgpu_sm90.default_config(64, kw).unpack == "magic_bf16"
     assert mgpu_sm90.default_config(1, layout.prepare(qt)).unpack == "f32"
     x = make_x(2, 512, rng)
     assert rel_err(api.matmul(x, kw, interpret=True), ref64(x, qt)) < TOL

@@ -42,7 +42,7 @@ from milo_jax.quant import packing
 from milo_jax.quant.compensator import materialize_factor
 from milo_jax.quant.tensor import QuantizedTensor
 from pallas_kernels.grouped_matmul import reference
-from pallas_kernels.quant_matmul import layout
+from pallas_kernels.quant_matmul import layout, mgpu_sm90 as qm
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
 from pallas_kernels.quant_matmul.mgpu_sm90 import (TARGET_CTAS, UNPACKS, _accumulate_and_store, _compensator_copies,
                                                    _compensator_mma, _decode_scratch, _interpret_params,
@@ -324,6 +324,8 @@ def default_config(m: int, c: ExpertClass) -> Config:
     splits = _pick_splits(steps, (c.n // 64) * blocks, target=CTA_TARGET)
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
     unpack = class_unpack("", c)
+    if unpack == "magic_bf16" and mb <= qm.FOLD_MAX_BLOCK_M and not c.group_rows % (2 * c.slab):
+        unpack = "magic_fold"   # quant_matmul's small-block default (its FOLD_MAX_BLOCK_M)
     return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
                   unpack=unpack, a_regs=unpack.startswith("magic"), scales_upfront=m <= UPFRONT_ROWS)
 
@@ -415,6 +417,52 @@ def build_float(k_pad: int, n: int, num_experts: int, num_blocks: int, cfg: Conf
                         scratch_types=[plgpu.SMEM((bn, mb), out_dtype)], **_interpret_params(interpret))
 
 
+def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, comp_refs, ni, *, wps, bits, slab,
+                   bn, mb, n, nf, group_rows, g_block, tile_rows, steps, stages, interpret):
+    """A row block's K range under quant_matmul's magic_fold unpack: the float32 accumulator is the
+    pipeline's carry (`mgpu_sm90._fold_unpack_and_multiply` per step), then the compensator (split 0)
+    and the store. Blocks past the last real one read no weights and store nothing; a split-0 CTA
+    still waits for its compensator copies so none is in flight when the CTA exits."""
+    from pallas_kernels.quant_matmul.stream_k_sm90 import _run_acc
+
+    def body(_, *step_refs):
+        *step_refs, acc = step_refs
+        planes = [r[...] for r in step_refs[:wps]]
+        s_ref, z_ref, x_ref, xs_ref = step_refs[wps:]
+        return qm._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, bits=bits, slab=slab, bn=bn,
+                                            mb=mb, group_rows=group_rows, g_block=g_block, tile_rows=tile_rows,
+                                            interpret=interpret)
+
+    specs = in_specs + [plgpu.BlockSpec((nf, mb), lambda s: (s + off, mi))]
+
+    @pl.when(valid)
+    def _():
+        init = jnp.zeros((bn, mb), jnp.float32)
+        if not interpret:
+            init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
+        acc = plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs, max_concurrent_steps=max(stages, 2),
+                                  init_carry=init)(*operands)
+        if comp:
+            xu_smem, v_smem, bar = comp_refs
+
+            def add_comp(a):
+                def mma(acc_ref):
+                    plgpu.barrier_wait(bar)
+                    _mma_xt(acc_ref, v_smem, xu_smem, interpret)
+                    plgpu.wgmma_wait(0)
+                return _run_acc(mma, a, interpret)
+            acc = lax.cond(ki == 0, add_comp, lambda a: a, acc)
+        o_smem[...] = acc.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)])
+        plgpu.wait_smem_to_gmem(0)
+
+    if comp:
+        @pl.when(jnp.logical_and(ki == 0, jnp.logical_not(valid)))
+        def _():
+            plgpu.barrier_wait(comp_refs[2])
+
+
 @functools.lru_cache(maxsize=None)
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts: int, num_blocks: int,
           rank_pad: int, cfg: Config, interpret: bool):
@@ -440,11 +488,16 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
+    if plan.fold:
+        f_rows = qm.fold_blocks(group_rows, tile_rows, slab)[0]
+        nf = tile_rows // f_rows
+
     def kernel(*refs):
-        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, 7 if comp else 5, plan)
+        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, (7 if comp else 5) + plan.fold, plan)
         counts, codes, scales, zeros, x = ins[:5]
+        xs = ins[5] if plan.fold else None
         if comp:
-            xu, v_t = ins[5:]
+            xu, v_t = ins[5 + plan.fold:]
             xu_smem, v_smem, bar = comp_refs
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
@@ -474,6 +527,13 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
                             delay_release=1 if plan.overlap else 0),
         ]
         acc_holder = [None]
+
+        if plan.fold:   # quant_matmul's magic_fold: the accumulator is the pipeline's carry
+            _fold_pipeline(in_specs, (*([codes] * wps), scales, zeros, x, xs), valid, ki, mi, off, out, o_smem,
+                           comp, comp_refs, ni, wps=wps, bits=bits, slab=slab, bn=bn, mb=mb, n=n, nf=nf,
+                           group_rows=group_rows, g_block=g_block, tile_rows=tile_rows, steps=steps,
+                           stages=cfg.stages, interpret=interpret)
+            return
 
         def compute(acc_ref):
             acc_holder[0] = acc_ref
@@ -545,6 +605,9 @@ def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool
         args += [xu, c.v_t]
     if cfg.unpack == "magic_f16":
         args[4] = x_pad.astype(jnp.float16)   # the A tile is f16: wgmma needs both operands f16
+    if cfg.unpack == "magic_fold":            # x's sums per fold block, beside x
+        f_rows = qm.fold_blocks(c.group_rows, packing.slots_per_tile(c.bits) * c.slab, c.slab)[0]
+        args.insert(5, qm.fold_group_sums(x_pad, f_rows))
     f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, len(c.experts), num_blocks, rank_pad, cfg, bool(interpret))
     return f(*args)
 
