@@ -394,5 +394,20 @@ PY
     TAIL=4 step time_m64 100 python3 -m benchmarks.profile_decode --time --m 64 --variants sk,$F,$F+FOLD_ACC_COLS=128
     pack
     ;;
+  s17d)  # magic_fold defaults: every native kernel test; Mixtral FFN (ragged_dot bf16 in the same run) at 1 / 16 tokens
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_tests 230 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul_stream_k.py tests/test_quant_matmul.py \
+      tests/test_quant_matmul_variants.py -q -m gpu -rfEs -p no:cacheprovider -n 4
+    pack
+    TAIL=16 step moe_mixtral 230 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16 --budget-s 210 \
+      --out "$OUT/moe_layer_s17d_mixtral.json"
+    pack
+    ;;
+  s17e)  # issue 6's decode table with magic_fold (M <= 16) and its peers in the same run
+    TAIL=30 step quant_matmul 400 python3 -m benchmarks.quant_matmul --shapes 4096x14336,2048x1408,4096x4096 \
+      --ms 1,4,16,64 --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --out "$OUT/quant_matmul_s17e.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
