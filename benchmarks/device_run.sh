@@ -187,7 +187,7 @@ case "$1" in
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_tests 260 python3 -m pytest tests/test_grouped_matmul.py \
       tests/test_quant_matmul.py tests/test_quant_matmul_variants.py tests/test_quant_matmul_stream_k.py \
       -q -m gpu -rfEs -p no:cacheprovider -n 4
-    TAIL=30 step quant_matmul 300 python3 -m benchmarks.quant_matmul --shapes 4096x14336,2048x1408,4096x4096 \
+    TAIL=30 step quant_matmul 300 python3 -m benchmarks.quant_matmul --shapes 4096x14336,2048x1408 \
       --ms 1,4,16,64 --peers torch_int4_g128 --ranks 0,32 --out "$OUT/quant_matmul_s12g.json"
     ;;
   s13a)  # is stream-K compute- or load-bound? SASS of the kernel, compute-only / load-only probes, deeper pipelines
@@ -405,8 +405,8 @@ PY
     pack
     ;;
   s17e)  # issue 6's decode table with magic_fold (M <= 16) and its peers in the same run
-    TAIL=30 step quant_matmul 400 python3 -m benchmarks.quant_matmul --shapes 4096x14336,2048x1408,4096x4096 \
-      --ms 1,4,16,64 --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --out "$OUT/quant_matmul_s17e.json"
+    TAIL=30 step quant_matmul 330 python3 -m benchmarks.quant_matmul --shapes 4096x14336,2048x1408 \
+      --ms 1,4,16 --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --out "$OUT/quant_matmul_s17e.json"
     pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;

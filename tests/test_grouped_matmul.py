@@ -190,7 +190,7 @@ NMAJOR, PAIRS = qm_layout.LAYOUT, qm_layout.PAIRS_LAYOUT
 def test_kernel_interpret_mixed_bits_and_empty_experts(low_bit_layout):
     """2/3/4-bit experts (three launches), compensators of different ranks, a per-channel expert,
     K padded (384 -> 512), an empty expert and a whole empty class, rows past the groups; every
-    class in either kernel layout (f32 unpack / magic_fold unpack, picked from the layout)."""
+    class in either kernel layout (f32 unpack / magic_bf16 unpack, picked from the layout)."""
     rng = _rng()
     k, n, m = 384, 64, 11
     parts = [quantized_expert(k, n, 3, 64, 8, rng), quantized_expert(k, n, 2, 128, 0, rng),
@@ -200,7 +200,7 @@ def test_kernel_interpret_mixed_bits_and_empty_experts(low_bit_layout):
     gkw = mgpu_sm90.prepare_grouped(parts, low_bit_layout=low_bit_layout)
     assert sorted(len(c.experts) for c in gkw.classes) == [1, 2, 3]
     assert {c.bits: c.layout for c in gkw.classes} == {2: low_bit_layout, 3: low_bit_layout, 4: low_bit_layout}
-    magic = "magic_fold" if low_bit_layout == PAIRS else "f32"    # magic_fold: small row blocks (MB <= 16)
+    magic = "magic_bf16" if low_bit_layout == PAIRS else "f32"
     expect = {2: magic, 3: magic, 4: magic}
     assert {c.bits: mgpu_sm90.default_config(m, c).unpack for c in gkw.classes} == expect
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -583,3 +583,34 @@ def test_sm90_native_bf16_class_matches_ragged_dot():
             base = jax.lax.ragged_dot(x, w, gs, preferred_element_type=jnp.float32)
             assert rel_err(y, np.asarray(base, np.float64)) < TOL_BF16, (m, np.asarray(gs))
             assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
+
+
+def _fold_case(rng, k=384, n=64, m=11):
+    parts = [quantized_expert(k, n, 3, 64, 8, rng), quantized_expert(k, n, 2, 128, 0, rng),
+             quantized_expert(k, n, 3, 64, 0, rng), quantized_expert(k, n, 4, None, 4, rng)]
+    gkw = mgpu_sm90.prepare_grouped(parts, low_bit_layout=PAIRS)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    return parts, gkw, x, jnp.asarray([3, 2, 0, 4], jnp.int32)   # an empty expert, 2 rows past the groups
+
+
+def test_kernel_interpret_magic_fold():
+    """quant_matmul's magic_fold unpack in the grouped launch (Config.unpack="magic_fold"): 2/3/4-bit
+    classes, g64 / g128 / per-channel fold blocks, compensators, an empty expert, rows past the groups."""
+    rng = _rng()
+    parts, gkw, x, gs = _fold_case(rng)
+    cfg = mgpu_sm90.Config(unpack="magic_fold", a_regs=True)
+    y = jax.jit(lambda x, w, g: mgpu_sm90.grouped_matmul_mgpu(x, w, g, config=cfg, interpret=True))(x, gkw, gs)
+    y64 = ref64(x, [dense64(p) for p in parts], gs)
+    assert rel_err(y, y64) < TOL_BF16
+    assert np.all(np.asarray(y, np.float32)[9:] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
+def test_kernel_native_magic_fold():
+    rng = _rng()
+    parts, gkw, x, gs = _fold_case(rng, k=2048, n=1408, m=40)
+    gs = jnp.asarray([10, 14, 0, 12], jnp.int32)
+    cfg = mgpu_sm90.Config(unpack="magic_fold", a_regs=True)
+    y = mgpu_sm90.grouped_matmul_mgpu(x, gkw, gs, config=cfg)
+    assert rel_err(y, ref64(x, [dense64(p) for p in parts], gs)) < TOL_BF16

@@ -323,9 +323,10 @@ def default_config(m: int, c: ExpertClass) -> Config:
     blocks = min(-(-m // mb) + len(c.experts), max(1, m))
     splits = _pick_splits(steps, (c.n // 64) * blocks, target=CTA_TARGET)
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
+    # magic_fold (Config.unpack="magic_fold") is not the default here: in these split-K launches it
+    # measured slower, Mixtral FFN Mosaic time 77.2 -> 83.2 us at 1 token and 273 -> 291 us at 16
+    # (H200, 2026-12-03, benchmarks/results/moe_layer_s17d_mixtral.json), where stream-K gains 9%.
     unpack = class_unpack("", c)
-    if unpack == "magic_bf16" and mb <= qm.FOLD_MAX_BLOCK_M and not c.group_rows % (2 * c.slab):
-        unpack = "magic_fold"   # quant_matmul's small-block default (its FOLD_MAX_BLOCK_M)
     return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
                   unpack=unpack, a_regs=unpack.startswith("magic"), scales_upfront=m <= UPFRONT_ROWS)
 
