@@ -408,6 +408,8 @@ PY
     TAIL=30 step quant_matmul 330 python3 -m benchmarks.quant_matmul --shapes 4096x14336,2048x1408 \
       --ms 1,4,16 --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --out "$OUT/quant_matmul_s17e.json"
     pack
+    TAIL=5 step time_m1 80 python3 -m benchmarks.profile_decode --time --m 1 --variants sk,sk+stages=3,sk+ctas=396
+    pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
