@@ -404,11 +404,14 @@ PY
       --out "$OUT/moe_layer_s17d_mixtral.json"
     pack
     ;;
-  s17e)  # issue 6's decode table with magic_fold (M <= 16) and its peers in the same run
-    TAIL=30 step quant_matmul 330 python3 -m benchmarks.quant_matmul --shapes 4096x14336,2048x1408 \
-      --ms 1,4,16 --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --out "$OUT/quant_matmul_s17e.json"
+  s17e)  # issue 6's table with magic_fold (M <= 16; the s15g plan: Mixtral shape, then the small shapes); fold probes
+    TAIL=22 step quant_matmul 110 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --check --out "$OUT/quant_matmul_s17e.json"
     pack
-    TAIL=5 step time_m1 80 python3 -m benchmarks.profile_decode --time --m 1 --variants sk,sk+stages=3,sk+ctas=396
+    TAIL=10 step quant_matmul_small 70 python3 -m benchmarks.quant_matmul --shapes 2048x1408,4096x4096 --ms 1,16 \
+      --ours-bits 3,4 --peers torch_int4_g128 --ranks 0 --out "$OUT/quant_matmul_s17e_small.json"
+    pack
+    TAIL=5 step time_m1 70 python3 -m benchmarks.profile_decode --time --m 1 --variants sk,sk+stages=3,sk+ctas=396
     pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
