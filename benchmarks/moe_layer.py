@@ -532,6 +532,10 @@ def main(argv=None):
                     help="override grouped_matmul.mgpu_sm90.CTA_TARGET (split-K of the quantized decode launches)")
     ap.add_argument("--grouped-upfront-rows", type=int, default=None,
                     help="override grouped_matmul.mgpu_sm90.UPFRONT_ROWS (scale pairs up front at most this many rows)")
+    ap.add_argument("--grouped-fold-mb", type=int, default=None,
+                    help="override grouped_matmul.mgpu_sm90.FOLD_MAX_BLOCK_M (magic_fold up to this MB; 0 = off)")
+    ap.add_argument("--fold-span", type=int, default=None,
+                    help="override quant_matmul.mgpu_sm90.FOLD_SPAN (fold blocks per accumulator scope)")
     ap.add_argument("--sorted-ffn", action="store_true",
                     help="model path through grouped_matmul per projection (sorted rows), not routed_ffn's padded rows")
     ap.add_argument("--routed-combine", choices=("slots", "reduce"), default=None,
@@ -545,6 +549,11 @@ def main(argv=None):
         grouped_mgpu.CTA_TARGET = args.grouped_cta_target
     if args.grouped_upfront_rows is not None:
         grouped_mgpu.UPFRONT_ROWS = args.grouped_upfront_rows
+    if args.grouped_fold_mb is not None:
+        grouped_mgpu.FOLD_MAX_BLOCK_M = args.grouped_fold_mb
+    if args.fold_span is not None:
+        from pallas_kernels.quant_matmul import mgpu_sm90 as qm_mgpu
+        qm_mgpu.FOLD_SPAN = args.fold_span
     if args.sorted_ffn:
         gapi.ROUTED_FFN = False
     global BREAKDOWN

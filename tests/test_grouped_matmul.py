@@ -368,7 +368,8 @@ def test_kernel_lowers_natively_on_cpu(low_bit_layout):
     gkw = mgpu_sm90.prepare_grouped(parts, low_bit_layout=low_bit_layout)
     cases = [(1, None), (40, mgpu_sm90.Config(k_splits=2))]
     if low_bit_layout == PAIRS:
-        cases += [(3, mgpu_sm90.Config(unpack="magic_f16")), (20, mgpu_sm90.Config(a_regs=True))]
+        cases += [(3, mgpu_sm90.Config(unpack="magic_f16")), (20, mgpu_sm90.Config(a_regs=True)),
+                  (2, mgpu_sm90.Config(unpack="magic_fold", a_regs=True))]
     for m, cfg in cases:
         f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=False, config=cfg))
         lowered = f.trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), gkw,

@@ -293,6 +293,13 @@ CTA_TARGET = 2 * TARGET_CTAS
 UPFRONT_ROWS = 2
 
 
+# magic_fold (quant_matmul's unscaled-A unpack) in quantized decode launches of MB <= this; 0 = never.
+# Off: in these split-K launches it measured slower, Mixtral FFN Mosaic time 77.2 -> 83.2 us at 1 token
+# and 273 -> 291 us at 16 (H200, 2026-12-03, benchmarks/results/moe_layer_s17d_mixtral.json), where the
+# stream-K kernel gains 9%. benchmarks/moe_layer.py --grouped-fold-mb overrides it.
+FOLD_MAX_BLOCK_M = 0
+
+
 def block_m_for(m: int, num_experts: int) -> int:
     """MB for M sorted rows over `num_experts` experts: 1.5x the rows an expert gets under even
     routing, rounded up to 8, at most 64 (see default_config)."""
@@ -323,10 +330,9 @@ def default_config(m: int, c: ExpertClass) -> Config:
     blocks = min(-(-m // mb) + len(c.experts), max(1, m))
     splits = _pick_splits(steps, (c.n // 64) * blocks, target=CTA_TARGET)
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
-    # magic_fold (Config.unpack="magic_fold") is not the default here: in these split-K launches it
-    # measured slower, Mixtral FFN Mosaic time 77.2 -> 83.2 us at 1 token and 273 -> 291 us at 16
-    # (H200, 2026-12-03, benchmarks/results/moe_layer_s17d_mixtral.json), where stream-K gains 9%.
     unpack = class_unpack("", c)
+    if unpack == "magic_bf16" and mb <= FOLD_MAX_BLOCK_M and not c.group_rows % (2 * c.slab):
+        unpack = "magic_fold"
     return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
                   unpack=unpack, a_regs=unpack.startswith("magic"), scales_upfront=m <= UPFRONT_ROWS)
 
@@ -489,9 +495,12 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
+    tr_x = tr
     if plan.fold:
-        f_rows = qm.fold_blocks(group_rows, tile_rows, slab)[0]
+        f_rows, fold_k = qm.fold_blocks(group_rows, tile_rows, slab)
         nf = tile_rows // f_rows
+        if fold_k % 64 == 0:   # as stream-K: x's widest swizzle (128 B) for the fold's K=64/128 MMAs
+            tr_x = _swizzle_transforms(64)
 
     def kernel(*refs):
         ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, (7 if comp else 5) + plan.fold, plan)
@@ -524,7 +533,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         in_specs = code_specs + [
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
             plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
-            plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s + off), transforms=tr,
+            plgpu.BlockSpec((mb, tile_rows), lambda s: (mi, s + off), transforms=tr_x,
                             delay_release=1 if plan.overlap else 0),
         ]
         acc_holder = [None]
