@@ -411,7 +411,7 @@ PY
     TAIL=10 step quant_matmul_small 70 python3 -m benchmarks.quant_matmul --shapes 2048x1408,4096x4096 --ms 1,16 \
       --ours-bits 3,4 --peers torch_int4_g128 --ranks 0 --out "$OUT/quant_matmul_s17e_small.json"
     pack
-    for SP in 8 4 2; do   # the grouped launches with magic_fold (x swizzled 128 B now), fold span 8 / 4 / 2
+    for SP in 8 4; do   # the grouped launches with magic_fold (x swizzled 128 B now), fold span 8 / 4
       TAIL=4 step moe_fold_span$SP 45 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
         --impls q3_model --tokens 1 --budget-s 40 --grouped-fold-mb 16 --fold-span $SP \
         --out "$OUT/moe_layer_s17e_fold_span$SP.json"
