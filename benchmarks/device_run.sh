@@ -418,5 +418,15 @@ PY
       pack
     done
     ;;
+  fold_verify)  # before flipping the grouped magic_fold defaults (grouped NOTES stop 17): the native tests at span 4,
+               # then the Mixtral FFN with relerr checked (uniform and mixed) at 1 / 16 tokens
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_fold_span4 240 python3 -m pytest tests/test_magic_fold_native.py \
+      -q -m gpu -rfEs -p no:cacheprovider -n 4
+    pack
+    TAIL=10 step moe_fold_span4 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 1,16 --budget-s 180 --grouped-fold-mb 16 --fold-span 4 \
+      --out "$OUT/moe_layer_fold_verify.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -426,6 +426,26 @@ def test_multi_class_one_launch_interpret(monkeypatch):
         assert y.shape == (m, n)
 
 
+def test_multi_class_magic_fold_interpret(monkeypatch):
+    """The one-launch mixed layer with quant_matmul's magic_fold in every class (grouped.FOLD_MAX_BLOCK_M
+    on): 2/3/4-bit classes, g64 / g128 / per-channel fold blocks, split-K, empty and skewed routings."""
+    monkeypatch.setattr(mgpu_sm90, "FOLD_MAX_BLOCK_M", 16)
+    rng = _rng()
+    k, n = 1024, 128
+    parts, experts64, gkw = _mixed_layer(k, n, rng)
+    for m in (2, 24):
+        plans, mb, *_ = multi_class_sm90.plan_layer(m, gkw)
+        assert multi_class_sm90.uses_fold(plans, mb)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        extra = routings(m, len(parts), rng)[:3] if m > 3 else [jnp.asarray([1, 0, 0, 0, 0, 0], jnp.int32)]
+        for gs in [jnp.asarray([0, m // 2, 0, m - m // 2, 0, 0], jnp.int32)] + extra:
+            y = api.grouped_matmul(x, gkw, gs, impl="kernel", interpret=True)
+            assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16, (m, np.asarray(gs))
+            assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
+    monkeypatch.setattr(mgpu_sm90, "FOLD_MAX_BLOCK_M", 0)
+    assert not multi_class_sm90.uses_fold(plans, mb)
+
+
 def test_multi_class_applies_only_to_pairs_classes_without_compensators():
     rng = _rng()
     k, n = 512, 64
@@ -442,7 +462,7 @@ def test_multi_class_applies_only_to_pairs_classes_without_compensators():
                                             jnp.asarray([2], jnp.int32))
 
 
-def test_multi_class_lowers_natively_on_cpu():
+def test_multi_class_lowers_natively_on_cpu(monkeypatch):
     """The one-launch kernel (three class pipelines under pl.when, each with its width's magic
     unpack) lowers for CUDA from this CPU host, at decode (1 row) and with split-K."""
     reason = cuda_lowering_unavailable()
@@ -458,6 +478,11 @@ def test_multi_class_lowers_natively_on_cpu():
         assert text.count("custom_call @mosaic_gpu") == 1, m       # one launch (per class: 5)
         for mask in ("0x30003", "0x70007", "0xf000f"):      # each class's magic mask in the one kernel
             assert mask in text, (m, mask)
+    monkeypatch.setattr(mgpu_sm90, "FOLD_MAX_BLOCK_M", 16)           # the magic_fold classes lower too
+    f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=False))
+    text = f.trace(jax.ShapeDtypeStruct((1, k), jnp.bfloat16), gkw,
+                   jax.ShapeDtypeStruct((len(MIXED_BITS),), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
 
 
 # ------------------------------------------------------------------ native GPU (sm90 only)

@@ -33,7 +33,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from milo_jax.quant import packing
 from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, reference
 from pallas_kernels.grouped_matmul.mgpu_sm90 import Config, ExpertClass, _read_back, block_m_for
-from pallas_kernels.quant_matmul import layout
+from pallas_kernels.quant_matmul import layout, mgpu_sm90 as qm
 from pallas_kernels.quant_matmul.mgpu_sm90 import (_accumulate_and_store, _interpret_params,
                                                    _pick_splits, _scale_blocks, _swizzle_transforms, _tiling,
                                                    _unpack_and_multiply, _unpack_plan)
@@ -60,11 +60,12 @@ def applies(gkw) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool,
-          scales_upfront: bool = False):
+          scales_upfront: bool = False, fold: bool = False):
     """f(counts [E] int32 by position, (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
     -> [splits*N, B*MB] (bf16 for one split, else float32 partials). counts[p] = MB-row blocks of
     the expert at position p (classes in order, each class's experts in order). scales_upfront:
-    grouped Config.scales_upfront."""
+    grouped Config.scales_upfront. fold: quant_matmul's magic_fold unpack in every class; then x's
+    sums per fold block follow x, one array per class (`fold_sums`)."""
     bn = 64
     cls_of = [ci for ci, p in enumerate(plans) for _ in range(p.num_experts)]
     local_of = [e for p in plans for e in range(p.num_experts)]
@@ -76,15 +77,15 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
         tl = _tiling(p.bits, p.slab, p.k_pad, n, Config(block_n=bn, block_m=mb, chunk_slots=p.chunk_slots,
                                                        k_splits=splits))
         g_block, scale_index = _scale_blocks(p.group_rows, tl.tile_rows, p.k_pad)
-        plan = _unpack_plan("magic_bf16", True, True, p.bits, tl.chunk, tl.nchunks, p.slab,
-                            scales_upfront=scales_upfront)
+        plan = _unpack_plan("magic_fold" if fold else "magic_bf16", True, True, p.bits, tl.chunk, tl.nchunks,
+                            p.slab, scales_upfront=scales_upfront)
         per_class.append((p, tl, g_block, scale_index, (p.k_pad // p.group_rows) // g_block, plan))
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def kernel(*refs):
         counts = refs[0]
         weights = [refs[1 + 3 * i:4 + 3 * i] for i in range(len(plans))]
-        x, out, o_smem = refs[1 + 3 * len(plans):]
+        x, *xs, out, o_smem = refs[1 + 3 * len(plans):]
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
         ki = lax.axis_index("k")
@@ -120,6 +121,29 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
             plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs, max_concurrent_steps=2)(
                 *([codes] * wps), scales, zeros, x)
             plgpu.wgmma_wait(0)
+
+        def run_class_fold(ci):   # the accumulator as the pipeline's carry; stores its own tile
+            p, tl, g_block, scale_index, sbpe, plan = per_class[ci]
+            codes, scales, zeros = weights[ci]
+            steps, wps, off = tl.steps, tl.wps, ki * tl.steps
+            row_block = local * n_blocks + ni
+            scale_base = local * sbpe
+            f_rows, fold_k = qm.fold_blocks(p.group_rows, tl.tile_rows, p.slab)
+            specs = [plgpu.BlockSpec((bn, p.slab), (lambda s, q=q: (row_block, wps * (s + off) + q)))
+                     for q in range(wps)]
+            specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+                      plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+                      plgpu.BlockSpec((mb, tl.tile_rows), lambda s: (mi, s + off), transforms=_swizzle_transforms(
+                          64 if fold_k % 64 == 0 else p.slab))]
+            grouped._fold_pipeline(specs, (*([codes] * wps), scales, zeros, x, xs[ci]), valid & (cls == ci), ki, mi,
+                                   off, out, o_smem, False, (), ni, wps=wps, bits=p.bits, slab=p.slab, bn=bn, mb=mb,
+                                   n=n, nf=tl.tile_rows // f_rows, group_rows=p.group_rows, g_block=g_block,
+                                   tile_rows=tl.tile_rows, steps=steps, stages=2, interpret=interpret)
+
+        if fold:
+            for ci in range(len(plans)):
+                run_class_fold(ci)
+            return
 
         def compute(acc_ref):
             for ci in range(len(plans)):
@@ -183,6 +207,28 @@ def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False):
     float32 partials; blocks past the last real one are not written)."""
     plans, mb, num_blocks, splits, k_pad_x = plan_layer(m, gkw)
     x_pad = x_pad[:, :k_pad_x] if x_pad.shape[1] >= k_pad_x else jnp.pad(x_pad, ((0, 0), (0, k_pad_x - x_pad.shape[1])))
-    f = build(plans, gkw.n, num_blocks, mb, splits, k_pad_x, bool(interpret), m <= grouped.UPFRONT_ROWS)
+    fold = uses_fold(plans, mb)
+    f = build(plans, gkw.n, num_blocks, mb, splits, k_pad_x, bool(interpret), m <= grouped.UPFRONT_ROWS, fold)
     args = [a for c in gkw.classes for a in (c.codes, c.scales, c.zeros)]
-    return f(counts, *args, x_pad.astype(jnp.bfloat16))
+    x_pad = x_pad.astype(jnp.bfloat16)
+    sums = fold_sums(x_pad, plans) if fold else []
+    return f(counts, *args, x_pad, *sums)
+
+
+def uses_fold(plans, mb: int) -> bool:
+    """Whether the launch takes magic_fold: grouped.FOLD_MAX_BLOCK_M (the single-class launches' switch)
+    and every class's groups made of whole pair-slots."""
+    return mb <= grouped.FOLD_MAX_BLOCK_M and all(not p.group_rows % (2 * p.slab) for p in plans)
+
+
+def fold_sums(x_pad, plans) -> list:
+    """Per class: x's sums over its fold blocks, [k_pad / F, B*MB] float32 (classes with the same F share
+    one array: XLA computes it once)."""
+    out, cache = [], {}
+    for p in plans:
+        f_rows = qm.fold_blocks(p.group_rows, packing.slots_per_tile(p.bits) * p.slab, p.slab)[0]
+        key = (f_rows, p.k_pad)
+        if key not in cache:
+            cache[key] = qm.fold_group_sums(x_pad[:, :p.k_pad], f_rows)
+        out.append(cache[key])
+    return out

@@ -1,0 +1,84 @@
+"""magic_fold with the settings that measured fastest in the grouped launches (FOLD_SPAN = 4, grouped
+FOLD_MAX_BLOCK_M = 16; Mixtral FFN 1 token 79.3 us against 86.0, grouped NOTES stop 17) natively, before
+they become the defaults: stream-K at 2/3/4 bits, stacked experts, the mixed one-launch layer, and the
+routed FFN (uniform and mixed), each against float64. `gpu` only (the interpret tests of the same paths
+live beside each kernel's tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import milo_jax  # noqa: F401  (import order: milo_jax before pallas_kernels)
+from pallas_kernels.grouped_matmul import api as gapi, mgpu_sm90 as grouped, multi_class_sm90, routed_ffn as rf
+from pallas_kernels.quant_matmul import api, layout, mgpu_sm90 as qm, stream_k_sm90 as sk
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")]
+
+
+@pytest.fixture
+def fold_span4(monkeypatch):
+    monkeypatch.setattr(qm, "FOLD_SPAN", 4)
+    monkeypatch.setattr(grouped, "FOLD_MAX_BLOCK_M", 16)
+    caches = (sk._build_cached, grouped.build, multi_class_sm90.build)
+    for c in caches:
+        c.cache_clear()
+    yield
+    for c in caches:
+        c.cache_clear()
+
+
+@pytest.mark.parametrize("bits,group", [(3, 64), (2, 128), (4, None)])
+def test_stream_k_span4(fold_span4, bits, group):
+    from tests.test_quant_matmul import TOL, _rng, make_weight, make_x, ref64, rel_err
+    rng = _rng()
+    for rank in (0, 32):
+        qt = make_weight(2048, 1408, bits, group, rank, rng)
+        kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+        for m in (1, 3, 16):
+            assert qm.default_config(m, kw).unpack == "magic_fold"
+            x = make_x(m, 2048, rng)
+            assert rel_err(sk.matmul_stream_k(x, kw), ref64(x, qt)) < TOL, (bits, group, rank, m)
+
+
+def test_grouped_stacked_and_mixed_span4(fold_span4):
+    from tests.test_grouped_matmul import TOL_BF16, _mixed_layer, _rng, dense64, quantized_expert, ref64, rel_err, routings
+    rng = _rng()
+    e, k, n = 8, 1408, 256
+    parts = [quantized_expert(k, n, 3, 64, 16, rng) for _ in range(e)]
+    stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
+    gkw = grouped.prepare_grouped(stacked, low_bit_layout=layout.PAIRS_LAYOUT)
+    experts64 = [dense64(p) for p in parts]
+    f = jax.jit(lambda x, w, g: gapi.grouped_matmul(x, w, g, impl="kernel"))
+    for m in (1, 16):
+        assert grouped.default_config(m, gkw.classes[0]).unpack == "magic_fold"
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        for gs in (routings(m, e, rng) if m > 3 else [jnp.asarray(np.eye(e, dtype=np.int32)[2])]):
+            assert rel_err(f(x, gkw, gs), ref64(x, experts64, gs)) < TOL_BF16, (m, np.asarray(gs))
+    mparts, mexperts64, mgkw = _mixed_layer(k, n, rng)
+    for m in (1, 16):
+        plans, mb, *_ = multi_class_sm90.plan_layer(m, mgkw)
+        assert multi_class_sm90.uses_fold(plans, mb)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        for gs in (routings(m, len(mparts), rng) if m > 3 else [jnp.asarray(np.eye(6, dtype=np.int32)[3])]):
+            y = f(x, mgkw, gs)
+            assert rel_err(y, ref64(x, mexperts64, gs)) < TOL_BF16, (m, np.asarray(gs))
+            assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
+
+
+@pytest.mark.parametrize("case", ["uniform3", "mixed_other_order"])
+def test_routed_ffn_span4(fold_span4, case):
+    from tests.test_routed_ffn import E, H, TOL, _layer, _rng, ffn64, rel_err, routings
+    rng = _rng(3)
+    gate_bits, down_bits = {"uniform3": ((3,) * E, (3,) * E), "mixed_other_order": ((2, 3, 4, 3), (4, 4, 2, 3))}[case]
+    gate_up, down, experts64 = _layer(rng, gate_bits, down_bits)
+    f = jax.jit(lambda x, w, i, a, b: gapi.routed_ffn(x, w, i, a, b))
+    for t in (1, 3, 8):
+        x = jnp.asarray(rng.standard_normal((t, H)), jnp.bfloat16)
+        for ids, w in routings(t, rng):
+            assert rel_err(f(x, w, ids, gate_up, down), ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL, (
+                case, t)
