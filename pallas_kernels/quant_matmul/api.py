@@ -69,9 +69,10 @@ def _dequant_dot(x, kw: layout.KernelWeights):
 
 def _kernel_layout(qt, impl: str, config) -> str:
     """2/3/4-bit weights go to the decode kernel in the "planar_pairs" layout, whose magic-number
-    unpack (Config.unpack="magic_bf16" with A in registers, picked by default_config for that
-    layout) measured 17.45 us against 31.4 us for the planar f32 unpack (3-bit, 4096 x 14336, M=1,
-    H100, 2026-11-23, benchmarks/results/quant_matmul_variants.md); the Mosaic dequantize kernel
+    unpack (Config.unpack="magic_bf16" with A in registers; "magic_fold" up to 16 tokens, both picked
+    by default_config for that layout) measured 17.45 us against 31.4 us for the planar f32 unpack
+    (3-bit, 4096 x 14336, M=1, H100, 2026-11-23, benchmarks/results/quant_matmul_variants.md; magic_fold:
+    quant_matmul NOTES stop 17); the Mosaic dequantize kernel
     (prefill) reads it with the same magic unpack. 8-bit keeps "planar_nmajor" (layout.decode_layout).
     KernelWeights already prepared keep their own layout; an explicit config gets the layout its
     unpack reads."""
