@@ -15,7 +15,9 @@ out [slots, N, M_pad] (slot = CTA index - first CTA of the tile) and the wrapper
 were written (a static mask: which slots a tile has follows from T, L and the tiling alone).
 
 The per-step work (unpack + wgmma into acc[BN, MB] += A[BN, BK] @ x^T) is the split-K kernel's
-(`mgpu_sm90._unpack_and_multiply`). The compensator is added by the range that holds a column tile's
+(`mgpu_sm90._unpack_and_multiply`), or under unpack="magic_fold" (the default up to 16 tokens per
+block) `mgpu_sm90._fold_unpack_and_multiply`: unscaled codes, one wgmma per group, scale and zero
+folded into the float32 carry with x's group sums (an extra input, [Kp / F, M_pad]). The compensator is added by the range that holds a column tile's
 K tile 0, in that step: its x @ u rows and v^T columns load while the step unpacks and multiplies,
 and one more wgmma adds them at the step's end. (Fetching them there and adding them at the range's
 last step for the tile hung natively once a range held several steps of a tile: H100, 2026-11-24.)
