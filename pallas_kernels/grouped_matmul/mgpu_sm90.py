@@ -430,8 +430,6 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
     pipeline's carry (`mgpu_sm90._fold_unpack_and_multiply` per step), then the compensator (split 0)
     and the store. Blocks past the last real one read no weights and store nothing; a split-0 CTA
     still waits for its compensator copies so none is in flight when the CTA exits."""
-    from pallas_kernels.quant_matmul.stream_k_sm90 import _run_acc
-
     def body(_, *step_refs):
         *step_refs, acc = step_refs
         planes = [r[...] for r in step_refs[:wps]]
@@ -451,14 +449,7 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
                                   init_carry=init)(*operands)
         if comp:
             xu_smem, v_smem, bar = comp_refs
-
-            def add_comp(a):
-                def mma(acc_ref):
-                    plgpu.barrier_wait(bar)
-                    _mma_xt(acc_ref, v_smem, xu_smem, interpret)
-                    plgpu.wgmma_wait(0)
-                return _run_acc(mma, a, interpret)
-            acc = lax.cond(ki == 0, add_comp, lambda a: a, acc)
+            acc = qm._add_compensator(acc, ki == 0, v_smem, xu_smem, bar, interpret)
         o_smem[...] = acc.astype(o_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)])
@@ -496,11 +487,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     tr_x = tr
-    if plan.fold:
+    if plan.fold:   # x swizzled for the fold's K = 64 / 128 MMAs, as stream-K
         f_rows, fold_k = qm.fold_blocks(group_rows, tile_rows, slab)
         nf = tile_rows // f_rows
-        if fold_k % 64 == 0:   # as stream-K: x's widest swizzle (128 B) for the fold's K=64/128 MMAs
-            tr_x = _swizzle_transforms(64)
+        tr_x = qm.x_transforms(fold_k, slab)
 
     def kernel(*refs):
         ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, (7 if comp else 5) + plan.fold, plan)
@@ -616,8 +606,7 @@ def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool
     if cfg.unpack == "magic_f16":
         args[4] = x_pad.astype(jnp.float16)   # the A tile is f16: wgmma needs both operands f16
     if cfg.unpack == "magic_fold":            # x's sums per fold block, beside x
-        f_rows = qm.fold_blocks(c.group_rows, packing.slots_per_tile(c.bits) * c.slab, c.slab)[0]
-        args.insert(5, qm.fold_group_sums(x_pad, f_rows))
+        args.insert(5, qm.fold_group_sums(x_pad, bits=c.bits, slab=c.slab, group_rows=c.group_rows))
     f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, len(c.experts), num_blocks, rank_pad, cfg, bool(interpret))
     return f(*args)
 

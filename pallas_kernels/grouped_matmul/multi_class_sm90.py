@@ -98,12 +98,24 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
             local = lax.select(hit, jnp.int32(local_of[pos]), local)
         valid = mi < end
 
-        def run_class(ci, acc_ref):
-            p, tl, g_block, scale_index, sbpe, plan = per_class[ci]
-            codes, scales, zeros = weights[ci]
-            steps, wps, off = tl.steps, tl.wps, ki * tl.steps
+        def class_specs(ci, x_transforms, **x_kw):
+            """Class ci's pipeline inputs at this CTA's expert and column tile: the code planes, scales,
+            zeros and x (with `x_transforms`)."""
+            p, tl, g_block, scale_index, sbpe, _ = per_class[ci]
+            wps, off = tl.wps, ki * tl.steps
             row_block = local * n_blocks + ni             # this expert's column tile in stacked codes
             scale_base = local * sbpe
+            specs = [plgpu.BlockSpec((bn, p.slab), (lambda s, q=q: (row_block, wps * (s + off) + q)))
+                     for q in range(wps)]
+            return specs + [plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+                            plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
+                            plgpu.BlockSpec((mb, tl.tile_rows), lambda s: (mi, s + off), transforms=x_transforms,
+                                            **x_kw)]
+
+        def run_class(ci, acc_ref):
+            p, tl, g_block, _, _, plan = per_class[ci]
+            codes, scales, zeros = weights[ci]
+            wps = tl.wps
 
             def body(_, *step_refs):
                 planes = [r[...] for r in step_refs[:wps]]
@@ -112,33 +124,21 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
                                      bn=bn, chunk=tl.chunk, nchunks=tl.nchunks, group_rows=p.group_rows,
                                      g_block=g_block, plan=plan, interpret=interpret)
 
-            specs = [plgpu.BlockSpec((bn, p.slab), (lambda s, q=q: (row_block, wps * (s + off) + q)))
-                     for q in range(wps)]
-            specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
-                      plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
-                      plgpu.BlockSpec((mb, tl.tile_rows), lambda s: (mi, s + off),
-                                      transforms=_swizzle_transforms(p.slab), delay_release=1)]
-            plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs, max_concurrent_steps=2)(
+            specs = class_specs(ci, _swizzle_transforms(p.slab), delay_release=1)
+            plgpu.emit_pipeline(body, grid=(tl.steps,), in_specs=specs, max_concurrent_steps=2)(
                 *([codes] * wps), scales, zeros, x)
             plgpu.wgmma_wait(0)
 
         def run_class_fold(ci):   # the accumulator as the pipeline's carry; stores its own tile
-            p, tl, g_block, scale_index, sbpe, plan = per_class[ci]
+            p, tl, g_block, _, _, _ = per_class[ci]
             codes, scales, zeros = weights[ci]
-            steps, wps, off = tl.steps, tl.wps, ki * tl.steps
-            row_block = local * n_blocks + ni
-            scale_base = local * sbpe
             f_rows, fold_k = qm.fold_blocks(p.group_rows, tl.tile_rows, p.slab)
-            specs = [plgpu.BlockSpec((bn, p.slab), (lambda s, q=q: (row_block, wps * (s + off) + q)))
-                     for q in range(wps)]
-            specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
-                      plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s + off), ni)),
-                      plgpu.BlockSpec((mb, tl.tile_rows), lambda s: (mi, s + off), transforms=_swizzle_transforms(
-                          64 if fold_k % 64 == 0 else p.slab))]
-            grouped._fold_pipeline(specs, (*([codes] * wps), scales, zeros, x, xs[ci]), valid & (cls == ci), ki, mi,
-                                   off, out, o_smem, False, (), ni, wps=wps, bits=p.bits, slab=p.slab, bn=bn, mb=mb,
-                                   n=n, nf=tl.tile_rows // f_rows, group_rows=p.group_rows, g_block=g_block,
-                                   tile_rows=tl.tile_rows, steps=steps, stages=2, interpret=interpret)
+            specs = class_specs(ci, qm.x_transforms(fold_k, p.slab))
+            grouped._fold_pipeline(specs, (*([codes] * tl.wps), scales, zeros, x, xs[ci]), valid & (cls == ci), ki,
+                                   mi, ki * tl.steps, out, o_smem, False, (), ni, wps=tl.wps, bits=p.bits, slab=p.slab,
+                                   bn=bn, mb=mb, n=n, nf=tl.tile_rows // f_rows, group_rows=p.group_rows,
+                                   g_block=g_block, tile_rows=tl.tile_rows, steps=tl.steps, stages=2,
+                                   interpret=interpret)
 
         if fold:
             for ci in range(len(plans)):
@@ -226,9 +226,8 @@ def fold_sums(x_pad, plans) -> list:
     one array: XLA computes it once)."""
     out, cache = [], {}
     for p in plans:
-        f_rows = qm.fold_blocks(p.group_rows, packing.slots_per_tile(p.bits) * p.slab, p.slab)[0]
-        key = (f_rows, p.k_pad)
+        key = (qm.fold_blocks(p.group_rows, packing.slots_per_tile(p.bits) * p.slab, p.slab)[0], p.k_pad)
         if key not in cache:
-            cache[key] = qm.fold_group_sums(x_pad[:, :p.k_pad], f_rows)
+            cache[key] = qm.fold_group_sums(x_pad[:, :p.k_pad], bits=p.bits, slab=p.slab, group_rows=p.group_rows)
         out.append(cache[key])
     return out

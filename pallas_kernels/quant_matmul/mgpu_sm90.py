@@ -62,7 +62,8 @@ class Config:
 #  magic_f16  the same with 1024 + c as f16x2 and f16 arithmetic (4x finer rounding than bf16);
 #             the A tile and x are then f16 (x is converted in the wrapper: activations must be
 #             inside f16 range, |x| < 65504).
-#  magic_fold "planar_pairs", stream-K only: A = 128 + code exactly (shr, lop3: no scale or zero in
+#  magic_fold "planar_pairs", kernels whose accumulator is a carried value (stream-K; the grouped
+#             launches): A = 128 + code exactly (shr, lop3: no scale or zero in
 #             the conversion), one wgmma per group into a fresh accumulator, then
 #             y += s * acc_g - (128 + z) * s * X in float32 with X the group's sums of x (computed by
 #             XLA beside the kernel) (`_fold_unpack_and_multiply`). No bf16 rounding of the weight.
@@ -347,8 +348,8 @@ def _unpack_and_multiply(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab,
     a_regs (pairs only): A goes to wgmma from registers, one pair-slot per MMA; a_buf is unused."""
     pairs, unpack, nbuf = plan.pairs, plan.unpack, plan.nbuf
     if plan.fold:
-        raise ValueError("unpack='magic_fold' runs in the stream-K decode kernel only (schedule='stream_k'); "
-                         "this kernel accumulates in a wgmma register accumulator it cannot fold into")
+        raise ValueError("unpack='magic_fold' runs in the stream-K decode kernel (schedule='stream_k') and the "
+                         "grouped launches, not here: this kernel's wgmma register accumulator cannot be folded into")
     scales_of = _pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=slab, group_rows=group_rows,
                                      g_block=g_block, unpack=unpack,
                                      upfront_slots=nchunks * chunk // 2 if plan.scales_upfront else 0)
@@ -467,10 +468,44 @@ def fold_span(nf: int, mb: int) -> int:
     return span
 
 
-def fold_group_sums(xp: jax.Array, f_rows: int) -> jax.Array:
-    """xp [M_pad, Kp] bf16 -> [Kp / F, M_pad] float32: the sums of x over each fold block of F rows."""
+def fold_group_sums(xp: jax.Array, *, bits: int, slab: int, group_rows: int) -> jax.Array:
+    """xp [M_pad, Kp] bf16 -> [Kp / F, M_pad] float32: the sums of x over each fold block (F rows, from
+    fold_blocks for weights of this bits / slab / group) — magic_fold's extra kernel input."""
+    f_rows = fold_blocks(group_rows, packing.slots_per_tile(bits) * slab, slab)[0]
     m_pad, k_pad = xp.shape
     return xp.astype(jnp.float32).reshape(m_pad, k_pad // f_rows, f_rows).sum(-1).T
+
+
+def x_transforms(mma_k: int, slab: int, a_regs: bool = True):
+    """Swizzle of the x tile (wgmma's B operand) for MMAs over `mma_k` K rows: with A in registers the
+    widest (128 B, 64 columns) when the MMA slices allow, else the A tile's slab-wide swizzle."""
+    return _swizzle_transforms(64 if a_regs and mma_k % 64 == 0 else slab)
+
+
+def _run_acc(compute, acc, interpret: bool):
+    """acc + whatever `compute(acc_ref)` accumulates: a wgmma register accumulator initialised from
+    the carried value natively; in GPU interpret mode (which has no run_state) a float32 SMEM tile
+    holding the value."""
+    if not interpret:
+        return pl.run_state(compute)(plgpu.ACC.init(acc))
+
+    def scoped(acc_ref):
+        acc_ref[...] = acc
+        compute(acc_ref)
+        return acc_ref[...]
+    return pl.run_scoped(scoped, plgpu.SMEM(acc.shape, jnp.float32))
+
+
+def _add_compensator(acc, add, v_smem, xu_smem, bar, interpret: bool):
+    """acc (a float32 [BN, MB] value) + v^T tile @ (x @ u)^T where `add` (traced bool) holds, once the
+    compensator operands' copies (`_compensator_copies`) have landed."""
+    def with_comp(a):
+        def mma(acc_ref):
+            plgpu.barrier_wait(bar)
+            _mma_xt(acc_ref, v_smem, xu_smem, interpret)
+            plgpu.wgmma_wait(0)
+        return _run_acc(mma, a, interpret)
+    return lax.cond(add, with_comp, lambda a: a, acc)
 
 
 def _mma_xt(acc_ref, a_ref, b_ref, interpret: bool, a_value: bool = False):
@@ -583,7 +618,7 @@ class _UnpackPlan:
     overlap: bool      # one MMA in flight while the next chunk is unpacked
     nbuf: int          # A buffers in shared memory (0 with a_regs)
     scales_upfront: bool = False   # a K tile's scale pairs all at the step's start (see SCALES_UPFRONT)
-    fold: bool = False             # magic_fold: unscaled A, scale and zero folded in float32 (stream-K only)
+    fold: bool = False             # magic_fold: unscaled A, scale and zero folded in float32 (not split-K)
 
 
 def _unpack_plan(unpack: str, a_regs: bool, overlap: bool, bits: int, chunk: int, nchunks: int,

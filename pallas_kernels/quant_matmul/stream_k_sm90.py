@@ -90,10 +90,9 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     tr_r = base._swizzle_transforms(64)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
     # per-MMA K slice (chunk * slab) allows, else the A tile's slab-wide swizzle (32 B boxes)
-    f_rows, fold_k = base.fold_blocks(group_rows, tile_rows, slab) if plan.fold else (tile_rows, chunk * slab)
-    nf, mma_k = tile_rows // f_rows, fold_k
-    x_cols = 64 if plan.a_regs and mma_k % 64 == 0 else slab
-    tr_x = base._swizzle_transforms(x_cols)
+    f_rows, mma_k = base.fold_blocks(group_rows, tile_rows, slab) if plan.fold else (tile_rows, chunk * slab)
+    nf = tile_rows // f_rows
+    tr_x = base.x_transforms(mma_k, slab, plan.a_regs)
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def where_is(j, s):
@@ -151,16 +150,9 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                                                      mb=mb, group_rows=group_rows, g_block=g_block,
                                                      tile_rows=tile_rows, interpret=interpret)
             else:
-                acc = _run_acc(step, acc, interpret)
+                acc = base._run_acc(step, acc, interpret)
             if comp:
-                def add_comp(a):
-                    def mma(acc_ref):
-                        plgpu.barrier_wait(bar)
-                        base._mma_xt(acc_ref, v_smem, xu_smem, interpret)
-                        plgpu.wgmma_wait(0)
-                    return _run_acc(mma, a, interpret)
-
-                acc = lax.cond(t == 0, add_comp, lambda a: a, acc)
+                acc = base._add_compensator(acc, t == 0, v_smem, xu_smem, bar, interpret)
 
             @pl.when(last & valid)
             def _store():
@@ -201,20 +193,6 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     return f, sched
 
 
-def _run_acc(compute, acc, interpret: bool):
-    """acc + whatever `compute(acc_ref)` accumulates: a wgmma register accumulator initialised from
-    the carried value natively; in GPU interpret mode (which has no run_state) a float32 SMEM tile
-    holding the value."""
-    if not interpret:
-        return pl.run_state(compute)(plgpu.ACC.init(acc))
-
-    def scoped(acc_ref):
-        acc_ref[...] = acc
-        compute(acc_ref)
-        return acc_ref[...]
-    return pl.run_scoped(scoped, plgpu.SMEM(acc.shape, jnp.float32))
-
-
 def max_ctas_default() -> int:
     """CTAs the schedule may use: 2 per SM of the local GPU (132 SMs on the H100; 4 in interpret runs,
     enough to give tiles several ranges)."""
@@ -253,8 +231,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
         args += [jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - kw.rank))), kw.v_t]
     if cfg.unpack == "magic_fold":
-        f_rows = base.fold_blocks(kw.group_rows, packing.slots_per_tile(kw.bits) * kw.slab, kw.slab)[0]
-        args.append(base.fold_group_sums(xp, f_rows))
+        args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
                              max_ctas, bool(interpret))
     parts = f(*args)                                                  # [slots, N, m_pad] f32
