@@ -428,5 +428,15 @@ PY
       --out "$OUT/moe_layer_fold_verify.json"
     pack
     ;;
+  s18a)  # stop 18: the span-4 native checks (fold_verify's tests), then the Mixtral FFN table with the grouped fold
+          # (span 4) and relerr checked: ragged_dot bf16, uniform 3-bit, mixed 2/3/4 at 1 / 16 / 64 tokens
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_fold_span4 200 python3 -m pytest tests/test_magic_fold_native.py \
+      -q -m gpu -rfEs -p no:cacheprovider -n 4
+    pack
+    TAIL=16 step moe_fold_span4 270 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16,64 --budget-s 240 --grouped-fold-mb 16 \
+      --fold-span 4 --out "$OUT/moe_layer_s18a_mixtral.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
