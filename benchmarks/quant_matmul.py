@@ -83,6 +83,7 @@ def logical_weight_bytes(k, n, bits, group_size, rank):
 
 
 # -------------------------------------------------------------------------------------- timing
+BREAKDOWN = False   # --breakdown
 ON_CPU = jax.devices()[0].platform == "cpu"   # dry run of this script: interpret mode, wall clock
 
 
@@ -187,6 +188,11 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
                     ys = jax.block_until_ready(fn(x, *kws))
                     err, fin = check_kernel(kws[0], x, ys[0])
                     us = cupti_us(fn, (x, *kws), reps)
+                    extra = {}
+                    if BREAKDOWN and not ON_CPU:   # which kernels the call's time is made of
+                        from benchmarks.quant_matmul_variants import kernel_breakdown
+                        extra["kernels_us"] = kernel_breakdown(fn, (x, *kws), reps)
+                        log(f"KERNELS {name} m={m} rank={rank}: {extra['kernels_us']}")
                     bf = bf16_us.get(m)
                     record(op="quant_matmul", impl=name, shape=[k, n], m=m, bits=bits,
                            group_size=group_size or "channel", rank=rank, time_us=us, bytes=byts,
@@ -194,7 +200,7 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
                            tflops=2 * m * k * n / (us * 1e-6) / 1e12,
                            speedup_vs_bf16=(bf / us) if bf else None, relerr=err, finite=fin,
                            config=None if cfg is None else str(cfg), path=path, rotated=reps,
-                           timing="cupti" if not ON_CPU else "wall_cpu")
+                           timing="cupti" if not ON_CPU else "wall_cpu", **extra)
                 except Exception as e:
                     msg = " | ".join(str(e).strip().split("\n")[:3])[:500]
                     record(op="quant_matmul", impl=name, shape=[k, n], m=m, bits=bits,
@@ -333,11 +339,14 @@ def main(argv=None):
                     help="default: gemlite's shipped H100 configs where they exist, else its default config")
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs (grid plan)")
     ap.add_argument("--no-torch", action="store_true", help="no torch ceiling, torch bf16 or peers")
+    ap.add_argument("--breakdown", action="store_true", help="also record our calls' per-kernel CUPTI times (kernels_us)")
     ap.add_argument("--check", action="store_true", help="native correctness of every bit width first")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: 256x128 and 128x192, M 1 and 300, interpret mode")
     ap.add_argument("--plan", default="issue", choices=["issue", "grid"],
                     help="issue: the issue's table (bf16, our default, peers); grid: full product of --bits/--group/--ranks/--impls")
     args = ap.parse_args(argv)
+    global BREAKDOWN
+    BREAKDOWN = args.breakdown
     if args.smoke:
         args.shapes = args.shapes or "256x128,128x192"
         args.ms = args.ms or "1,300"
