@@ -438,5 +438,20 @@ PY
       --fold-span 4 --out "$OUT/moe_layer_s18a_mixtral.json"
     pack
     ;;
+  s18b)  # stop 18: which fold configuration misaligns (s18a: the mixed g64/g128/per-channel layer did): each
+          # isolating case of tests/test_magic_fold_native.py in its own process; then rank 0 / 32 per-kernel times
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest tests/test_magic_fold_native.py --collect-only -q -m gpu \
+      -k fold_case -p no:cacheprovider 2>/dev/null | grep '::' > "$OUT/cases.txt"
+    t0=$(date +%s)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false xargs -P 6 -I{} sh -c 'n=$(echo "{}" | tr -c "A-Za-z0-9" _); \
+      timeout 200 python3 -m pytest "{}" -q -p no:cacheprovider -x > "$0/case_$n.txt" 2>&1; echo "rc=$? {}"' "$OUT" \
+      < "$OUT/cases.txt" | sort > "$OUT/cases_rc.txt"
+    echo "=== fold cases in $(( $(date +%s) - t0 )) s"; cat "$OUT/cases_rc.txt"
+    pack
+    TAIL=12 step qm_rank_breakdown 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --out "$OUT/quant_matmul_s18b_breakdown.json"
+    grep KERNELS "$OUT/qm_rank_breakdown.txt"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
