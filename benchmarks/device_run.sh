@@ -453,5 +453,24 @@ PY
     grep KERNELS "$OUT/qm_rank_breakdown.txt"
     pack
     ;;
+  s18c)  # stop 18 defaults (grouped magic_fold up to MB 16, FOLD_SPAN 4; multi-class layers with a g128 class on
+          # magic_bf16): every native kernel test, then issue 6's table (one x per rotated weight now) with per-kernel times
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=10 step native_tests 330 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul_stream_k.py tests/test_quant_matmul.py \
+      tests/test_quant_matmul_variants.py tests/test_magic_fold_native.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=24 step quant_matmul 130 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --check --breakdown --out "$OUT/quant_matmul_s18c.json"
+    pack
+    ;;
+  s18d)  # stop 18: the Mixtral FFN with the new defaults (no overrides), ragged_dot bf16 in the same run
+    TAIL=16 step moe_mixtral 230 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16,64 --budget-s 200 \
+      --out "$OUT/moe_layer_s18d_mixtral.json"
+    pack
+    TAIL=10 step quant_matmul_small 80 python3 -m benchmarks.quant_matmul --shapes 2048x1408,4096x4096 --ms 1,16 \
+      --ours-bits 3,4 --peers torch_int4_g128 --ranks 0 --out "$OUT/quant_matmul_s18d_small.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

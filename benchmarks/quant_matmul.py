@@ -9,7 +9,8 @@ in the same run.
 
 Timing: CUPTI kernel time (jax.experimental.mosaic.gpu.profiler.measure) of one jit that runs the
 op over R separate weight buffers (a static Python loop, R buffers > 120 MB so L2 cannot serve
-them), median over iterations, divided by R. Torch and its peers: CUDA graph of the same rotation,
+them), each with its own x (as the layers of a decode step; since stop 18), median over iterations,
+divided by R. Torch and its peers: CUDA graph of the same rotation,
 CUDA events (quant_matmul_peers.py).
 Bytes that must move: codes + scales + zeros (+ u + v) at their logical (unpadded) size, x and y.
 Table and roofline: benchmarks/plot_quant_matmul.py (the table is rewritten after every shape).
@@ -139,6 +140,15 @@ def jax_copy_tbps():
 
 
 # ----------------------------------------------------------------------------------- the cases
+def activations(m, k, reps):
+    """One x [m, K] bf16 per rotated weight, as in decoding, where each layer multiplies its own input.
+    (One x shared by every weight let XLA merge the rank-r x @ u dots of all the calls into one GEMM
+    over concatenated u's, whose concatenation alone was 0.55 us a call; H200, 2026-12-03, s18b.)"""
+    keys = jax.random.split(jax.random.key(m), reps)
+    return [jax.random.normal(kk, (m, k), jnp.float32).astype(jnp.bfloat16) for kk in keys]
+
+
+
 def check_kernel(kw, x, y):
     """Relative error of y against dequantize -> float32 HIGHEST dot (on the GPU)."""
     w = api.dequantize_kernel_weights(kw).astype(jnp.float32)
@@ -158,7 +168,8 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
     kws = [random_kernel_weights(kk, k, n, bits, group_size, rank) for kk in keys]
     jax.block_until_ready(kws)
     for m in ms:
-        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+        xs = activations(m, k, reps)
+        x = xs[0]
         byts = wbytes + m * k * 2 + m * n * 2
         for impl in impls:
             cfg_list = configs if (impl == "mgpu" and configs) else [None]
@@ -184,14 +195,14 @@ def bench_quant(k, n, ms, bits, group_size, rank, impls, ceil, bf16_us, configs=
                     # nested jit: the kernel is lowered once and called on every rotated buffer
                     one = jax.jit(lambda x, kw, call_impl=call_impl, interp=interp, cfg=cfg:
                                   api.matmul(x, kw, impl=call_impl, config=cfg, interpret=interp))
-                    fn = jax.jit(lambda x, *ws: [one(x, w) for w in ws])
-                    ys = jax.block_until_ready(fn(x, *kws))
+                    fn = jax.jit(lambda xs, *ws: [one(xi, w) for xi, w in zip(xs, ws)])
+                    ys = jax.block_until_ready(fn(xs, *kws))
                     err, fin = check_kernel(kws[0], x, ys[0])
-                    us = cupti_us(fn, (x, *kws), reps)
+                    us = cupti_us(fn, (xs, *kws), reps)
                     extra = {}
                     if BREAKDOWN and not ON_CPU:   # which kernels the call's time is made of
                         from benchmarks.quant_matmul_variants import kernel_breakdown
-                        extra["kernels_us"] = kernel_breakdown(fn, (x, *kws), reps)
+                        extra["kernels_us"] = kernel_breakdown(fn, (xs, *kws), reps)
                         log(f"KERNELS {name} m={m} rank={rank}: {extra['kernels_us']}")
                     bf = bf16_us.get(m)
                     record(op="quant_matmul", impl=name, shape=[k, n], m=m, bits=bits,
@@ -216,10 +227,11 @@ def bench_bf16(k, n, ms, ceil, use_torch):
           for kk in jax.random.split(jax.random.key(n), reps)]
     out = {}
     for m in ms:
-        x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+        xs = activations(m, k, reps)
         byts = wbytes + m * k * 2 + m * n * 2
-        fn = jax.jit(lambda x, *ws: [jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16) for w in ws])
-        us = cupti_us(fn, (x, *ws), reps)
+        fn = jax.jit(lambda xs, *ws: [jnp.dot(xi, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+                                      for xi, w in zip(xs, ws)])
+        us = cupti_us(fn, (xs, *ws), reps)
         out[m] = us
         record(op="matmul", impl="bf16_jnp_dot", shape=[k, n], m=m, bits=16, group_size=None, rank=0,
                time_us=us, bytes=byts, tbps=byts / (us * 1e-6) / 1e12, frac_copy=byts / (us * 1e-6) / 1e12 / ceil,

@@ -190,7 +190,7 @@ NMAJOR, PAIRS = qm_layout.LAYOUT, qm_layout.PAIRS_LAYOUT
 def test_kernel_interpret_mixed_bits_and_empty_experts(low_bit_layout):
     """2/3/4-bit experts (three launches), compensators of different ranks, a per-channel expert,
     K padded (384 -> 512), an empty expert and a whole empty class, rows past the groups; every
-    class in either kernel layout (f32 unpack / magic_bf16 unpack, picked from the layout)."""
+    class in either kernel layout (f32 unpack / magic_fold unpack, picked from the layout)."""
     rng = _rng()
     k, n, m = 384, 64, 11
     parts = [quantized_expert(k, n, 3, 64, 8, rng), quantized_expert(k, n, 2, 128, 0, rng),
@@ -200,7 +200,7 @@ def test_kernel_interpret_mixed_bits_and_empty_experts(low_bit_layout):
     gkw = mgpu_sm90.prepare_grouped(parts, low_bit_layout=low_bit_layout)
     assert sorted(len(c.experts) for c in gkw.classes) == [1, 2, 3]
     assert {c.bits: c.layout for c in gkw.classes} == {2: low_bit_layout, 3: low_bit_layout, 4: low_bit_layout}
-    magic = "magic_bf16" if low_bit_layout == PAIRS else "f32"
+    magic = "magic_fold" if low_bit_layout == PAIRS else "f32"     # MB 8 <= FOLD_MAX_BLOCK_M: the fold
     expect = {2: magic, 3: magic, 4: magic}
     assert {c.bits: mgpu_sm90.default_config(m, c).unpack for c in gkw.classes} == expect
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -428,11 +428,13 @@ def test_multi_class_one_launch_interpret(monkeypatch):
 
 def test_multi_class_magic_fold_interpret(monkeypatch):
     """The one-launch mixed layer with quant_matmul's magic_fold in every class (grouped.FOLD_MAX_BLOCK_M
-    on): 2/3/4-bit classes, g64 / g128 / per-channel fold blocks, split-K, empty and skewed routings."""
+    on): 2/3/4-bit classes, g64 / per-channel fold blocks, split-K, empty and skewed routings (a layer
+    with a g128 class keeps magic_bf16: multi_class_sm90.uses_fold)."""
     monkeypatch.setattr(mgpu_sm90, "FOLD_MAX_BLOCK_M", 16)
     rng = _rng()
     k, n = 1024, 128
-    parts, experts64, gkw = _mixed_layer(k, n, rng)
+    assert not multi_class_sm90.uses_fold(multi_class_sm90.plan_layer(2, _mixed_layer(k, n, rng)[2])[0], 8)  # g128
+    parts, experts64, gkw = _mixed_layer(k, n, rng, (64, 64, 64, None, 64, 64))
     for m in (2, 24):
         plans, mb, *_ = multi_class_sm90.plan_layer(m, gkw)
         assert multi_class_sm90.uses_fold(plans, mb)
@@ -478,7 +480,7 @@ def test_multi_class_lowers_natively_on_cpu(monkeypatch):
         assert text.count("custom_call @mosaic_gpu") == 1, m       # one launch (per class: 5)
         for mask in ("0x30003", "0x70007", "0xf000f"):      # each class's magic mask in the one kernel
             assert mask in text, (m, mask)
-    monkeypatch.setattr(mgpu_sm90, "FOLD_MAX_BLOCK_M", 16)           # the magic_fold classes lower too
+    _, _, gkw = _mixed_layer(k, n, rng, (64, 64, 64, None, 64, 64))   # the magic_fold classes lower too
     f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=False))
     text = f.trace(jax.ShapeDtypeStruct((1, k), jnp.bfloat16), gkw,
                    jax.ShapeDtypeStruct((len(MIXED_BITS),), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()

@@ -294,10 +294,10 @@ UPFRONT_ROWS = 2
 
 
 # magic_fold (quant_matmul's unscaled-A unpack) in quantized decode launches of MB <= this; 0 = never.
-# Off: in these split-K launches it measured slower, Mixtral FFN Mosaic time 77.2 -> 83.2 us at 1 token
-# and 273 -> 291 us at 16 (H200, 2026-12-03, benchmarks/results/moe_layer_s17d_mixtral.json), where the
-# stream-K kernel gains 9%. benchmarks/moe_layer.py --grouped-fold-mb overrides it.
-FOLD_MAX_BLOCK_M = 0
+# With quant_matmul's FOLD_SPAN = 4 the Mixtral FFN (3-bit g64, prepared model) took 79.1 us at 1 token
+# against 86.0 for magic_bf16, 255.6 against 283.8 at 16 tokens (H200, 2026-12-03, s18a; at span 8 it
+# was slower: 93.4 us). benchmarks/moe_layer.py --grouped-fold-mb overrides it.
+FOLD_MAX_BLOCK_M = 16
 
 
 def block_m_for(m: int, num_experts: int) -> int:
