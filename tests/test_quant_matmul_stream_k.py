@@ -177,3 +177,22 @@ def test_default_config_folds_small_blocks_only():
     assert mgpu_sm90.default_config(16, kw).unpack == "magic_fold"
     assert mgpu_sm90.default_config(64, kw).unpack == "magic_bf16"
     assert mgpu_sm90.default_config(1, kw, schedule="split_k").unpack == "magic_bf16"
+
+
+@pytest.mark.parametrize("m_pad,k_pad", [(8, 384), (16, 256), (24, 256)])
+def test_compensator_xu_matches_float64(m_pad, k_pad):
+    """x @ u for the compensator, both forms (multiply + reduce up to XU_REDUCE_MAX_ROWS rows, a dot
+    above): float64 values rounded once to bf16, columns past the rank zero, padded K columns of x
+    ignored."""
+    rng = _rng()
+    k, r, rp = 320 if k_pad == 384 else 256, 24, 64
+    xp = np.zeros((m_pad, k_pad), np.float32)
+    xp[:, :k] = rng.standard_normal((m_pad, k))
+    xp[:, k:] = 7.0                                   # must not count: only the first K columns are x
+    u = rng.standard_normal((k, r)) * 0.05
+    xb, ub = jnp.asarray(xp, jnp.bfloat16), jnp.asarray(u, jnp.bfloat16)
+    got = np.asarray(mgpu_sm90.compensator_xu(xb, ub, k, rp), np.float64)
+    want = np.asarray(xb[:, :k], np.float64) @ np.asarray(ub, np.float64)
+    assert got.shape == (m_pad, rp)
+    assert np.all(got[:, r:] == 0)
+    np.testing.assert_allclose(got[:, :r], want, rtol=1e-2, atol=1e-2 * np.abs(want).max())

@@ -485,6 +485,26 @@ def x_transforms(mma_k: int, slab: int, a_regs: bool = True):
     return _swizzle_transforms(64 if a_regs and mma_k % 64 == 0 else slab)
 
 
+XU_REDUCE_MAX_ROWS = 16
+
+
+def compensator_xu(xp: jax.Array, u: jax.Array, k: int, rank_pad: int) -> jax.Array:
+    """x @ u of the compensator: xp [M_pad, >= K] (x padded) -> [M_pad, Rp] bf16, float32 sums, the
+    columns past the rank zero (the kernel reads Rp-wide boxes).
+
+    Up to XU_REDUCE_MAX_ROWS rows as a multiply + reduce, which XLA emits as one reduction fusion
+    with the pad of u and the bf16 rounding inside. As a dot it was a GEMM, the GEMM's split-K reduce
+    and a pad: 2.5 + 1.3 + 1.0 us a call at M = 1, 4.8 us on top of a 12.8 us kernel (4096 x 14336
+    rank 32, H200, 2026-12-03, s18c). (Earlier, on the H100, the dot of the unpadded single row had
+    taken ~40 us; the padded rows fixed that.) Above, a dot."""
+    r = u.shape[-1]
+    if xp.shape[0] <= XU_REDUCE_MAX_ROWS:
+        up = jnp.pad(u.astype(jnp.float32), ((0, 0), (0, rank_pad - r)))
+        return (xp[:, :k, None].astype(jnp.float32) * up[None]).sum(1).astype(jnp.bfloat16)
+    xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - r)))
+
+
 def _run_acc(compute, acc, interpret: bool):
     """acc + whatever `compute(acc_ref)` accumulates: a wgmma register accumulator initialised from
     the carried value natively; in GPU interpret mode (which has no run_state) a float32 SMEM tile
@@ -791,10 +811,7 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
     rank_pad = 0
     if kw.u is not None:
         rank_pad = kw.v_t.shape[1]
-        # x @ u from the row-padded x (>= 8 rows): measured, XLA's M=1 dot with 32 outputs took
-        # ~40 us (rank-32 M=1 80 us against 37 us without), M=16 added only 2.6 us.
-        xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-        xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, m_pad - xu.shape[0]), (0, rank_pad - kw.rank)))
+        xu = compensator_xu(xp, kw.u, k, rank_pad)
         # one slice per K split; only split 0 adds the compensator (the others multiply zeros)
         xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))
         args += [xu, kw.v_t]

@@ -228,8 +228,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     rank_pad = 0
     if kw.u is not None:
         rank_pad = kw.v_t.shape[1]
-        xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), kw.u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
-        args += [jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - kw.rank))), kw.v_t]
+        args += [base.compensator_xu(xp, kw.u, k, rank_pad), kw.v_t]
     if cfg.unpack == "magic_fold":
         args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
