@@ -473,10 +473,10 @@ PY
     pack
     ;;
   s18e)  # stop 18: x @ u as one XLA reduction (compensator_xu): native dense-kernel tests, then rank 0 / 32 times
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_dense 150 python3 -m pytest tests/test_quant_matmul_stream_k.py \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_dense 110 python3 -m pytest tests/test_quant_matmul_stream_k.py \
       tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
     pack
-    TAIL=12 step qm_rank 90 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+    TAIL=12 step qm_rank 75 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
       --peers '' --ranks 0,32 --breakdown --no-torch --out "$OUT/quant_matmul_s18e_rank.json"
     grep KERNELS "$OUT/qm_rank.txt"
     pack
