@@ -472,7 +472,7 @@ PY
       --ours-bits 3,4 --peers torch_int4_g128 --ranks 0 --out "$OUT/quant_matmul_s18d_small.json"
     pack
     ;;
-  s18e)  # stop 18: x @ u as one XLA reduction (compensator_xu): native dense-kernel tests, then rank 0 / 32 times
+  s18e)  # next: x @ u as one XLA reduction (set mgpu_sm90.XU_REDUCE_MAX_ROWS = 16 first; not run, no device time left): native dense-kernel tests, then rank 0 / 32 times
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_dense 110 python3 -m pytest tests/test_quant_matmul_stream_k.py \
       tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
     pack

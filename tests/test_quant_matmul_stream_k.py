@@ -179,11 +179,13 @@ def test_default_config_folds_small_blocks_only():
     assert mgpu_sm90.default_config(1, kw, schedule="split_k").unpack == "magic_bf16"
 
 
+@pytest.mark.parametrize("reduce_rows", [0, 16])
 @pytest.mark.parametrize("m_pad,k_pad", [(8, 384), (16, 256), (24, 256)])
-def test_compensator_xu_matches_float64(m_pad, k_pad):
+def test_compensator_xu_matches_float64(monkeypatch, reduce_rows, m_pad, k_pad):
     """x @ u for the compensator, both forms (multiply + reduce up to XU_REDUCE_MAX_ROWS rows, a dot
     above): float64 values rounded once to bf16, columns past the rank zero, padded K columns of x
     ignored."""
+    monkeypatch.setattr(mgpu_sm90, "XU_REDUCE_MAX_ROWS", reduce_rows)
     rng = _rng()
     k, r, rp = 320 if k_pad == 384 else 256, 24, 64
     xp = np.zeros((m_pad, k_pad), np.float32)

@@ -485,15 +485,17 @@ def x_transforms(mma_k: int, slab: int, a_regs: bool = True):
     return _swizzle_transforms(64 if a_regs and mma_k % 64 == 0 else slab)
 
 
-XU_REDUCE_MAX_ROWS = 16
+# x @ u as a multiply + reduce up to this many padded rows; 0 = always a dot. Off: built after the
+# session's device time ran out, so neither timed nor run natively (next: benchmarks/device_run.sh s18e).
+XU_REDUCE_MAX_ROWS = 0
 
 
 def compensator_xu(xp: jax.Array, u: jax.Array, k: int, rank_pad: int) -> jax.Array:
     """x @ u of the compensator: xp [M_pad, >= K] (x padded) -> [M_pad, Rp] bf16, float32 sums, the
     columns past the rank zero (the kernel reads Rp-wide boxes).
 
-    Up to XU_REDUCE_MAX_ROWS rows as a multiply + reduce, which XLA emits as one reduction fusion
-    with the pad of u and the bf16 rounding inside. As a dot it was a GEMM, the GEMM's split-K reduce
+    Up to XU_REDUCE_MAX_ROWS rows (off for now) as a multiply + reduce, meant to become one XLA
+    reduction fusion with the pad of u and the bf16 rounding inside. As a dot it was a GEMM, the GEMM's split-K reduce
     and a pad: 2.5 + 1.3 + 1.0 us a call at M = 1, 4.8 us on top of a 12.8 us kernel (4096 x 14336
     rank 32, H200, 2026-12-03, s18c). (Earlier, on the H100, the dot of the unpadded single row had
     taken ~40 us; the padded rows fixed that.) Above, a dot."""
