@@ -427,8 +427,16 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                 sets = layers[key]
                 state["stage"] = "compile+run"
                 one = jax.jit(f)
-                fn = jax.jit(lambda x, w, i, *ls: [one(x, w, i, L) for L in ls])
-                ys = jax.block_until_ready(fn(x, weights, ids, *sets))
+                # each rotated layer gets its own x and its own copy of the routing (as the layers of a
+                # decode step), so XLA cannot compute the x- and routing-side ops once for all of them
+                # (since stop 18; before, the layers shared x and ids)
+                xs = [x] + [jax.random.normal(jax.random.key(7 * t + r), x.shape, jnp.float32).astype(x.dtype)
+                            for r in range(1, reps)]
+                ws_ = [weights] + [jnp.array(weights, copy=True) for _ in range(1, reps)]
+                ids_ = [ids] + [jnp.array(ids, copy=True) for _ in range(1, reps)]
+                fn = jax.jit(lambda xs, ws_, ids_, *ls: [one(*a) for a in zip(xs, ws_, ids_, ls)])
+                args = (xs, ws_, ids_, *sets)
+                ys = jax.block_until_ready(fn(*args))
                 t_compiled = time.time() - t_case
                 finite = bool(jnp.all(jnp.isfinite(ys[0].astype(jnp.float32))))
                 relerr = None
@@ -444,11 +452,11 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                     del ref
                 del ys
                 state["stage"] = "timing"
-                us = cupti_us(fn, (x, weights, ids, *sets), reps)
+                us = cupti_us(fn, args, reps)
                 extra = {}
                 if BREAKDOWN and not ON_CPU:   # per-kernel CUPTI time: the kernels vs the XLA ops around them
                     from benchmarks.quant_matmul_variants import kernel_breakdown
-                    extra["kernels_us"] = kernel_breakdown(fn, (x, weights, ids, *sets), reps)
+                    extra["kernels_us"] = kernel_breakdown(fn, args, reps)
                     log(f"KERNELS {name} T={t} {impl}: {extra['kernels_us']}")
                 rd, bf = base.get("ragged_dot_bf16"), base.get("grouped_bf16")
                 tbps = moved / (us * 1e-6) / 1e12
