@@ -481,5 +481,20 @@ PY
     grep KERNELS "$OUT/qm_rank.txt"
     pack
     ;;
+  s18f)  # next session: the padded x-sum boxes natively (the small-box / several-steps cases and the g128 mixed layers
+          # with the fold forced on), each case in its own process; then every native kernel test
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest tests/test_magic_fold_native.py --collect-only -q -m gpu \
+      -k "small_boxes or with_g128" -p no:cacheprovider 2>/dev/null | grep '::' > "$OUT/cases.txt"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false xargs -P 6 -I{} sh -c 'n=$(echo "{}" | tr -c "A-Za-z0-9" _); \
+      timeout 200 python3 -m pytest "{}" -q -p no:cacheprovider -x > "$0/case_$n.txt" 2>&1; echo "rc=$? {}"' "$OUT" \
+      < "$OUT/cases.txt" | sort > "$OUT/cases_rc.txt"
+    cat "$OUT/cases_rc.txt"
+    pack
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=10 step native_tests 330 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul_stream_k.py tests/test_quant_matmul.py \
+      tests/test_quant_matmul_variants.py tests/test_magic_fold_native.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
+      -k "not with_g128"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -139,3 +139,47 @@ def test_multi_class_fold_case(fold_span4, groups):
         for gs in (routings(m, len(parts), rng)[:2] if m > 3 else [jnp.asarray(np.eye(6, dtype=np.int32)[3])]):
             y = f(x, gkw, gs)
             assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16, (groups, m, np.asarray(gs))
+
+
+# The x-sum boxes padded to 128 B (qm.fold_rows_per_tile, stop 18): configurations whose boxes were smaller
+# (per channel: 32 B at MB 8; 4-bit g128: 64 B) with several pipeline steps per CTA, where the second
+# stage's TMA destination used to be misaligned. Every native pass before had one step per CTA there.
+@pytest.mark.parametrize("bits,group", [(3, None), (4, 128), (4, None)])
+def test_fold_small_boxes_several_steps(fold_span4, bits, group):
+    from tests.test_quant_matmul import TOL, _rng, make_weight, make_x, ref64, rel_err
+    from tests.test_grouped_matmul import TOL_BF16, dense64, quantized_expert, ref64 as gref64, rel_err as grel
+    rng = _rng()
+    qt = make_weight(2048, 256, bits, group, 0, rng)
+    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+    for m in (1, 16):
+        x = make_x(m, 2048, rng)
+        assert rel_err(sk.matmul_stream_k(x, kw, max_ctas=4), ref64(x, qt)) < TOL, (bits, group, m)   # 4+ steps a CTA
+    e, k, n = 3, 2048, 128
+    parts = [quantized_expert(k, n, bits, group, 0, rng) for _ in range(e)]
+    stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
+    gkw = grouped.prepare_grouped(stacked, low_bit_layout=layout.PAIRS_LAYOUT)
+    for m in (1, 16):
+        cfg = dataclasses.replace(grouped.default_config(m, gkw.classes[0]), k_splits=1)   # every K tile in one CTA
+        assert cfg.unpack == "magic_fold"
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        gs = jnp.asarray([m - m // 2, 0, m // 2], jnp.int32)
+        y = gapi.grouped_matmul(x, gkw, gs, impl="kernel", config=cfg)
+        assert grel(y, gref64(x, [dense64(p) for p in parts], gs)) < TOL_BF16, (bits, group, m)
+
+
+@pytest.mark.parametrize("groups", ["g128", "default"])
+def test_multi_class_fold_with_g128_class(fold_span4, monkeypatch, groups):
+    """The layers that misaligned in s18b, with the fold forced on (multi_class_sm90.FOLD_128_ROW_BLOCKS):
+    if this passes natively, the padded boxes were the fault and the exclusion in uses_fold can go."""
+    monkeypatch.setattr(multi_class_sm90, "FOLD_128_ROW_BLOCKS", True)
+    from tests.test_grouped_matmul import TOL_BF16, _mixed_layer, _rng, ref64, rel_err, routings
+    rng = _rng()
+    k, n = 1408, 256
+    parts, experts64, gkw = _mixed_layer(k, n, rng, MIXED_GROUPS[groups])
+    f = jax.jit(lambda x, w, g: gapi.grouped_matmul(x, w, g, impl="kernel"))
+    for m in (1, 16):
+        plans, mb, *_ = multi_class_sm90.plan_layer(m, gkw)
+        assert multi_class_sm90.uses_fold(plans, mb)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        for gs in (routings(m, len(parts), rng)[:2] if m > 3 else [jnp.asarray(np.eye(6, dtype=np.int32)[3])]):
+            assert rel_err(f(x, gkw, gs), ref64(x, experts64, gs)) < TOL_BF16, (groups, m, np.asarray(gs))

@@ -198,3 +198,19 @@ def test_compensator_xu_matches_float64(monkeypatch, reduce_rows, m_pad, k_pad):
     assert got.shape == (m_pad, rp)
     assert np.all(got[:, r:] == 0)
     np.testing.assert_allclose(got[:, :r], want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("bits,group,nf", [(3, None, 1), (4, 128, 2), (4, 64, 4), (3, 64, 8)])
+def test_fold_group_sums_rows_padded_per_tile(bits, group, nf):
+    """x's fold-block sums: R = 4-row multiples per K tile (128 B boxes at MB >= 8), the pad rows zero,
+    the others float64 sums of x over each fold block."""
+    rng = _rng()
+    kw = layout.prepare(make_weight(1024, 64, bits, group, 0, rng), layout=layout.PAIRS_LAYOUT)
+    xp = jnp.asarray(rng.standard_normal((8, kw.k_pad)), jnp.bfloat16)
+    xs = np.asarray(mgpu_sm90.fold_group_sums(xp, bits=bits, slab=kw.slab, group_rows=kw.group_rows))
+    r, tiles, f = mgpu_sm90.fold_rows_per_tile(nf), kw.k_pad // kw.tile_rows, kw.tile_rows // nf
+    assert r % 4 == 0 and xs.shape == (tiles * r, 8)
+    x64 = np.asarray(xp, np.float64).reshape(8, tiles, nf, f).sum(-1)          # [M, tiles, nf]
+    got = xs.reshape(tiles, r, 8)
+    np.testing.assert_allclose(got[:, :nf].transpose(2, 0, 1), x64, rtol=1e-5, atol=1e-4)
+    assert np.all(got[:, nf:] == 0)

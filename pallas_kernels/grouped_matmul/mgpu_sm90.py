@@ -438,7 +438,7 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
                                             mb=mb, group_rows=group_rows, g_block=g_block, tile_rows=tile_rows,
                                             interpret=interpret)
 
-    specs = in_specs + [plgpu.BlockSpec((nf, mb), lambda s: (s + off, mi))]
+    specs = in_specs + [plgpu.BlockSpec((qm.fold_rows_per_tile(nf), mb), lambda s: (s + off, mi))]
 
     @pl.when(valid)
     def _():

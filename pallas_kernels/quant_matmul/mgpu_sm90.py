@@ -397,7 +397,7 @@ def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, *, bits,
                               g_block, tile_rows, interpret):
     """One pipeline step of the magic_fold decode: acc [BN, MB] float32 value -> acc + this K tile.
 
-    xs_ref [nf, MB] float32: row f = the sums of x over fold block f (X_f[m]). Per fold block f
+    xs_ref [R, MB] float32 (R = fold_rows_per_tile(nf)): row f < nf = the sums of x over fold block f (X_f[m]). Per fold block f
     (F K rows with one scale row g, see fold_blocks):
         raw  = (128 + q) @ x_f^T        wgmma, A = the raw magic pairs (exact in bf16)
         acc += s_g * raw - (128 + z_g) * s_g * X_f         (float32; s, z along rows, X along columns)
@@ -471,12 +471,26 @@ def fold_span(nf: int, mb: int) -> int:
     return span
 
 
+def fold_rows_per_tile(nf: int) -> int:
+    """Rows of x's group sums one K tile reads: its nf fold blocks, padded to a multiple of 4. Why: the
+    pipeline's TMA boxes are (rows, MB) float32, and each stage's buffer must start 128-byte aligned
+    (TMA's shared-memory rule); with MB >= 8, 4 rows make 128 B. Unpadded, per-channel weights (nf = 1,
+    32 B at MB = 8) or 4-bit g128 (nf = 2) put the second stage's box 32 / 64 bytes in: a misaligned
+    TMA destination whenever a CTA runs more than one pipeline step."""
+    return -(-nf // 4) * 4
+
+
 def fold_group_sums(xp: jax.Array, *, bits: int, slab: int, group_rows: int) -> jax.Array:
-    """xp [M_pad, Kp] bf16 -> [Kp / F, M_pad] float32: the sums of x over each fold block (F rows, from
-    fold_blocks for weights of this bits / slab / group) — magic_fold's extra kernel input."""
-    f_rows = fold_blocks(group_rows, packing.slots_per_tile(bits) * slab, slab)[0]
+    """xp [M_pad, Kp] bf16 -> [tiles * R, M_pad] float32: the sums of x over each fold block (F rows, from
+    fold_blocks for weights of this bits / slab / group), R = fold_rows_per_tile(nf) rows per K tile
+    (the last R - nf rows of a tile zero) — magic_fold's extra kernel input."""
+    tile_rows = packing.slots_per_tile(bits) * slab
+    f_rows = fold_blocks(group_rows, tile_rows, slab)[0]
+    nf = tile_rows // f_rows
     m_pad, k_pad = xp.shape
-    return xp.astype(jnp.float32).reshape(m_pad, k_pad // f_rows, f_rows).sum(-1).T
+    sums = xp.astype(jnp.float32).reshape(m_pad, k_pad // tile_rows, nf, f_rows).sum(-1)   # [M, tiles, nf]
+    sums = jnp.pad(sums, ((0, 0), (0, 0), (0, fold_rows_per_tile(nf) - nf)))
+    return sums.reshape(m_pad, -1).T
 
 
 def x_transforms(mma_k: int, slab: int, a_regs: bool = True):
@@ -485,8 +499,6 @@ def x_transforms(mma_k: int, slab: int, a_regs: bool = True):
     return _swizzle_transforms(64 if a_regs and mma_k % 64 == 0 else slab)
 
 
-# x @ u as a multiply + reduce up to this many padded rows; 0 = always a dot. Off: built after the
-# session's device time ran out, so neither timed nor run natively (next: benchmarks/device_run.sh s18e).
 XU_REDUCE_MAX_ROWS = 0
 
 

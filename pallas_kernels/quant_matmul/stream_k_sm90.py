@@ -172,7 +172,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         ]
         pipe_in = [codes, scales, zeros, x]
         if plan.fold:   # the fold blocks' sums of x: [Kp / F, M_pad] float32, nf rows per K tile
-            in_specs.append(plgpu.BlockSpec((nf, mb), lambda s: (tile_of(s)[2], tile_of(s)[0])))
+            in_specs.append(plgpu.BlockSpec((base.fold_rows_per_tile(nf), mb),
+                                            lambda s: (tile_of(s)[2], tile_of(s)[0])))
             pipe_in.append(ins[-1])
         init = jnp.zeros((bn, mb), jnp.float32)
         if not interpret:
