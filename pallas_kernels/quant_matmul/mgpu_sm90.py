@@ -397,8 +397,8 @@ def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, *, bits,
                               g_block, tile_rows, interpret):
     """One pipeline step of the magic_fold decode: acc [BN, MB] float32 value -> acc + this K tile.
 
-    xs_ref [R, MB] float32 (R = fold_rows_per_tile(nf)): row f < nf = the sums of x over fold block f (X_f[m]). Per fold block f
-    (F K rows with one scale row g, see fold_blocks):
+    xs_ref [R, MB] float32 (R = fold_rows_per_tile(nf)): row f < nf = the sums of x over fold block f
+    (X_f[m]). Per fold block f (F K rows with one scale row g, see fold_blocks):
         raw  = (128 + q) @ x_f^T        wgmma, A = the raw magic pairs (exact in bf16)
         acc += s_g * raw - (128 + z_g) * s_g * X_f         (float32; s, z along rows, X along columns)
     which is sum_k s (q - z) x over the block with no bf16 rounding of the weight. The conversion
@@ -499,6 +499,8 @@ def x_transforms(mma_k: int, slab: int, a_regs: bool = True):
     return _swizzle_transforms(64 if a_regs and mma_k % 64 == 0 else slab)
 
 
+# x @ u as a multiply + reduce up to this many padded rows; 0 = always a dot. Off: built after the
+# session's device time ran out, so neither timed nor run natively (next: benchmarks/device_run.sh s18e).
 XU_REDUCE_MAX_ROWS = 0
 
 
@@ -507,9 +509,9 @@ def compensator_xu(xp: jax.Array, u: jax.Array, k: int, rank_pad: int) -> jax.Ar
     columns past the rank zero (the kernel reads Rp-wide boxes).
 
     Up to XU_REDUCE_MAX_ROWS rows (off for now) as a multiply + reduce, meant to become one XLA
-    reduction fusion with the pad of u and the bf16 rounding inside. As a dot it was a GEMM, the GEMM's split-K reduce
-    and a pad: 2.5 + 1.3 + 1.0 us a call at M = 1, 4.8 us on top of a 12.8 us kernel (4096 x 14336
-    rank 32, H200, 2026-12-03, s18c). (Earlier, on the H100, the dot of the unpadded single row had
+    reduction fusion with the pad of u and the bf16 rounding inside. As a dot it was a GEMM, the
+    GEMM's split-K reduce and a pad: 2.5 + 1.3 + 1.0 us a call at M = 1, 4.8 us on top of a 12.8 us
+    kernel (4096 x 14336 rank 32, H200, 2026-12-03, s18c). (Earlier, on the H100, the dot of the unpadded single row had
     taken ~40 us; the padded rows fixed that.) Above, a dot."""
     r = u.shape[-1]
     if xp.shape[0] <= XU_REDUCE_MAX_ROWS:
