@@ -496,5 +496,27 @@ PY
       -k "not with_g128"
     pack
     ;;
+  s20a)  # stop 20: the padded x-sum boxes natively (small boxes / several steps, g128 mixed layers with the fold forced
+          # on), each case in its own process; dense tests with x @ u as multiply + reduce (XU_REDUCE_MAX_ROWS 16);
+          # rank 0 / 32 times with 16 and with 0 in the same session
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest tests/test_magic_fold_native.py --collect-only -q -m gpu \
+      -k "small_boxes or with_g128" -p no:cacheprovider 2>/dev/null | grep '::' > "$OUT/cases.txt"
+    t0=$(date +%s)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false xargs -P 6 -I{} sh -c 'n=$(echo "{}" | tr -c "A-Za-z0-9" _); \
+      timeout 200 python3 -m pytest "{}" -q -p no:cacheprovider -x > "$0/case_$n.txt" 2>&1; echo "rc=$? {}"' "$OUT" \
+      < "$OUT/cases.txt" | sort > "$OUT/cases_rc.txt"
+    echo "=== fold cases in $(( $(date +%s) - t0 )) s"; cat "$OUT/cases_rc.txt"
+    pack
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_dense 120 python3 -m pytest tests/test_quant_matmul_stream_k.py \
+      tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    for xu in 16 0; do
+      TAIL=4 step qm_rank_xu$xu 90 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+        --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.mgpu_sm90.XU_REDUCE_MAX_ROWS=$xu \
+        --out "$OUT/quant_matmul_s20a_xu$xu.json"
+      grep -E "KERNELS|us" "$OUT/qm_rank_xu$xu.txt" | tail -8
+    done
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

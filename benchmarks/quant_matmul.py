@@ -19,6 +19,7 @@ Table and roofline: benchmarks/plot_quant_matmul.py (the table is rewritten afte
 from __future__ import annotations
 
 import argparse
+import importlib
 import datetime
 import json
 import math
@@ -334,6 +335,21 @@ def load_previous(path):
     return old.get("records", []), runs
 
 
+def apply_overrides(settings):
+    """--set MODULE.ATTR=VALUE: the module's constant replaced (as an int) before anything is traced, so two
+    settings of a switch can be timed in the same session. Unknown names raise rather than time the default."""
+    for item in settings:
+        name, sep, value = item.partition("=")
+        mod_name, _, attr = name.rpartition(".")
+        if not sep or not mod_name:
+            raise ValueError(f"--set wants MODULE.ATTR=VALUE, got {item!r}")
+        mod = importlib.import_module(mod_name)
+        if not hasattr(mod, attr):
+            raise ValueError(f"--set: {mod_name} has no attribute {attr!r}")
+        setattr(mod, attr, int(value))
+        log(f"set {mod_name}.{attr} = {int(value)}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/quant_matmul.json")
@@ -356,7 +372,11 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU dry run: 256x128 and 128x192, M 1 and 300, interpret mode")
     ap.add_argument("--plan", default="issue", choices=["issue", "grid"],
                     help="issue: the issue's table (bf16, our default, peers); grid: full product of --bits/--group/--ranks/--impls")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE",
+                    help="override a module constant before timing (an int), e.g. "
+                         "pallas_kernels.quant_matmul.mgpu_sm90.XU_REDUCE_MAX_ROWS=0; repeatable")
     args = ap.parse_args(argv)
+    apply_overrides(args.set)
     global BREAKDOWN
     BREAKDOWN = args.breakdown
     if args.smoke:

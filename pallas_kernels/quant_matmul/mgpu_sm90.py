@@ -501,7 +501,7 @@ def x_transforms(mma_k: int, slab: int, a_regs: bool = True):
 
 # x @ u as a multiply + reduce up to this many padded rows; 0 = always a dot. Off: built after the
 # session's device time ran out, so neither timed nor run natively (next: benchmarks/device_run.sh s18e).
-XU_REDUCE_MAX_ROWS = 0
+XU_REDUCE_MAX_ROWS = 16
 
 
 def compensator_xu(xp: jax.Array, u: jax.Array, k: int, rank_pad: int) -> jax.Array:
