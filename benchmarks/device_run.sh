@@ -518,5 +518,20 @@ PY
     done
     pack
     ;;
+  s20b)  # stop 20: v_t / x @ u at Rp 32 for rank <= 32 and one xu for all K splits; mixed layers with a g128 class on
+          # magic_fold: every native kernel test, rank 0 / 32 times, then the Mixtral FFN (each rotated layer its own x)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=10 step native_tests 300 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul_stream_k.py tests/test_quant_matmul.py \
+      tests/test_quant_matmul_variants.py tests/test_magic_fold_native.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=4 step qm_rank 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --out "$OUT/quant_matmul_s20b_rank.json"
+    grep -E "KERNELS" "$OUT/qm_rank.txt"
+    pack
+    TAIL=16 step moe_mixtral 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16,64 --budget-s 180 \
+      --out "$OUT/moe_layer_s20b_mixtral.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

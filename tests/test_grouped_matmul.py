@@ -428,13 +428,11 @@ def test_multi_class_one_launch_interpret(monkeypatch):
 
 def test_multi_class_magic_fold_interpret(monkeypatch):
     """The one-launch mixed layer with quant_matmul's magic_fold in every class (grouped.FOLD_MAX_BLOCK_M
-    on): 2/3/4-bit classes, g64 / per-channel fold blocks, split-K, empty and skewed routings (a layer
-    with a g128 class keeps magic_bf16: multi_class_sm90.uses_fold)."""
+    on): 2/3/4-bit classes, g64 / g128 / per-channel fold blocks, split-K, empty and skewed routings."""
     monkeypatch.setattr(mgpu_sm90, "FOLD_MAX_BLOCK_M", 16)
     rng = _rng()
     k, n = 1024, 128
-    assert not multi_class_sm90.uses_fold(multi_class_sm90.plan_layer(2, _mixed_layer(k, n, rng)[2])[0], 8)  # g128
-    parts, experts64, gkw = _mixed_layer(k, n, rng, (64, 64, 64, None, 64, 64))
+    parts, experts64, gkw = _mixed_layer(k, n, rng)   # the default mix: g64, g128 and per-channel classes
     for m in (2, 24):
         plans, mb, *_ = multi_class_sm90.plan_layer(m, gkw)
         assert multi_class_sm90.uses_fold(plans, mb)

@@ -59,7 +59,7 @@ def test_grouped_stacked_and_mixed_span4(fold_span4):
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         for gs in (routings(m, e, rng) if m > 3 else [jnp.asarray(np.eye(e, dtype=np.int32)[2])]):
             assert rel_err(f(x, gkw, gs), ref64(x, experts64, gs)) < TOL_BF16, (m, np.asarray(gs))
-    mparts, mexperts64, mgkw = _mixed_layer(k, n, rng, (64, 64, 64, None, 64, 64))   # no g128 class: see uses_fold
+    mparts, mexperts64, mgkw = _mixed_layer(k, n, rng, (64, 64, 128, None, 64, 64))   # g64, g128 and per-channel classes
     for m in (1, 16):
         plans, mb, *_ = multi_class_sm90.plan_layer(m, mgkw)
         assert multi_class_sm90.uses_fold(plans, mb)
@@ -133,8 +133,8 @@ def test_multi_class_fold_case(fold_span4, groups):
     f = jax.jit(lambda x, w, g: gapi.grouped_matmul(x, w, g, impl="kernel"))
     for m in (1, 16):
         plans, mb, *_ = multi_class_sm90.plan_layer(m, gkw)
-        # a g128 class keeps the layer on magic_bf16 (multi_class_sm90.uses_fold: those misaligned natively)
-        assert multi_class_sm90.uses_fold(plans, mb) == (128 not in MIXED_GROUPS[groups])
+        # every mix folds, g128 classes too (they misaligned in s18b, before the x-sum boxes were padded)
+        assert multi_class_sm90.uses_fold(plans, mb)
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         for gs in (routings(m, len(parts), rng)[:2] if m > 3 else [jnp.asarray(np.eye(6, dtype=np.int32)[3])]):
             y = f(x, gkw, gs)
@@ -165,21 +165,3 @@ def test_fold_small_boxes_several_steps(fold_span4, bits, group):
         gs = jnp.asarray([m - m // 2, 0, m // 2], jnp.int32)
         y = gapi.grouped_matmul(x, gkw, gs, impl="kernel", config=cfg)
         assert grel(y, gref64(x, [dense64(p) for p in parts], gs)) < TOL_BF16, (bits, group, m)
-
-
-@pytest.mark.parametrize("groups", ["g128", "default"])
-def test_multi_class_fold_with_g128_class(fold_span4, monkeypatch, groups):
-    """The layers that misaligned in s18b, with the fold forced on (multi_class_sm90.FOLD_128_ROW_BLOCKS):
-    if this passes natively, the padded boxes were the fault and the exclusion in uses_fold can go."""
-    monkeypatch.setattr(multi_class_sm90, "FOLD_128_ROW_BLOCKS", True)
-    from tests.test_grouped_matmul import TOL_BF16, _mixed_layer, _rng, ref64, rel_err, routings
-    rng = _rng()
-    k, n = 1408, 256
-    parts, experts64, gkw = _mixed_layer(k, n, rng, MIXED_GROUPS[groups])
-    f = jax.jit(lambda x, w, g: gapi.grouped_matmul(x, w, g, impl="kernel"))
-    for m in (1, 16):
-        plans, mb, *_ = multi_class_sm90.plan_layer(m, gkw)
-        assert multi_class_sm90.uses_fold(plans, mb)
-        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-        for gs in (routings(m, len(parts), rng)[:2] if m > 3 else [jnp.asarray(np.eye(6, dtype=np.int32)[3])]):
-            assert rel_err(f(x, gkw, gs), ref64(x, experts64, gs)) < TOL_BF16, (groups, m, np.asarray(gs))

@@ -179,15 +179,12 @@ def test_default_config_folds_small_blocks_only():
     assert mgpu_sm90.default_config(1, kw, schedule="split_k").unpack == "magic_bf16"
 
 
-@pytest.mark.parametrize("reduce_rows", [0, 16])
-@pytest.mark.parametrize("m_pad,k_pad", [(8, 384), (16, 256), (24, 256)])
-def test_compensator_xu_matches_float64(monkeypatch, reduce_rows, m_pad, k_pad):
-    """x @ u for the compensator, both forms (multiply + reduce up to XU_REDUCE_MAX_ROWS rows, a dot
-    above): float64 values rounded once to bf16, columns past the rank zero, padded K columns of x
-    ignored."""
-    monkeypatch.setattr(mgpu_sm90, "XU_REDUCE_MAX_ROWS", reduce_rows)
+@pytest.mark.parametrize("m_pad,k_pad,r", [(8, 384, 24), (16, 256, 32), (24, 256, 40)])
+def test_compensator_xu_matches_float64(m_pad, k_pad, r):
+    """x @ u for the compensator: float64 values rounded once to bf16, columns past the rank zero,
+    padded K columns of x ignored; Rp from layout.rank_pad (32 at rank 24 and 32, 64 at 40)."""
     rng = _rng()
-    k, r, rp = 320 if k_pad == 384 else 256, 24, 64
+    k, rp = 320 if k_pad == 384 else 256, layout.rank_pad(r)
     xp = np.zeros((m_pad, k_pad), np.float32)
     xp[:, :k] = rng.standard_normal((m_pad, k))
     xp[:, k:] = 7.0                                   # must not count: only the first K columns are x

@@ -242,7 +242,7 @@ def fuse_columns(a: GroupedKernelWeights, b: GroupedKernelWeights) -> GroupedKer
             rb = 0 if cb.u is None else cb.u.shape[2]
             if ra + rb > layout.MAX_RANK:
                 raise ValueError(f"fuse_columns: fused rank {ra} + {rb} exceeds {layout.MAX_RANK}")
-            rp = 64 if ra + rb <= 64 else 128
+            rp = layout.rank_pad(ra + rb)
             parts = [p for p in (ca.u, cb.u) if p is not None]
             u = jnp.concatenate(parts, axis=2) if len(parts) == 2 else parts[0]
             va = jnp.zeros((ec * na, rp), jnp.bfloat16) if ca.u is None else \
@@ -464,7 +464,7 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
 @functools.lru_cache(maxsize=None)
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts: int, num_blocks: int,
           rank_pad: int, cfg: Config, interpret: bool):
-    """f(block_counts [Ec] int32, codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [splits, B*MB, Rp],
+    """f(block_counts [Ec] int32, codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [B*MB, Rp],
     v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials).
 
     block_counts[e] = number of MB-row blocks of local expert e (its rows rounded up).
@@ -482,7 +482,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     plan = _unpack_plan(unpack, cfg.a_regs and unpack.startswith("magic"), True, bits, chunk, nchunks, slab,
                         scales_upfront=cfg.scales_upfront)
     tr = _swizzle_transforms(slab)
-    tr_r = _swizzle_transforms(64)
+    tr_r = _swizzle_transforms(max(32, min(rank_pad, 64)))   # Rp 32: 64-byte swizzle (unused at rank 0)
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
@@ -506,7 +506,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         expert, valid = _block_expert(counts, mi, num_experts)
         if comp:   # compensator operands arrive while the main loop runs (split 0 only; in range for
             # skipped blocks too)
-            _compensator_copies(ki == 0, xu.at[ki, pl.ds(mi * mb, mb)], v_t.at[pl.ds(expert * n + ni * bn, bn)],
+            _compensator_copies(ki == 0, xu.at[pl.ds(mi * mb, mb)], v_t.at[pl.ds(expert * n + ni * bn, bn)],
                                 xu_smem, v_smem, bar)
         row_block = expert * n_blocks + ni            # this expert's column tile in stacked codes
         scale_base = expert * scale_blocks_per_expert
@@ -600,8 +600,7 @@ def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool
         rank_pad = c.v_t.shape[1]
         # x @ u per padded row: groups = each local expert's padded segment (zero rows add 0)
         xu = jax.lax.ragged_dot(x_pad[:, :k], c.u, counts * mb, preferred_element_type=jnp.float32)
-        xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - c.u.shape[2])))
-        xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))   # only split 0 adds it
+        xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - c.u.shape[2])))   # only split 0 reads it
         args += [xu, c.v_t]
     if cfg.unpack == "magic_f16":
         args[4] = x_pad.astype(jnp.float16)   # the A tile is f16: wgmma needs both operands f16

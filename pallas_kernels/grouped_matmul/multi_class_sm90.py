@@ -216,24 +216,14 @@ def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False):
 
 
 def uses_fold(plans, mb: int) -> bool:
-    """Whether the launch takes magic_fold: grouped.FOLD_MAX_BLOCK_M (the single-class launches' switch),
-    every class's groups made of whole pair-slots, and no class of 128-row fold blocks.
+    """Whether the launch takes magic_fold: grouped.FOLD_MAX_BLOCK_M (the single-class launches' switch)
+    and every class's groups made of whole pair-slots.
 
-    Why the last: natively (H200, 2026-12-03, s18b) every mixed layer holding a g128 class failed with
-    CUDA_ERROR_MISALIGNED_ADDRESS under the fold, even at 1 token routed to a g64 expert, while the same
-    g128 weights passed alone (stacked single-class launch, stream-K) and mixed layers of g64 and
-    per-channel classes passed (tests/test_magic_fold_native.py: the *_fold_case tests). A suspect, fixed
-    since (qm.fold_rows_per_tile): the 4-bit g128 class's x-sum boxes were 64 B, so its second pipeline
-    stage's TMA destination was not 128-byte aligned; but at 1 token that class's pipeline should not
-    have run at all, so the fix is not known to be the whole story. Until a native run with
-    FOLD_128_ROW_BLOCKS = True passes, such layers keep magic_bf16."""
-    def fold_rows(p):
-        return qm.fold_blocks(p.group_rows, packing.slots_per_tile(p.bits) * p.slab, p.slab)[0]
-    return (mb <= grouped.FOLD_MAX_BLOCK_M and all(not p.group_rows % (2 * p.slab) for p in plans)
-            and (FOLD_128_ROW_BLOCKS or all(fold_rows(p) != 128 for p in plans)))
-
-
-FOLD_128_ROW_BLOCKS = False   # see uses_fold
+    Layers holding a g128 class once failed natively with CUDA_ERROR_MISALIGNED_ADDRESS (H200,
+    2026-12-03, s18b) and were kept on magic_bf16; the 4-bit g128 class's x-sum boxes were 64 B, so a
+    second pipeline stage's TMA destination was not 128-byte aligned. With the boxes padded to 4-row
+    multiples (qm.fold_rows_per_tile) the same layers passed natively (s20a), and the exclusion is gone."""
+    return mb <= grouped.FOLD_MAX_BLOCK_M and all(not p.group_rows % (2 * p.slab) for p in plans)
 
 
 def fold_sums(x_pad, plans) -> list:

@@ -12,7 +12,7 @@ rows, and a slab it can swizzle (16 or 32 codes = 32 or 64 bytes of bf16):
                                        holds k = t * per * slab + j * slab + w (3-bit: 3 planes)
   scales [Gp, N], zeros [Gp, N]        unchanged format (16-bit, group-major), zero-padded to Kp
   u      [K, r]                        unchanged (x @ u runs as a small XLA dot)
-  v_t    [N, Rp] bf16                  v transposed and zero-padded to Rp in {64, 128}
+  v_t    [N, Rp] bf16                  v transposed and zero-padded to Rp in {32, 64, 128}
 
 K is padded to Kp, a multiple of one planar tile (per * slab rows); padded rows have code 0,
 scale 0 and zero 0, and x is zero-padded to match, so they contribute exactly 0.
@@ -52,6 +52,15 @@ LAYOUT = "planar_nmajor"
 PAIRS_LAYOUT = "planar_pairs"
 LAYOUTS = (LAYOUT, PAIRS_LAYOUT)
 MAX_RANK = 128
+
+
+def rank_pad(rank: int) -> int:
+    """Columns of v_t (and of x @ u in the kernel) for a compensator of `rank`: 32, 64 or 128, the
+    widths whose bf16 rows are a TMA box and a wgmma K. 32 exists so that rank 32 (the common MiLo
+    rank) needs no pad of x @ u per call and no zero columns in v_t."""
+    if not 0 < rank <= MAX_RANK:
+        raise ValueError(f"compensator rank {rank} outside 1..{MAX_RANK}")
+    return 32 if rank <= 32 else 64 if rank <= 64 else 128
 PAIR_SLOTS = 16          # 3-bit pair-slots per tile (32 slabs = 16 pairs of slabs)
 PAIRS_BITS = (2, 3, 4)   # widths that "planar_pairs" (the magic-number unpack) holds
 
@@ -243,7 +252,7 @@ def prepare(qt: QuantizedTensor, slab: int | None = None, layout: str = LAYOUT) 
     u = v_t = None
     if qt.u is not None:
         r = qt.rank
-        rp = 64 if r <= 64 else 128
+        rp = rank_pad(r)
         u = qt.u
         v_t = jnp.pad(qt.v.astype(jnp.bfloat16).T, ((0, 0), (0, rp - r)))
     return KernelWeights(codes=jnp.asarray(words.T), scales=scales, zeros=zeros, u=u, v_t=v_t,

@@ -499,24 +499,16 @@ def x_transforms(mma_k: int, slab: int, a_regs: bool = True):
     return _swizzle_transforms(64 if a_regs and mma_k % 64 == 0 else slab)
 
 
-# x @ u as a multiply + reduce up to this many padded rows; 0 = always a dot. Off: built after the
-# session's device time ran out, so neither timed nor run natively (next: benchmarks/device_run.sh s18e).
-XU_REDUCE_MAX_ROWS = 16
-
-
 def compensator_xu(xp: jax.Array, u: jax.Array, k: int, rank_pad: int) -> jax.Array:
     """x @ u of the compensator: xp [M_pad, >= K] (x padded) -> [M_pad, Rp] bf16, float32 sums, the
-    columns past the rank zero (the kernel reads Rp-wide boxes).
+    columns past the rank zero (the kernel reads Rp-wide boxes; at rank 32 and Rp 32 there are none).
 
-    Up to XU_REDUCE_MAX_ROWS rows (off for now) as a multiply + reduce, meant to become one XLA
-    reduction fusion with the pad of u and the bf16 rounding inside. As a dot it was a GEMM, the
-    GEMM's split-K reduce and a pad: 2.5 + 1.3 + 1.0 us a call at M = 1, 4.8 us on top of a 12.8 us
-    kernel (4096 x 14336 rank 32, H200, 2026-12-03, s18c). (Earlier, on the H100, the dot of the unpadded single row had
-    taken ~40 us; the padded rows fixed that.) Above, a dot."""
+    A dot: at M = 1 an XLA GEMM and its split-K reduce, 2.2 + 1.3 us beside a 12.8 us kernel (4096 x
+    14336 rank 32, H200, 2026-12-03, s20a). Written as a multiply + reduce it was no faster at M = 1
+    (a transpose and a reduction, 1.7 + 2.6 us) and 18.4 us at M = 16 (s20a), so that form is gone.
+    (Earlier, on the H100, the dot of the unpadded single row had taken ~40 us; the padded rows
+    fixed that.)"""
     r = u.shape[-1]
-    if xp.shape[0] <= XU_REDUCE_MAX_ROWS:
-        up = jnp.pad(u.astype(jnp.float32), ((0, 0), (0, rank_pad - r)))
-        return (xp[:, :k, None].astype(jnp.float32) * up[None]).sum(1).astype(jnp.bfloat16)
     xu = jnp.dot(xp[:, :k].astype(jnp.bfloat16), u.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
     return jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - r)))
 
@@ -723,7 +715,7 @@ def _split_decode_refs(refs, n_in: int, plan: _UnpackPlan):
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
           cfg: Config, interpret: bool):
-    """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [splits, m_pad, Rp], v_t [N, Rp]]) -> [splits*N, m_pad].
+    """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [m_pad, Rp], v_t [N, Rp]]) -> [splits*N, m_pad].
 
     Output is bf16 for one split, else float32 partial sums (split i in rows i*N .. (i+1)*N).
     """
@@ -736,7 +728,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     comp = rank_pad > 0
     plan = _unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab)
     tr = _swizzle_transforms(slab)
-    tr_r = _swizzle_transforms(64)
+    tr_r = _swizzle_transforms(max(32, min(rank_pad, 64)))   # Rp 32: 64-byte swizzle (unused at rank 0)
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
@@ -751,7 +743,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         ki = lax.axis_index("k")
         off = ki * steps                      # first K tile of this split
         if comp:  # compensator operands arrive while the main loop runs; only split 0 adds them
-            _compensator_copies(ki == 0, xu.at[ki, pl.ds(mi * mb, mb)], v_t.at[pl.ds(ni * bn, bn)],
+            _compensator_copies(ki == 0, xu.at[pl.ds(mi * mb, mb)], v_t.at[pl.ds(ni * bn, bn)],
                                 xu_smem, v_smem, bar)
 
         def body(_, *step_refs):
@@ -827,10 +819,8 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
     rank_pad = 0
     if kw.u is not None:
         rank_pad = kw.v_t.shape[1]
-        xu = compensator_xu(xp, kw.u, k, rank_pad)
-        # one slice per K split; only split 0 adds the compensator (the others multiply zeros)
-        xu = jnp.pad(xu[None], ((0, cfg.k_splits - 1), (0, 0), (0, 0)))
-        args += [xu, kw.v_t]
+        # one [M_pad, Rp] for all K splits: only split 0 reads it (copies and MMA under ki == 0)
+        args += [compensator_xu(xp, kw.u, k, rank_pad), kw.v_t]
     f = build(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg, bool(interpret))
     out_t = f(*args)                                       # [k_splits * N, m_pad]
     if cfg.k_splits > 1:
