@@ -533,5 +533,16 @@ PY
       --out "$OUT/moe_layer_s20b_mixtral.json"
     pack
     ;;
+  s20c)  # probe (run 2026-12-04, then reverted: XU_FROM_X no longer exists): x @ u from the unpadded x (1) vs from the padded x (0)
+    for v in 1 0; do
+      TAIL=4 step qm_rank_x$v 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+        --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.mgpu_sm90.XU_FROM_X=$v \
+        --out "$OUT/quant_matmul_s20c_x$v.json"
+      grep -E "KERNELS" "$OUT/qm_rank_x$v.txt"
+    done
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_dense 120 python3 -m pytest tests/test_quant_matmul_stream_k.py \
+      tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
