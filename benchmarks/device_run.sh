@@ -544,5 +544,11 @@ PY
       tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
     pack
     ;;
+  s20d)  # rank 0 / 32 times with v^T at Rp 32 (s20b's benchmark weights still had Rp 64: the bench built its own)
+    TAIL=4 step qm_rank 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --out "$OUT/quant_matmul_s20d_rank.json"
+    grep -E "KERNELS" "$OUT/qm_rank.txt"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -71,7 +71,7 @@ def random_kernel_weights(key, k, n, bits, group_size, rank):
     u = v_t = None
     if rank:
         u = (jax.random.normal(ku, (k, rank), jnp.float32) * 0.02).astype(jnp.bfloat16)
-        rp = 64 if rank <= 64 else 128
+        rp = layout.rank_pad(rank)   # as layout.prepare pads v^T
         v_t = jnp.pad((jax.random.normal(kv, (n, rank), jnp.float32) * 0.02).astype(jnp.bfloat16),
                       ((0, 0), (0, rp - rank)))
     return layout.KernelWeights(codes=codes, scales=scales, zeros=zeros, u=u, v_t=v_t, bits=bits,
