@@ -238,7 +238,7 @@ def test_kernel_interpret_one_expert_several_blocks_split_k():
     assert rel_err(y_regs, y64) < TOL_BF16
 
 
-@pytest.mark.parametrize("low_bit_layout,rank", [(PAIRS, 8), (NMAJOR, 0)])
+@pytest.mark.parametrize("low_bit_layout,rank", [(PAIRS, 8), pytest.param(NMAJOR, 0, marks=pytest.mark.slow)])
 def test_prefill_path_interpret(low_bit_layout, rank):
     """Prefill path (dequantize every expert once with the Mosaic dequantize kernel, then a grouped
     GEMM; jax.lax.ragged_dot stands in for ragged_dot_mgpu in interpret mode) on every routing kind,
@@ -294,6 +294,7 @@ def test_prefill_path_refuses_mixed_classes():
         mgpu_sm90.grouped_matmul_prefill(jnp.ones((4, 512), jnp.bfloat16), gkw, jnp.asarray([2, 2], jnp.int32))
 
 
+@pytest.mark.slow   # 31 s on CPU; the variants also run natively (-m gpu)
 def test_kernel_interpret_unpack_variants_and_mismatch():
     """Explicit Config.unpack: magic_f16 (f16 A tile and x) on planar_pairs 3-bit experts of group
     128 and per-channel next to a 4-bit planar_pairs class and an 8-bit class (planar_nmajor only:
@@ -350,7 +351,7 @@ def test_kernel_bad_shapes_raise():
                            jnp.array([2, 2], jnp.int32), impl="kernel", interpret=True)
 
 
-@pytest.mark.parametrize("low_bit_layout", [NMAJOR, PAIRS])
+@pytest.mark.parametrize("low_bit_layout", [pytest.param(NMAJOR, marks=pytest.mark.slow), PAIRS])
 def test_kernel_lowers_natively_on_cpu(low_bit_layout):
     """The native (non-interpret) kernels lower for CUDA from this CPU host: Pallas -> Mosaic GPU
     lowering (the pl.when skip inside the accumulator scope, GMEM scalar reads of the block
@@ -394,6 +395,7 @@ def _mixed_layer(k, n, rng, group_sizes=None):
     return parts, [dense64(p) for p in parts], mgpu_sm90.prepare_grouped(parts)
 
 
+@pytest.mark.slow   # 122 s on CPU; the same launch with the fold runs in test_multi_class_magic_fold_interpret
 def test_multi_class_one_launch_interpret(monkeypatch):
     """A 2/3/4-bit layer without compensators runs as ONE kernel launch (every class's pipeline in
     one grid) and matches float64 on every routing kind: random, two experts only, all rows on one
@@ -462,6 +464,7 @@ def test_multi_class_applies_only_to_pairs_classes_without_compensators():
                                             jnp.asarray([2], jnp.int32))
 
 
+@pytest.mark.slow   # 54 s on CPU; the launch runs natively in test_magic_fold_native.py
 def test_multi_class_lowers_natively_on_cpu(monkeypatch):
     """The one-launch kernel (three class pipelines under pl.when, each with its width's magic
     unpack) lowers for CUDA from this CPU host, at decode (1 row) and with split-K."""
