@@ -31,6 +31,16 @@ step() {  # step NAME TIMEOUT CMD...: run, keep the log, show its tail
 pack() {  # move what $OUT holds into $OUT/results.tar (the device returns at most 8 files)
   (cd "$OUT" && ls | grep -v '^results.tar$' | xargs -r tar -rf results.tar --remove-files)
 }
+isolated_cases() {  # isolated_cases PATTERN: each tests/test_magic_fold_native.py -m gpu case matching -k PATTERN in
+                    # its own process (6 at once: a CUDA fault kills only its case), rc per case in $OUT/cases_rc.txt
+  local t0=$(date +%s)
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest tests/test_magic_fold_native.py --collect-only -q -m gpu \
+    -k "$1" -p no:cacheprovider 2>/dev/null | grep '::' > "$OUT/cases.txt"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false xargs -P 6 -I{} sh -c 'n=$(echo "{}" | tr -c "A-Za-z0-9" _); \
+    timeout 200 python3 -m pytest "{}" -q -p no:cacheprovider -x > "$0/case_$n.txt" 2>&1; echo "rc=$? {}"' "$OUT" \
+    < "$OUT/cases.txt" | sort > "$OUT/cases_rc.txt"
+  echo "=== isolated cases in $(( $(date +%s) - t0 )) s"; cat "$OUT/cases_rc.txt"
+}
 case "$1" in
   kernels)
     TAIL=30 step native_tests 230 python3 -m pytest tests/test_grouped_matmul.py \
@@ -440,13 +450,7 @@ PY
     ;;
   s18b)  # stop 18: which fold configuration misaligns (s18a: the mixed g64/g128/per-channel layer did): each
           # isolating case of tests/test_magic_fold_native.py in its own process; then rank 0 / 32 per-kernel times
-    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest tests/test_magic_fold_native.py --collect-only -q -m gpu \
-      -k fold_case -p no:cacheprovider 2>/dev/null | grep '::' > "$OUT/cases.txt"
-    t0=$(date +%s)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false xargs -P 6 -I{} sh -c 'n=$(echo "{}" | tr -c "A-Za-z0-9" _); \
-      timeout 200 python3 -m pytest "{}" -q -p no:cacheprovider -x > "$0/case_$n.txt" 2>&1; echo "rc=$? {}"' "$OUT" \
-      < "$OUT/cases.txt" | sort > "$OUT/cases_rc.txt"
-    echo "=== fold cases in $(( $(date +%s) - t0 )) s"; cat "$OUT/cases_rc.txt"
+    isolated_cases "fold_case"
     pack
     TAIL=12 step qm_rank_breakdown 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
       --peers '' --ranks 0,32 --breakdown --no-torch --out "$OUT/quant_matmul_s18b_breakdown.json"
@@ -483,12 +487,7 @@ PY
     ;;
   s18f)  # next session: the padded x-sum boxes natively (the small-box / several-steps cases and the g128 mixed layers
           # with the fold forced on), each case in its own process; then every native kernel test
-    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest tests/test_magic_fold_native.py --collect-only -q -m gpu \
-      -k "small_boxes or with_g128" -p no:cacheprovider 2>/dev/null | grep '::' > "$OUT/cases.txt"
-    XLA_PYTHON_CLIENT_PREALLOCATE=false xargs -P 6 -I{} sh -c 'n=$(echo "{}" | tr -c "A-Za-z0-9" _); \
-      timeout 200 python3 -m pytest "{}" -q -p no:cacheprovider -x > "$0/case_$n.txt" 2>&1; echo "rc=$? {}"' "$OUT" \
-      < "$OUT/cases.txt" | sort > "$OUT/cases_rc.txt"
-    cat "$OUT/cases_rc.txt"
+    isolated_cases "small_boxes or with_g128"
     pack
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=10 step native_tests 330 python3 -m pytest tests/test_routed_ffn.py \
       tests/test_grouped_matmul.py tests/test_quant_matmul_stream_k.py tests/test_quant_matmul.py \
@@ -499,23 +498,12 @@ PY
   s20a)  # stop 20: the padded x-sum boxes natively (small boxes / several steps, g128 mixed layers with the fold forced
           # on), each case in its own process; dense tests with x @ u as multiply + reduce (XU_REDUCE_MAX_ROWS 16);
           # rank 0 / 32 times with 16 and with 0 in the same session
-    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest tests/test_magic_fold_native.py --collect-only -q -m gpu \
-      -k "small_boxes or with_g128" -p no:cacheprovider 2>/dev/null | grep '::' > "$OUT/cases.txt"
-    t0=$(date +%s)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false xargs -P 6 -I{} sh -c 'n=$(echo "{}" | tr -c "A-Za-z0-9" _); \
-      timeout 200 python3 -m pytest "{}" -q -p no:cacheprovider -x > "$0/case_$n.txt" 2>&1; echo "rc=$? {}"' "$OUT" \
-      < "$OUT/cases.txt" | sort > "$OUT/cases_rc.txt"
-    echo "=== fold cases in $(( $(date +%s) - t0 )) s"; cat "$OUT/cases_rc.txt"
+    isolated_cases "small_boxes or with_g128"
     pack
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_dense 120 python3 -m pytest tests/test_quant_matmul_stream_k.py \
       tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
     pack
-    for xu in 16 0; do
-      TAIL=4 step qm_rank_xu$xu 90 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
-        --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.mgpu_sm90.XU_REDUCE_MAX_ROWS=$xu \
-        --out "$OUT/quant_matmul_s20a_xu$xu.json"
-      grep -E "KERNELS|us" "$OUT/qm_rank_xu$xu.txt" | tail -8
-    done
+    # (then rank 0 / 32 times with XU_REDUCE_MAX_ROWS 16 and 0 through --set: run once, 2026-12-03; the switch is gone)
     pack
     ;;
   s20b)  # stop 20: v_t / x @ u at Rp 32 for rank <= 32 and one xu for all K splits; mixed layers with a g128 class on
@@ -533,17 +521,7 @@ PY
       --out "$OUT/moe_layer_s20b_mixtral.json"
     pack
     ;;
-  s20c)  # probe (run 2026-12-04, then reverted: XU_FROM_X no longer exists): x @ u from the unpadded x (1) vs from the padded x (0)
-    for v in 1 0; do
-      TAIL=4 step qm_rank_x$v 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
-        --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.mgpu_sm90.XU_FROM_X=$v \
-        --out "$OUT/quant_matmul_s20c_x$v.json"
-      grep -E "KERNELS" "$OUT/qm_rank_x$v.txt"
-    done
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_dense 120 python3 -m pytest tests/test_quant_matmul_stream_k.py \
-      tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    pack
-    ;;
+  # s20c (2026-12-04): a probe of x @ u from the unpadded x (mgpu_sm90.XU_FROM_X, reverted); logs h200_2026-12-04_s20c_*
   s20d)  # rank 0 / 32 times with v^T at Rp 32 (s20b's benchmark weights still had Rp 64: the bench built its own)
     TAIL=4 step qm_rank 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
       --peers '' --ranks 0,32 --breakdown --no-torch --out "$OUT/quant_matmul_s20d_rank.json"

@@ -374,7 +374,7 @@ def main(argv=None):
                     help="issue: the issue's table (bf16, our default, peers); grid: full product of --bits/--group/--ranks/--impls")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE",
                     help="override a module constant before timing (an int), e.g. "
-                         "pallas_kernels.quant_matmul.mgpu_sm90.XU_REDUCE_MAX_ROWS=0; repeatable")
+                         "pallas_kernels.grouped_matmul.mgpu_sm90.FOLD_MAX_BLOCK_M=0; repeatable")
     args = ap.parse_args(argv)
     apply_overrides(args.set)
     global BREAKDOWN

@@ -45,7 +45,7 @@ from pallas_kernels.grouped_matmul import reference
 from pallas_kernels.quant_matmul import layout, mgpu_sm90 as qm
 from pallas_kernels.quant_matmul.api import dequantize_kernel_weights
 from pallas_kernels.quant_matmul.mgpu_sm90 import (TARGET_CTAS, UNPACKS, _accumulate_and_store, _compensator_copies,
-                                                   _compensator_mma, _decode_scratch, _interpret_params,
+                                                   _compensator_mma, compensator_transforms, _decode_scratch, _interpret_params,
                                                    _mma_xt, _pick_splits, _scale_blocks, _split_decode_refs,
                                                    _swizzle_transforms, _tiling, _unpack_and_multiply,
                                                    _unpack_plan)
@@ -482,7 +482,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     plan = _unpack_plan(unpack, cfg.a_regs and unpack.startswith("magic"), True, bits, chunk, nchunks, slab,
                         scales_upfront=cfg.scales_upfront)
     tr = _swizzle_transforms(slab)
-    tr_r = _swizzle_transforms(max(32, min(rank_pad, 64)))   # Rp 32: 64-byte swizzle (unused at rank 0)
+    tr_r = compensator_transforms(rank_pad)
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 

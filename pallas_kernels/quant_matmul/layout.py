@@ -53,6 +53,9 @@ PAIRS_LAYOUT = "planar_pairs"
 LAYOUTS = (LAYOUT, PAIRS_LAYOUT)
 MAX_RANK = 128
 
+PAIR_SLOTS = 16          # 3-bit pair-slots per tile (32 slabs = 16 pairs of slabs)
+PAIRS_BITS = (2, 3, 4)   # widths that "planar_pairs" (the magic-number unpack) holds
+
 
 def rank_pad(rank: int) -> int:
     """Columns of v_t (and of x @ u in the kernel) for a compensator of `rank`: 32, 64 or 128, the
@@ -61,8 +64,6 @@ def rank_pad(rank: int) -> int:
     if not 0 < rank <= MAX_RANK:
         raise ValueError(f"compensator rank {rank} outside 1..{MAX_RANK}")
     return 32 if rank <= 32 else 64 if rank <= 64 else 128
-PAIR_SLOTS = 16          # 3-bit pair-slots per tile (32 slabs = 16 pairs of slabs)
-PAIRS_BITS = (2, 3, 4)   # widths that "planar_pairs" (the magic-number unpack) holds
 
 
 def pair_slots(bits: int) -> int:

@@ -561,6 +561,12 @@ def _swizzle_transforms(cols: int):
     return (plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(2 * cols))
 
 
+def compensator_transforms(rank_pad: int):
+    """Swizzle of the compensator tiles (x @ u [MB, Rp], v^T [BN, Rp]): 64 B at Rp 32, else 128 B
+    (64-column K slices); any valid one at rank 0, where the tiles do not exist."""
+    return _swizzle_transforms(max(32, min(rank_pad, 64)))
+
+
 @functools.lru_cache(maxsize=None)
 @dataclasses.dataclass(frozen=True)
 class _Tiling:
@@ -728,7 +734,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     comp = rank_pad > 0
     plan = _unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab)
     tr = _swizzle_transforms(slab)
-    tr_r = _swizzle_transforms(max(32, min(rank_pad, 64)))   # Rp 32: 64-byte swizzle (unused at rank 0)
+    tr_r = compensator_transforms(rank_pad)
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 

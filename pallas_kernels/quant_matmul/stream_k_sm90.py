@@ -87,7 +87,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     comp = rank_pad > 0
     plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab, scales_upfront=True)
     tr = base._swizzle_transforms(slab)
-    tr_r = base._swizzle_transforms(max(32, min(rank_pad, 64)))   # Rp 32: 64-byte swizzle (unused at rank 0)
+    tr_r = base.compensator_transforms(rank_pad)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
     # per-MMA K slice (chunk * slab) allows, else the A tile's slab-wide swizzle (32 B boxes)
     f_rows, mma_k = base.fold_blocks(group_rows, tile_rows, slab) if plan.fold else (tile_rows, chunk * slab)
