@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.overrides import apply_overrides
 from benchmarks.quant_matmul import ON_CPU, cupti_us, jax_copy_tbps, torch_ceilings
 from milo_jax.models.kernel_weights import FusedIntoGate
 from milo_jax.models.linear import linear
@@ -219,6 +220,7 @@ def shared_bytes(m, kind):
 
 
 BREAKDOWN = False   # --breakdown
+HLO_DIR = None      # --hlo-dir
 
 
 def routing(t, m, seed):
@@ -451,6 +453,11 @@ def bench_model(name, m, tokens, impls, ceil, interpret, budget=None, on_record=
                     relerr = float(jnp.linalg.norm(y0 - ref) / jnp.linalg.norm(ref))
                     del ref
                 del ys
+                if HLO_DIR:   # one layer's optimized HLO: which XLA fusions surround the kernels
+                    os.makedirs(HLO_DIR, exist_ok=True)
+                    text = one.lower(xs[0], ws_[0], ids_[0], sets[0]).compile().as_text()
+                    with open(os.path.join(HLO_DIR, f"{name}_{impl}_T{t}.hlo.txt"), "w") as fh:
+                        fh.write(text)
                 state["stage"] = "timing"
                 us = cupti_us(fn, args, reps)
                 extra = {}
@@ -548,7 +555,14 @@ def main(argv=None):
                     help="model path through grouped_matmul per projection (sorted rows), not routed_ffn's padded rows")
     ap.add_argument("--routed-combine", choices=("slots", "reduce"), default=None,
                     help="grouped_matmul.routed_ffn.COMBINE_BY_SLOT: k unrolled row reads or a gather + sum")
+    ap.add_argument("--hlo-dir", default=None, help="write each case's optimized HLO (one layer) into this folder")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE",
+                    help="override a module constant before timing (an int; 0/1 for a switch), e.g. "
+                         "pallas_kernels.grouped_matmul.routed_ffn.ROW_GATHER=0; repeatable")
     args = ap.parse_args(argv)
+    apply_overrides(args.set, log)
+    global HLO_DIR
+    HLO_DIR = args.hlo_dir
     if args.routed_combine:
         from pallas_kernels.grouped_matmul import routed_ffn as routed_ffn_mod
         routed_ffn_mod.COMBINE_BY_SLOT = args.routed_combine == "slots"

@@ -19,7 +19,6 @@ Table and roofline: benchmarks/plot_quant_matmul.py (the table is rewritten afte
 from __future__ import annotations
 
 import argparse
-import importlib
 import datetime
 import json
 import math
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import plot_quant_matmul, quant_matmul_peers as peers
+from benchmarks.overrides import apply_overrides
 from milo_jax.quant import packing
 from pallas_kernels.quant_matmul import api, layout, mgpu_sm90
 
@@ -335,21 +335,6 @@ def load_previous(path):
     return old.get("records", []), runs
 
 
-def apply_overrides(settings):
-    """--set MODULE.ATTR=VALUE: the module's constant replaced (as an int) before anything is traced, so two
-    settings of a switch can be timed in the same session. Unknown names raise rather than time the default."""
-    for item in settings:
-        name, sep, value = item.partition("=")
-        mod_name, _, attr = name.rpartition(".")
-        if not sep or not mod_name:
-            raise ValueError(f"--set wants MODULE.ATTR=VALUE, got {item!r}")
-        mod = importlib.import_module(mod_name)
-        if not hasattr(mod, attr):
-            raise ValueError(f"--set: {mod_name} has no attribute {attr!r}")
-        setattr(mod, attr, int(value))
-        log(f"set {mod_name}.{attr} = {int(value)}")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/quant_matmul.json")
@@ -376,7 +361,7 @@ def main(argv=None):
                     help="override a module constant before timing (an int), e.g. "
                          "pallas_kernels.grouped_matmul.mgpu_sm90.FOLD_MAX_BLOCK_M=0; repeatable")
     args = ap.parse_args(argv)
-    apply_overrides(args.set)
+    apply_overrides(args.set, log)
     global BREAKDOWN
     BREAKDOWN = args.breakdown
     if args.smoke:

@@ -97,6 +97,45 @@ def test_padded_rows_are_each_experts_segment_in_pair_order():
     np.testing.assert_array_equal(np.asarray(dest), [16, 8, 9, 0, 17, 10])
 
 
+@pytest.mark.parametrize("unroll", [0, 64])
+def test_padded_rows_unrolled_and_cumsum_forms_agree(monkeypatch, unroll):
+    """The unrolled compares (decode) and the cumulative sums give the same rows and blocks on random
+    routings, 8 / 16 / 64 experts, an expert holding more pairs than MB, and each padded row's source
+    pair (padded_sources) is the inverse of dest with -1 on every padding row."""
+    rng = np.random.default_rng(7150 + unroll)
+    for e, t, k, mb in ((8, 1, 2, 8), (8, 3, 2, 8), (16, 5, 4, 8), (64, 2, 6, 8), (4, 12, 2, 8), (8, 6, 2, 16)):
+        order = tuple(int(i) for i in rng.permutation(e))
+        skew = rng.random() < 0.5
+        ids = np.stack([rng.choice(min(e, k + 1) if skew else e, k, replace=False) for _ in range(t)]).astype(np.int32)
+        monkeypatch.setattr(rf, "UNROLL_PAIRS", 0)
+        want_dest, want_counts = (np.asarray(a) for a in rf.padded_rows(jnp.asarray(ids), order, mb))
+        monkeypatch.setattr(rf, "UNROLL_PAIRS", unroll)
+        dest, counts = (np.asarray(a) for a in jax.jit(rf.padded_rows, static_argnums=(1, 2))(jnp.asarray(ids), order, mb))
+        np.testing.assert_array_equal(counts, want_counts, err_msg=str((e, t, k, ids)))
+        np.testing.assert_array_equal(dest, want_dest, err_msg=str((e, t, k, ids)))
+        rows_pad = int(counts.sum()) * mb + mb
+        src = np.asarray(rf.padded_sources(jnp.asarray(dest), rows_pad))
+        np.testing.assert_array_equal(src[dest], np.arange(t * k))
+        assert (src >= 0).sum() == t * k and set(src[src < 0]) <= {-1}
+
+
+def test_row_gather_row_scatter_and_split_sum_forms_agree(monkeypatch):
+    """The padded buffers built by gathering rows (ROW_GATHER) or scattering them, and the down
+    partials summed before the combine (SUM_SPLITS_FIRST) or inside it, give the same FFN, also for a
+    down projection with its own expert order (the re-pad between the launches)."""
+    rng = _rng(5)
+    gate_up, down, _ = _layer(rng, (2, 3, 4, 3), (4, 4, 2, 3))
+    x = jnp.asarray(rng.standard_normal((5, H)), jnp.bfloat16)
+    ids, w = routings(5, rng)[0]
+    outs = []
+    for gather, first in ((True, False), (False, False), (True, True)):
+        monkeypatch.setattr(rf, "ROW_GATHER", gather)
+        monkeypatch.setattr(rf, "SUM_SPLITS_FIRST", first)
+        outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_allclose(outs[0], outs[2], rtol=1e-2, atol=1e-3)   # same sums, maybe another order
+
+
 @pytest.mark.parametrize("case", ["uniform3", "rank8", "mixed_same_order", "mixed_other_order"])
 def test_routed_ffn_matches_float64_and_the_sorted_path(case):
     rng = _rng(hash(case) % 97)

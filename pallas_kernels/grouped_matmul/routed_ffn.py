@@ -11,7 +11,12 @@ scattered for each launch, each launch's split-K partials read back through a ga
 minor (row) axis, the inverse permutation. Here:
 * the pairs go straight to their padded rows: a pair's row is its expert's first padded row plus
   its rank among the pairs routed to that expert (a cumulative sum of one-hot rows; no sort, no
-  inverse permutation). Ranks follow the pair order t * k + j, as the stable sort did;
+  inverse permutation). Ranks follow the pair order t * k + j, as the stable sort did. At decode
+  (at most UNROLL_PAIRS pairs) the ranks and starts are unrolled compares over the pairs instead:
+  elementwise work XLA fuses, where the cumulative sums were ~3 us of small fusions at 1 token;
+* the padded x is a gather of token rows, one source pair per padded row (-1: a zero row), not a
+  scatter of x's rows (XLA's row scatter took 2.4 us at 1 token; the mixed layer's re-pad between
+  the launches 4.5 / 11 / 35 us at 1 / 16 / 64 tokens, stop 20);
 * the gate/up launch's partials are summed over the splits with a dense reduction and SiLU(gate) *
   up of every padded row IS the down launch's padded x (same experts, same order, same MB): nothing
   is gathered or scattered between the launches. Padding rows are zero in x, so they are zero in
@@ -19,7 +24,7 @@ minor (row) axis, the inverse permutation. Here:
   read;
 * the down launch's partials are summed densely, then each pair's row is read once and weighted.
 A down projection whose classes order the experts differently (mixed precision with other bit
-widths than gate/up) gets its own padded rows: one gather-scatter between the launches.
+widths than gate/up) gets its own padded rows: one row gather between the launches.
 
 Scope (`applies`): both projections quantized GroupedKernelWeights that run as one launch each (one
 class holding every expert, or the multi-class launch), fewer rows than the prefill path takes.
@@ -41,6 +46,19 @@ from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, multi_class_sm90
 # (False). Mixtral FFN at 1 token: 87.5 vs 86.0-86.2 us (H200, 2026-12-02, moe_layer s16a/s16b,
 # --routed-combine), so the gather + sum stays.
 COMBINE_BY_SLOT = False
+
+# The down launch's split-K partials summed in a dense reduction of their own before the combine's
+# gather (True: an optimization barrier keeps XLA from fusing the sum into the gather, where each output
+# element reads splits * k strided partials), or fused into the combine (False).
+SUM_SPLITS_FIRST = False
+
+# Routing bookkeeping (padded rows and each padded row's source pair) as unrolled compares for at most
+# this many (token, slot) pairs, else cumulative sums and an int32 scatter (0: always the latter).
+UNROLL_PAIRS = 8
+
+# Padded buffers as a gather of rows through each padded row's source pair (True) or a scatter of the
+# rows into zeros (False, the form before stop 21; kept to time both in one session).
+ROW_GATHER = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +110,50 @@ def padded_rows(ids: jax.Array, order: tuple, mb: int):
     pos_of = np.empty(e, np.int32)
     pos_of[list(order)] = np.arange(e, dtype=np.int32)
     pos = jnp.asarray(pos_of)[ids.reshape(-1).astype(jnp.int32)]              # [P]
+    if pos.shape[0] <= UNROLL_PAIRS:
+        return _padded_rows_unrolled(pos, e, mb)
     onehot = (pos[:, None] == jnp.arange(e, dtype=jnp.int32)[None, :]).astype(jnp.int32)   # [P, E]
     seen = jnp.cumsum(onehot, axis=0)                                        # pairs so far per position
     rank = jnp.sum(seen * onehot, axis=1) - 1
     counts = (seen[-1] + mb - 1) // mb
     pad_start = (jnp.cumsum(counts) - counts) * mb
     return pad_start[pos] + rank, counts
+
+
+def _padded_rows_unrolled(pos: jax.Array, e: int, mb: int):
+    """padded_rows from the pairs' positions pos [P] by compares unrolled over the P pairs: no
+    cumulative sum or reduction, so the whole bookkeeping is elementwise."""
+    p = pos.shape[0]
+    idx = jnp.arange(p, dtype=jnp.int32)
+    same = [pos == pos[q] for q in range(p)]                                 # [P] each: on pair q's position
+    rank = sum(((idx > q) & same[q]).astype(jnp.int32) for q in range(p))    # earlier pairs on my position
+    hits = sum(s.astype(jnp.int32) for s in same)                            # pairs on my position
+    blocks = jnp.where(rank == 0, (hits + mb - 1) // mb, 0)                  # carried by each position's first pair
+    start = mb * sum(jnp.where(pos[q] < pos, blocks[q], 0) for q in range(p))
+    slots = jnp.arange(e, dtype=jnp.int32)
+    per_position = sum((slots == pos[q]).astype(jnp.int32) for q in range(p))   # [E]
+    return start + rank, (per_position + mb - 1) // mb
+
+
+def padded_sources(dest: jax.Array, rows_pad: int) -> jax.Array:
+    """dest [P] distinct padded rows of the pairs -> src [rows_pad] int32: the pair at each padded row,
+    -1 at padding rows. Unrolled compares up to UNROLL_PAIRS pairs, else a scatter of P indices."""
+    p = dest.shape[0]
+    if p <= UNROLL_PAIRS:
+        rows = jnp.arange(rows_pad, dtype=jnp.int32)
+        return sum(jnp.where(rows == dest[q], q + 1, 0) for q in range(p)) - 1
+    return jnp.full((rows_pad,), -1, jnp.int32).at[dest].set(jnp.arange(p, dtype=jnp.int32))
+
+
+def gather_rows(a: jax.Array, index: jax.Array) -> jax.Array:
+    """a [N, C], index [R] (-1: none) -> [R, C]: row index[r] of a, zeros where index < 0."""
+    rows = jnp.take(a, jnp.maximum(index, 0), axis=0)
+    return jnp.where((index >= 0)[:, None], rows, jnp.zeros((), a.dtype))
+
+
+def scatter_rows(a: jax.Array, dest: jax.Array, rows_pad: int) -> jax.Array:
+    """a [P, C] -> [rows_pad, C]: row p of a at dest[p], zeros elsewhere (ROW_GATHER=False)."""
+    return jnp.zeros((rows_pad, a.shape[1]), a.dtype).at[dest].set(a)
 
 
 def _summed(out_t, splits: int, n: int, rows_pad: int) -> jax.Array:
@@ -118,15 +174,25 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
     inter = down.k
     first, second = launch_for(m, gate_up, interpret), launch_for(m, down, interpret)
     dest, counts = padded_rows(ids, first.order, first.mb)
-    xb = jnp.take(x.astype(jnp.bfloat16), jnp.arange(m) // k, axis=0)       # pair p reads token p // k
-    x_pad = jnp.zeros((first.rows_pad, x.shape[1]), jnp.bfloat16).at[dest].set(xb)
+    xb = x.astype(jnp.bfloat16)
+    if ROW_GATHER:   # pair p reads token p // k
+        src = padded_sources(dest, first.rows_pad)
+        x_pad = gather_rows(xb, jnp.where(src >= 0, src // k, -1))
+    else:
+        x_pad = scatter_rows(jnp.take(xb, jnp.arange(m) // k, axis=0), dest, first.rows_pad)
     gu = _summed(first.run(x_pad, counts), first.splits, gate_up.n, first.rows_pad)   # [2I, R]
     h = (act(gu[:inter]) * gu[inter:]).T.astype(jnp.bfloat16)                 # [R, I]
     if (second.order, second.mb, second.num_blocks) != (first.order, first.mb, first.num_blocks):
         dest2, counts2 = padded_rows(ids, second.order, second.mb)
-        h = jnp.zeros((second.rows_pad, inter), jnp.bfloat16).at[dest2].set(jnp.take(h, dest, axis=0))
+        if ROW_GATHER:   # padded row r of the down launch reads the gate/up row of the same pair
+            src2 = padded_sources(dest2, second.rows_pad)
+            h = gather_rows(h, jnp.where(src2 >= 0, dest[jnp.maximum(src2, 0)], -1))
+        else:
+            h = scatter_rows(jnp.take(h, dest, axis=0), dest2, second.rows_pad)
         dest, counts = dest2, counts2
     y_pad = _summed(second.run(h, counts), second.splits, down.n, second.rows_pad)   # [H, R]
+    if SUM_SPLITS_FIRST:
+        y_pad = jax.lax.optimization_barrier(y_pad)
     w = weights.astype(jnp.float32)
     if COMBINE_BY_SLOT:   # k weighted row reads, unrolled: an elementwise fusion, no reduction
         dest = dest.reshape(t, k)
