@@ -531,10 +531,6 @@ PY
   s21a)  # stop 21: routed_ffn's glue at decode (row gather / unrolled bookkeeping vs the stop-20 scatter and
           # cumsums, the down split-sum before the combine), one x per layer; native routed tests; HLO at 1 token;
           # the transposed-epilogue probe
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_routed 150 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    TAIL=12 step probe_T 60 python3 -m benchmarks.transpose_store_probe
-    pack
     RF=pallas_kernels.grouped_matmul.routed_ffn
     TAIL=4 step moe_old 170 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
       --impls q3_model,mixed234_model --tokens 1,16,64 --budget-s 150 --set $RF.ROW_GATHER=0 --set $RF.UNROLL_PAIRS=0 \
@@ -550,6 +546,10 @@ PY
       --impls q3_model,mixed234_model --tokens 1 --budget-s 80 --set $RF.SUM_SPLITS_FIRST=1 \
       --out "$OUT/moe_layer_s21a_sumfirst.json"
     grep -E "KERNELS|RESULT" "$OUT/moe_sumfirst.txt" | cut -c1-400
+    pack
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_routed 150 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    TAIL=12 step probe_T 60 python3 -m benchmarks.transpose_store_probe
     pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
