@@ -552,5 +552,22 @@ PY
     TAIL=12 step probe_T 60 python3 -m benchmarks.transpose_store_probe
     pack
     ;;
+  s21b)  # stop 21: row gather + unrolled bookkeeping + one routing vector (defaults now), the mixed re-pad from a
+          # materialized h; the Mixtral table with ragged_dot in the same run; down splits floored at 2048 K rows
+    RF=pallas_kernels.grouped_matmul.routed_ffn
+    TAIL=4 step moe_mixtral 230 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16,64 --budget-s 210 \
+      --out "$OUT/moe_layer_s21b_mixtral.json"
+    grep -E "KERNELS|RESULT" "$OUT/moe_mixtral.txt" | cut -c1-600
+    pack
+    TAIL=4 step moe_split2048 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
+      --impls q3_model,mixed234_model --tokens 1,16 --budget-s 90 \
+      --set pallas_kernels.grouped_matmul.mgpu_sm90.MIN_SPLIT_ROWS=2048 --out "$OUT/moe_layer_s21b_split2048.json"
+    grep -E "KERNELS|RESULT" "$OUT/moe_split2048.txt" | cut -c1-600
+    pack
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_routed 150 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -29,15 +29,15 @@ def _stack(parts, k, n):
     return dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(len(parts), k, n))
 
 
-def _layer(rng, gate_bits, down_bits, rank=0):
+def _layer(rng, gate_bits, down_bits, rank=0, inter=I):
     """(gate_up GroupedKernelWeights, down GroupedKernelWeights, float64 experts (G, U, D) per expert)."""
     def proj(bits, k, n):
         parts = [quantized_expert(k, n, b, 64, rank, rng) for b in bits]
         uniform = len(set(bits)) == 1
         return parts, mgpu_sm90.prepare_grouped(_stack(parts, k, n) if uniform else parts)
-    g_parts, g = proj(gate_bits, H, I)
-    u_parts, u = proj(gate_bits, H, I)
-    d_parts, d = proj(down_bits, I, H)
+    g_parts, g = proj(gate_bits, H, inter)
+    u_parts, u = proj(gate_bits, H, inter)
+    d_parts, d = proj(down_bits, inter, H)
     experts64 = [tuple(dense64(p) for p in ps) for ps in zip(g_parts, u_parts, d_parts)]
     return mgpu_sm90.fuse_columns(g, u), d, experts64
 
@@ -128,12 +128,29 @@ def test_row_gather_row_scatter_and_split_sum_forms_agree(monkeypatch):
     x = jnp.asarray(rng.standard_normal((5, H)), jnp.bfloat16)
     ids, w = routings(5, rng)[0]
     outs = []
-    for gather, first in ((True, False), (False, False), (True, True)):
+    for gather, first, one_vector in ((True, False, True), (False, False, False), (True, True, True)):
         monkeypatch.setattr(rf, "ROW_GATHER", gather)
         monkeypatch.setattr(rf, "SUM_SPLITS_FIRST", first)
+        monkeypatch.setattr(rf, "ONE_ROUTING_VECTOR", one_vector)
         outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_allclose(outs[0], outs[2], rtol=1e-2, atol=1e-3)   # same sums, maybe another order
+
+
+def test_min_split_rows_floors_the_split_k(monkeypatch):
+    """MIN_SPLIT_ROWS leaves no split fewer K rows (the deep-K down projection takes fewer splits), and the
+    FFN with fewer down splits still matches float64."""
+    rng = _rng(6)
+    gate_up, down, experts64 = _layer(rng, (3,) * E, (3,) * E, inter=1024)   # two 512-row K tiles in down
+    c = down.classes[0]
+    assert mgpu_sm90.default_config(2, c).k_splits == 2
+    monkeypatch.setattr(mgpu_sm90, "MIN_SPLIT_ROWS", 1024)
+    assert mgpu_sm90.default_config(2, c).k_splits == 1
+    assert rf.launch_for(2, down).splits == 1
+    x = jnp.asarray(rng.standard_normal((1, H)), jnp.bfloat16)
+    ids, w = routings(1, rng)[0]
+    y = rf.routed_ffn(x, w, ids, gate_up, down, interpret=True)
+    assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL
 
 
 @pytest.mark.parametrize("case", ["uniform3", "rank8", "mixed_same_order", "mixed_other_order"])

@@ -300,6 +300,22 @@ UPFRONT_ROWS = 2
 FOLD_MAX_BLOCK_M = 16
 
 
+# Split-K of quantized decode launches never leaves a split fewer K rows than this (0: no floor). The
+# partials are [splits * N, B * MB] float32 whatever the rows, so a deep-K, narrow-N projection (Mixtral's
+# down at 1 token: 14 splits of 1024 rows) writes and reads back 3.7 MB for 2 real rows.
+# benchmarks/moe_layer.py --set pallas_kernels.grouped_matmul.mgpu_sm90.MIN_SPLIT_ROWS=2048 times it.
+MIN_SPLIT_ROWS = 0
+
+
+def decode_splits(steps: int, ctas: int, k_pad: int) -> int:
+    """Split-K of a quantized decode launch over `steps` K tiles with `ctas` CTAs per split: the most
+    splits dividing steps within CTA_TARGET CTAs, then fewer while a split holds < MIN_SPLIT_ROWS rows."""
+    splits = _pick_splits(steps, ctas, target=CTA_TARGET)
+    while splits > 1 and k_pad // splits < MIN_SPLIT_ROWS:
+        splits = max(d for d in range(1, splits) if steps % d == 0)
+    return splits
+
+
 def block_m_for(m: int, num_experts: int) -> int:
     """MB for M sorted rows over `num_experts` experts: 1.5x the rows an expert gets under even
     routing, rounded up to 8, at most 64 (see default_config)."""
@@ -328,7 +344,7 @@ def default_config(m: int, c: ExpertClass) -> Config:
     # target: Mixtral gate/up at 1 token (2 blocks x 224 column tiles), split 2 / 4 / 8 took
     # 30.1 / 28.3 / 27.8 us (H100, 2026-11-23, benchmarks/results/logs/h100_2026-11-23_s11c_profile_decode.txt)
     blocks = min(-(-m // mb) + len(c.experts), max(1, m))
-    splits = _pick_splits(steps, (c.n // 64) * blocks, target=CTA_TARGET)
+    splits = decode_splits(steps, (c.n // 64) * blocks, c.k_pad)
     chunk = max(1, min(per, (64 if splits > 1 else 128) // c.slab))
     unpack = class_unpack("", c)
     if unpack == "magic_bf16" and mb <= FOLD_MAX_BLOCK_M and not c.group_rows % (2 * c.slab):
@@ -464,7 +480,7 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
 @functools.lru_cache(maxsize=None)
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts: int, num_blocks: int,
           rank_pad: int, cfg: Config, interpret: bool):
-    """f(block_counts [Ec] int32, codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [B*MB, Rp],
+    """f(block_counts [>= Ec] int32 (entries past Ec unread), codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [B*MB, Rp],
     v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials).
 
     block_counts[e] = number of MB-row blocks of local expert e (its rows rounded up).

@@ -35,7 +35,7 @@ from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, reference
 from pallas_kernels.grouped_matmul.mgpu_sm90 import Config, ExpertClass, _read_back, block_m_for
 from pallas_kernels.quant_matmul import layout, mgpu_sm90 as qm
 from pallas_kernels.quant_matmul.mgpu_sm90 import (_accumulate_and_store, _interpret_params,
-                                                   _pick_splits, _scale_blocks, _swizzle_transforms, _tiling,
+                                                   _scale_blocks, _swizzle_transforms, _tiling,
                                                    _unpack_and_multiply, _unpack_plan)
 
 
@@ -61,7 +61,7 @@ def applies(gkw) -> bool:
 @functools.lru_cache(maxsize=None)
 def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool,
           scales_upfront: bool = False, fold: bool = False):
-    """f(counts [E] int32 by position, (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
+    """f(counts [>= E] int32 by position (entries past E unread), (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
     -> [splits*N, B*MB] (bf16 for one split, else float32 partials). counts[p] = MB-row blocks of
     the expert at position p (classes in order, each class's experts in order). scales_upfront:
     grouped Config.scales_upfront. fold: quant_matmul's magic_fold unpack in every class; then x's
@@ -166,7 +166,8 @@ def plan_layer(m: int, gkw):
     num_blocks = max(1, min(-(-m // mb) + e, m))
     steps = [c.k_pad // (packing.slots_per_tile(c.bits) * c.slab) for c in gkw.classes]
     active = min(-(-m // mb) + e, max(1, m))          # at most this many real blocks per column tile
-    splits = _pick_splits(functools.reduce(math.gcd, steps), (n // 64) * active, target=grouped.CTA_TARGET)   # read per call: benchmarks override it
+    splits = grouped.decode_splits(functools.reduce(math.gcd, steps), (n // 64) * active,   # module constants read per
+                                   max(c.k_pad for c in gkw.classes))                     # call: benchmarks override them
     plans = []
     for c in gkw.classes:
         per = packing.slots_per_tile(c.bits)
