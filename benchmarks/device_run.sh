@@ -568,6 +568,10 @@ PY
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_routed 150 python3 -m pytest tests/test_routed_ffn.py \
       tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
     pack
+    TAIL=4 step moe_4096 150 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 4096 --budget-s 120 --out "$OUT/moe_layer_s21b_4096.json"
+    grep -E "RESULT" "$OUT/moe_4096.txt" | cut -c1-400
+    pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
