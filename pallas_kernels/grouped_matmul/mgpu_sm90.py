@@ -480,7 +480,7 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
 @functools.lru_cache(maxsize=None)
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts: int, num_blocks: int,
           rank_pad: int, cfg: Config, interpret: bool):
-    """f(block_counts [>= Ec] int32 (entries past Ec unread), codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [B*MB, Rp],
+    """f(block_counts [Ec] int32, codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [B*MB, Rp],
     v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials).
 
     block_counts[e] = number of MB-row blocks of local expert e (its rows rounded up).

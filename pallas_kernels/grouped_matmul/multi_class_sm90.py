@@ -61,7 +61,7 @@ def applies(gkw) -> bool:
 @functools.lru_cache(maxsize=None)
 def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool,
           scales_upfront: bool = False, fold: bool = False):
-    """f(counts [>= E] int32 by position (entries past E unread), (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
+    """f(counts [E] int32 by position, (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
     -> [splits*N, B*MB] (bf16 for one split, else float32 partials). counts[p] = MB-row blocks of
     the expert at position p (classes in order, each class's experts in order). scales_upfront:
     grouped Config.scales_upfront. fold: quant_matmul's magic_fold unpack in every class; then x's

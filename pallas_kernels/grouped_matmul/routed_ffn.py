@@ -56,9 +56,6 @@ SUM_SPLITS_FIRST = False
 # this many (token, slot) pairs, else cumulative sums and an int32 scatter (0: always the latter).
 UNROLL_PAIRS = 8
 
-# The kernels' block counts and the pairs' padded rows as one int32 vector (see _routing).
-ONE_ROUTING_VECTOR = True
-
 # Padded buffers as a gather of rows through each padded row's source pair (True) or a scatter of the
 # rows into zeros (False, the form before stop 21; kept to time both in one session).
 ROW_GATHER = True
@@ -71,7 +68,7 @@ class Launch:
     mb: int               # rows per block
     num_blocks: int       # static bound B of row blocks
     splits: int           # split-K partials in the output
-    run: Callable         # (x_pad [B*MB, K'] , counts [>= E] int32, entries past E unread) -> [splits * N, B * MB]
+    run: Callable         # (x_pad [B*MB, K'] , counts [E] int32) -> [splits * N, B * MB]
 
     @property
     def rows_pad(self) -> int:
@@ -159,17 +156,6 @@ def scatter_rows(a: jax.Array, dest: jax.Array, rows_pad: int) -> jax.Array:
     return jnp.zeros((rows_pad, a.shape[1]), a.dtype).at[dest].set(a)
 
 
-def _routing(ids: jax.Array, launch: Launch):
-    """(dest [P], block counts for `launch.run`): padded_rows, with the counts handed to the kernel as the
-    first E entries of one [E + P] vector whose tail is dest (the kernels read counts[0 .. E) only), so
-    the bookkeeping is one small XLA fusion instead of one per output (ONE_ROUTING_VECTOR)."""
-    dest, counts = padded_rows(ids, launch.order, launch.mb)
-    if not ONE_ROUTING_VECTOR:
-        return dest, counts
-    routing = jnp.concatenate([counts, dest.astype(jnp.int32)])
-    return routing[counts.shape[0]:], routing
-
-
 def _summed(out_t, splits: int, n: int, rows_pad: int) -> jax.Array:
     """[splits * N, rows_pad] launch output -> [N, rows_pad] float32 (a dense sum over the splits)."""
     return out_t.astype(jnp.float32).reshape(splits, n, rows_pad).sum(0)
@@ -187,7 +173,7 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
                          "padded launch each (see routed_ffn.applies)")
     inter = down.k
     first, second = launch_for(m, gate_up, interpret), launch_for(m, down, interpret)
-    dest, counts = _routing(ids, first)
+    dest, counts = padded_rows(ids, first.order, first.mb)
     xb = x.astype(jnp.bfloat16)
     if ROW_GATHER:   # pair p reads token p // k
         src = padded_sources(dest, first.rows_pad)
@@ -197,12 +183,14 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
     gu = _summed(first.run(x_pad, counts), first.splits, gate_up.n, first.rows_pad)   # [2I, R]
     h = (act(gu[:inter]) * gu[inter:]).T.astype(jnp.bfloat16)                 # [R, I]
     if (second.order, second.mb, second.num_blocks) != (first.order, first.mb, first.num_blocks):
-        dest2, counts2 = _routing(ids, second)
-        if ROW_GATHER:   # padded row r of the down launch reads the gate/up row of the same pair
+        dest2, counts2 = padded_rows(ids, second.order, second.mb)
+        if ROW_GATHER and m <= UNROLL_PAIRS:   # padded row r of the down launch reads the gate/up row of its pair
             src2 = padded_sources(dest2, second.rows_pad)
             # h materialized first: fused into the gather, XLA recomputed SiLU(gate) * up from the strided
-            # partials per gathered element (9.2 us at 1 token, 62 us at 64; H200, s21a)
-            h = gather_rows(jax.lax.optimization_barrier(h), jnp.where(src2 >= 0, dest[jnp.maximum(src2, 0)], -1))
+            # partials per gathered element (9.2 us at 1 token, 62 us at 64; H200, s21a). From 16 tokens on
+            # the row scatter stays: the gather + the fold sums of h took 28 us there (s21b), the scatter 11
+            src2 = jnp.where(src2 >= 0, dest[jnp.maximum(src2, 0)], -1)
+            h = gather_rows(jax.lax.optimization_barrier(h), src2)
         else:
             h = scatter_rows(jnp.take(h, dest, axis=0), dest2, second.rows_pad)
         dest, counts = dest2, counts2
