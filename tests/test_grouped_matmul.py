@@ -285,13 +285,30 @@ def test_fuse_columns_is_both_projections(ranks):
             [quantized_expert(k, nb, 4, 64, 0, rng) for _ in range(e)]))
 
 
-def test_prefill_path_refuses_mixed_classes():
+def test_prefill_path_mixed_classes_interpret():
+    """Prefill path of a mixed layer (2/3/4-bit experts interleaved, a bf16 expert among them: four
+    classes whose order is not the experts' order, K padded per class): each class dequantized, x's
+    rows permuted into class order and back, on every routing kind; classes with a compensator are
+    refused (they keep the decode launches)."""
     rng = _rng()
-    parts = [quantized_expert(512, 64, 3, 64, 0, rng), quantized_expert(512, 64, 4, 64, 0, rng)]
+    e, k, n, m = 5, 640, 128, 40
+    bits = (4, 2, 16, 3, 2)
+    parts = [jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.bfloat16) if b == 16 else
+             quantized_expert(k, n, b, 64, 0, rng) for b in bits]
     gkw = mgpu_sm90.prepare_grouped(parts)
-    assert not mgpu_sm90.prefill_applies(10 ** 6, gkw)
-    with pytest.raises(ValueError, match="one class"):
-        mgpu_sm90.grouped_matmul_prefill(jnp.ones((4, 512), jnp.bfloat16), gkw, jnp.asarray([2, 2], jnp.int32))
+    assert len(gkw.classes) == 4 and [i for c in gkw.classes for i in c.experts] != list(range(e))
+    assert mgpu_sm90.prefill_applies(mgpu_sm90.PREFILL_ROWS, gkw) and not mgpu_sm90.prefill_applies(m, gkw)
+    experts64 = [dense64(p) for p in parts]
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    for gs in routings(m, e, rng):
+        y = jax.jit(lambda x, g: mgpu_sm90.grouped_matmul_mgpu(x, gkw, g, interpret=True, prefill=True))(x, gs)
+        assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+        assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16, np.asarray(gs)
+        assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
+    with_rank = mgpu_sm90.prepare_grouped([quantized_expert(512, 64, 3, 64, 4, rng), quantized_expert(512, 64, 4, 64, 0, rng)])
+    assert not mgpu_sm90.prefill_applies(10 ** 6, with_rank)
+    with pytest.raises(ValueError, match="without compensators"):
+        mgpu_sm90.grouped_matmul_prefill(jnp.ones((4, 512), jnp.bfloat16), with_rank, jnp.asarray([2, 2], jnp.int32))
 
 
 @pytest.mark.slow   # 31 s on CPU; the variants also run natively (-m gpu)
@@ -578,15 +595,21 @@ def test_sm90_native_multi_class_one_launch():
 
 @pytest.mark.gpu
 @native
-@pytest.mark.parametrize("rank", [0, 16])
+@pytest.mark.parametrize("rank", [0, 16, "mixed"])
 def test_sm90_native_prefill_path(rank):
     """Prefill path natively: the magic dequantize kernel + jax's ragged_dot_mgpu on every routing
-    kind (empty experts, one expert, rows past the groups), K padded to the planar tile."""
+    kind (empty experts, one expert, rows past the groups), K padded to the planar tile; "mixed":
+    2/3/4-bit experts interleaved (three classes, x's rows permuted into class order and back)."""
     rng = _rng()
     e, k, n, m = 8, 1408, 256, 1100
-    parts = [quantized_expert(k, n, 3, 64, rank, rng) for _ in range(e)]
-    stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
-    gkw = mgpu_sm90.prepare_grouped(stacked)
+    if rank == "mixed":
+        parts = [quantized_expert(k, n, b, 64, 0, rng) for b in (3, 2, 4, 3, 2, 3, 4, 3)]
+        gkw = mgpu_sm90.prepare_grouped(parts)
+        assert len(gkw.classes) == 3
+    else:
+        parts = [quantized_expert(k, n, 3, 64, rank, rng) for _ in range(e)]
+        stacked = dataclasses.replace(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *parts), shape=(e, k, n))
+        gkw = mgpu_sm90.prepare_grouped(stacked)
     experts64 = [dense64(p) for p in parts]
     f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g))     # auto: M >= PREFILL_ROWS -> prefill
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)

@@ -34,6 +34,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -689,35 +690,71 @@ def _uniform(gkw: GroupedKernelWeights) -> bool:
     return len(gkw.classes) == 1 and tuple(gkw.classes[0].experts) == tuple(range(gkw.num_experts))
 
 
+def _prefill_classes(gkw: GroupedKernelWeights) -> bool:
+    """Whether the prefill path takes gkw: one class holding every expert in order (`_uniform`), or
+    several classes (mixed precision, bf16 experts among them) none of which has a compensator."""
+    return _uniform(gkw) or all(getattr(c, "u", None) is None for c in gkw.classes)
+
+
 def prefill_applies(m: int, gkw: GroupedKernelWeights) -> bool:
-    """Whether `grouped_matmul_mgpu` takes the prefill path by default: a uniform layer (`_uniform`)
-    and at least PREFILL_ROWS rows."""
-    return m >= PREFILL_ROWS and _uniform(gkw)
+    """Whether `grouped_matmul_mgpu` takes the prefill path by default: at least PREFILL_ROWS rows and
+    classes `_prefill_classes` takes."""
+    return m >= PREFILL_ROWS and _prefill_classes(gkw)
+
+
+def _position_rows(group_sizes: jax.Array, order: tuple, m: int) -> jax.Array:
+    """dest [M]: the row of each expert-sorted row when the experts are ordered by position (`order`[p]
+    = global expert at position p) instead of by id. Rows past the groups keep their index, so dest is a
+    permutation of 0 .. M-1."""
+    e = len(order)
+    pos_of = np.empty(e, np.int32)
+    pos_of[list(order)] = np.arange(e, dtype=np.int32)
+    gs_pos = group_sizes[np.asarray(order)]
+    start_pos = jnp.cumsum(gs_pos) - gs_pos                       # first row of each position
+    offsets = jnp.cumsum(group_sizes) - group_sizes                # first row of each global expert
+    row_expert = reference.row_expert_ids(group_sizes, m)          # E past the groups
+    safe = jnp.minimum(row_expert, e - 1)
+    rows = jnp.arange(m, dtype=jnp.int32)
+    return jnp.where(row_expert < e, start_pos[jnp.asarray(pos_of)[safe]] + rows - offsets[safe], rows)
 
 
 def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes: jax.Array, *,
                            interpret: bool = False, gemm: dict | None = None) -> jax.Array:
     """Prefill path: dequantize each expert once, then a bf16 grouped GEMM (jax's ragged_dot_mgpu;
     in interpret mode jax.lax.ragged_dot stands in for it), compensators as two more ragged_dots.
-    x [M, K] sorted by expert -> [M, N] in x.dtype; rows past sum(group_sizes) are 0."""
-    if not _uniform(gkw):
-        raise ValueError("grouped_matmul prefill path: needs one class holding every expert in order "
-                         f"(got classes {[c.experts for c in gkw.classes]})")
-    c = gkw.classes[0]
+    x [M, K] sorted by expert -> [M, N] in x.dtype; rows past sum(group_sizes) are 0.
+
+    Several classes (mixed precision): each class dequantized by its own launch, the experts stacked
+    in class order (positions), x's rows permuted into that order and the product's rows back (two row
+    gathers); compensators only in the one-class form (`_prefill_classes`)."""
+    if not _prefill_classes(gkw):
+        raise ValueError("grouped_matmul prefill path: needs one class holding every expert in order, or classes "
+                         f"without compensators (got classes {[c.experts for c in gkw.classes]} with ranks "
+                         f"{[None if getattr(c, 'u', None) is None else c.u.shape[-1] for c in gkw.classes]})")
     m, k = x.shape
     gs = group_sizes.astype(jnp.int32)
-    w_t = dequantize_class(c, interpret)                                   # [E, N, K_pad]
     xb = x.astype(jnp.bfloat16)
+    order = tuple(i for c in gkw.classes for i in c.experts)
+    k_pad = max(c.k_pad for c in gkw.classes)
+    w_t = jnp.concatenate([jnp.pad(w, ((0, 0), (0, 0), (0, k_pad - w.shape[2])))   # [E, N, K_pad] by position
+                           for w in (dequantize_class(c, interpret) for c in gkw.classes)])
+    if order != tuple(range(gkw.num_experts)):   # experts by position: rows and group sizes follow
+        dest = _position_rows(gs, order, m)
+        source = jnp.zeros((m,), jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32))
+        x_rows, gs_rows = jnp.take(xb, source, axis=0), gs[np.asarray(order)]
+    else:
+        dest, x_rows, gs_rows = None, xb, gs
     m8 = -(-m // 8) * 8                  # ragged_dot_mgpu's TMA tiles need M a multiple of 8
-    xp = jnp.pad(xb, ((0, m8 - m), (0, c.k_pad - k)))
+    xp = jnp.pad(x_rows, ((0, m8 - m), (0, k_pad - k)))
     if interpret:
-        y = lax.ragged_dot(xp, jnp.swapaxes(w_t, 1, 2), gs, preferred_element_type=jnp.float32)
+        y = lax.ragged_dot(xp, jnp.swapaxes(w_t, 1, 2), gs_rows, preferred_element_type=jnp.float32)
     else:
         from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-        y = ragged_dot_mgpu.ragged_dot(xp, w_t, group_sizes=gs, transpose_rhs=True,
+        y = ragged_dot_mgpu.ragged_dot(xp, w_t, group_sizes=gs_rows, transpose_rhs=True,
                                        **(gemm or PREFILL_GEMM)).astype(jnp.float32)
-    y = y[:m]
-    if c.u is not None:
+    y = y[:m] if dest is None else jnp.take(y, dest, axis=0)
+    c = gkw.classes[0]
+    if getattr(c, "u", None) is not None:   # one class (in order): the compensator's two ragged_dots
         r = c.u.shape[2]
         xu = lax.ragged_dot(xb, c.u, gs, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
         v = jnp.swapaxes(c.v_t.reshape(len(c.experts), c.n, -1)[:, :, :r], 1, 2)   # [E, R, N]
@@ -732,7 +769,7 @@ def grouped_matmul_mgpu(x: jax.Array, w, group_sizes: jax.Array, *, config: Conf
 
     w: GroupedKernelWeights (from `prepare_grouped`, repack once at load time) or anything
     prepare_grouped takes (then repacked inside every call). prefill: None = `prefill_applies`
-    (M >= PREFILL_ROWS, uniform class), True / False to force (see grouped_matmul_prefill)."""
+    (M >= PREFILL_ROWS, classes it takes), True / False to force (see grouped_matmul_prefill)."""
     gkw = prepare_grouped(w)
     reference.check_args(x, gkw, group_sizes)
     if prefill is None:
