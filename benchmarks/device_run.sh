@@ -573,5 +573,19 @@ PY
     grep -E "RESULT" "$OUT/moe_4096.txt" | cut -c1-400
     pack
     ;;
+  s21c)  # stop 21, last minutes: native prefill (the mixed layer's new path) and routed tests, Mixtral at 4096 tokens
+          # (uniform vs mixed) and at 1 token with the final defaults
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_prefill_routed 110 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 -k "prefill or routed"
+    pack
+    TAIL=4 step moe_4096 80 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 70 --out "$OUT/moe_layer_s21c_4096.json"
+    grep -E "RESULT" "$OUT/moe_4096.txt" | cut -c1-300
+    pack
+    TAIL=4 step moe_1 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
+      --impls q3_model,mixed234_model --tokens 1 --budget-s 50 --out "$OUT/moe_layer_s21c_1.json"
+    grep -E "RESULT" "$OUT/moe_1.txt" | cut -c1-300
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
