@@ -10,6 +10,10 @@ Variants of the epilogue (each its own kernel; a failure is printed, the rest go
 Each: out [MB, BN] against x @ w (float32), on fresh random inputs.
 
     python3 -m benchmarks.transpose_store_probe
+
+Result (2026-12-04): none lowers. jax 0.10 on CPU (lowering for cuda): ref_T fails layout inference,
+value_T has no Warpgroup lowering for transpose, reload needs a non-contiguous memref.collapse_shape;
+on the H200 (jax 0.11.2) transpose_ref of a scratch ref already fails while tracing (s21a).
 """
 
 from __future__ import annotations

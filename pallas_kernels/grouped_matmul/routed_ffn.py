@@ -15,8 +15,8 @@ minor (row) axis, the inverse permutation. Here:
   (at most UNROLL_PAIRS pairs) the ranks and starts are unrolled compares over the pairs instead:
   elementwise work XLA fuses, where the cumulative sums were ~3 us of small fusions at 1 token;
 * the padded x is a gather of token rows, one source pair per padded row (-1: a zero row), not a
-  scatter of x's rows (XLA's row scatter took 2.4 us at 1 token; the mixed layer's re-pad between
-  the launches 4.5 / 11 / 35 us at 1 / 16 / 64 tokens, stop 20);
+  scatter of x's rows (XLA's row scatter took 2.4 us at 1 token, stop 20; the gather fuses with x's
+  fold sums). Mixtral FFN 3-bit at 1 token with both changes: 82.3 -> 80.0 us (H200, s21a);
 * the gate/up launch's partials are summed over the splits with a dense reduction and SiLU(gate) *
   up of every padded row IS the down launch's padded x (same experts, same order, same MB): nothing
   is gathered or scattered between the launches. Padding rows are zero in x, so they are zero in
@@ -24,7 +24,8 @@ minor (row) axis, the inverse permutation. Here:
   read;
 * the down launch's partials are summed densely, then each pair's row is read once and weighted.
 A down projection whose classes order the experts differently (mixed precision with other bit
-widths than gate/up) gets its own padded rows: one row gather between the launches.
+widths than gate/up) gets its own padded rows between the launches: a row gather up to UNROLL_PAIRS
+pairs, a row scatter above (see routed_ffn).
 
 Scope (`applies`): both projections quantized GroupedKernelWeights that run as one launch each (one
 class holding every expert, or the multi-class launch), fewer rows than the prefill path takes.
@@ -49,11 +50,13 @@ COMBINE_BY_SLOT = False
 
 # The down launch's split-K partials summed in a dense reduction of their own before the combine's
 # gather (True: an optimization barrier keeps XLA from fusing the sum into the gather, where each output
-# element reads splits * k strided partials), or fused into the combine (False).
+# element reads splits * k strided partials), or fused into the combine (False). Mixtral FFN at 1 token:
+# 79.6 vs 80.0 us (H200, 2026-12-04, s21a): two fusions of 1.9 + 1.6 us instead of one of 3.5; left off.
 SUM_SPLITS_FIRST = False
 
 # Routing bookkeeping (padded rows and each padded row's source pair) as unrolled compares for at most
-# this many (token, slot) pairs, else cumulative sums and an int32 scatter (0: always the latter).
+# this many (token, slot) pairs, else cumulative sums and an int32 scatter (0: always the latter). The
+# unrolled work grows as pairs squared; 8 covers decode of up to 4 tokens at top-2.
 UNROLL_PAIRS = 8
 
 # Padded buffers as a gather of rows through each padded row's source pair (True) or a scatter of the
