@@ -587,5 +587,15 @@ PY
     grep -E "RESULT" "$OUT/moe_1.txt" | cut -c1-300
     pack
     ;;
+  s22a)  # next session: the mixed layer at 4096 tokens with experts sorted by position (milo_jax.models.moe
+          # POSITION_SORTED_PREFILL, off until this is timed) against the default, uniform in the same run
+    TAIL=4 step moe_4096_pos 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 90 --out "$OUT/moe_layer_s22a_4096.json"
+    TAIL=4 step moe_4096_pos1 120 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls mixed234_model --tokens 4096 --budget-s 90 --set milo_jax.models.moe.POSITION_SORTED_PREFILL=1 \
+      --out "$OUT/moe_layer_s22a_4096_pos.json"
+    grep -E "RESULT" "$OUT"/moe_4096_pos*.txt | cut -c1-300
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

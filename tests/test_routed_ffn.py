@@ -232,3 +232,37 @@ def test_combine_orders_agree(monkeypatch):
         monkeypatch.setattr(rf, "COMBINE_BY_SLOT", by_slot)
         outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-2, atol=1e-3)
+
+
+def test_position_sorted_prefill_is_the_same_ffn(monkeypatch):
+    """POSITION_SORTED_PREFILL (experts renamed by gate/up's class positions before the sort, so the
+    prefill GEMMs permute no rows) gives the sorted path's FFN at prefill rows, for a down projection
+    ordered like gate/up and one ordered otherwise; the renamed weights are the same arrays."""
+    from flax import nnx
+    from milo_jax.models import moe
+    from milo_jax.models.kernel_weights import FusedIntoGate
+    rng = _rng(7)
+    t = mgpu_sm90.PREFILL_ROWS // K_TOP
+    for down_bits in ((2, 3, 4, 3), (4, 4, 2, 3)):
+        gate_up, down, experts64 = _layer(rng, (2, 3, 4, 3), down_bits)
+        new_up, new_down, new_ids = moe._by_position(gate_up, down, jnp.asarray([[0, 1]], jnp.int32), t * K_TOP)
+        pos = mgpu_sm90.position_ids(gate_up)
+        assert not np.array_equal(pos, np.arange(E))
+        assert [c.experts for c in new_up.classes] == [tuple(int(pos[e]) for e in c.experts) for c in gate_up.classes]
+        assert new_up.classes[0].codes is gate_up.classes[0].codes
+        np.testing.assert_array_equal(np.asarray(new_ids), pos[[[0, 1]]])
+        layer = moe.StackedExperts(E, H, I)
+        layer.gate_proj.set_value(gate_up)
+        layer.up_proj.set_value(FusedIntoGate(split=I))
+        layer.down_proj.set_value(down)
+        x = jnp.asarray(rng.standard_normal((t, H)), jnp.bfloat16)
+        ids = jnp.asarray(np.stack([rng.choice(E, K_TOP, replace=False) for _ in range(t)]), jnp.int32)
+        w = jnp.asarray(rng.random((t, K_TOP)) + 0.1, jnp.float32)
+        outs = []
+        for on in (False, True):
+            monkeypatch.setattr(moe, "POSITION_SORTED_PREFILL", on)
+            outs.append(np.asarray(jax.jit(lambda a, b, c: layer(a, b, c))(x, w, ids), np.float32))
+        np.testing.assert_allclose(outs[1], outs[0], rtol=2e-2, atol=2e-3)
+        sub = slice(0, 6)
+        y64 = ffn64(x[sub], np.asarray(w)[sub], np.asarray(ids)[sub], experts64)
+        assert rel_err(outs[1][sub], y64) < TOL

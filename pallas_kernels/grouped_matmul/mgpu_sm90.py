@@ -702,6 +702,21 @@ def prefill_applies(m: int, gkw: GroupedKernelWeights) -> bool:
     return m >= PREFILL_ROWS and _prefill_classes(gkw)
 
 
+def relabel_experts(gkw: GroupedKernelWeights, new_id) -> GroupedKernelWeights:
+    """The same weights with expert e renamed new_id[e] (a permutation of 0 .. E-1; no array is copied).
+    With new_id the inverse of the classes' order (`position_ids`), the experts' ids are their
+    positions, so the prefill path's class stacking is already in id order and permutes no rows."""
+    classes = tuple(dataclasses.replace(c, experts=tuple(int(new_id[e]) for e in c.experts)) for c in gkw.classes)
+    return dataclasses.replace(gkw, classes=classes)
+
+
+def position_ids(gkw: GroupedKernelWeights) -> np.ndarray:
+    """[E] int32: each expert's position when the classes are laid end to end (class order)."""
+    pos = np.empty(gkw.num_experts, np.int32)
+    pos[[i for c in gkw.classes for i in c.experts]] = np.arange(gkw.num_experts, dtype=np.int32)
+    return pos
+
+
 def _position_rows(group_sizes: jax.Array, order: tuple, m: int) -> jax.Array:
     """dest [M]: the row of each expert-sorted row when the experts are ordered by position (`order`[p]
     = global expert at position p) instead of by id. Rows past the groups keep their index, so dest is a
