@@ -530,7 +530,7 @@ PY
     ;;
   s21a)  # stop 21: routed_ffn's glue at decode (row gather / unrolled bookkeeping vs the stop-20 scatter and
           # cumsums, the down split-sum before the combine), one x per layer; native routed tests; HLO at 1 token;
-          # the transposed-epilogue probe
+          # the transposed-epilogue probe (ROW_GATHER, the old form's switch, is gone since: moe_old no longer runs)
     RF=pallas_kernels.grouped_matmul.routed_ffn
     TAIL=4 step moe_old 170 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown --no-check \
       --impls q3_model,mixed234_model --tokens 1,16,64 --budget-s 150 --set $RF.ROW_GATHER=0 --set $RF.UNROLL_PAIRS=0 \

@@ -558,7 +558,7 @@ def main(argv=None):
     ap.add_argument("--hlo-dir", default=None, help="write each case's optimized HLO (one layer) into this folder")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE",
                     help="override a module constant before timing (an int; 0/1 for a switch), e.g. "
-                         "pallas_kernels.grouped_matmul.routed_ffn.ROW_GATHER=0; repeatable")
+                         "pallas_kernels.grouped_matmul.routed_ffn.UNROLL_PAIRS=0; repeatable")
     args = ap.parse_args(argv)
     apply_overrides(args.set, log)
     global HLO_DIR

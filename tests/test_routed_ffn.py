@@ -120,16 +120,21 @@ def test_padded_rows_unrolled_and_cumsum_forms_agree(monkeypatch, unroll):
 
 
 def test_row_gather_row_scatter_and_split_sum_forms_agree(monkeypatch):
-    """The padded buffers built by gathering rows (ROW_GATHER) or scattering them, and the down
-    partials summed before the combine (SUM_SPLITS_FIRST) or inside it, give the same FFN, also for a
-    down projection with its own expert order (the re-pad between the launches)."""
+    """The padded buffers built by gathering rows or scattering them (the mixed re-pad takes the gather up
+    to UNROLL_PAIRS pairs, the scatter above), and the down partials summed before the combine
+    (SUM_SPLITS_FIRST) or inside it, give the same FFN, also for a down projection with its own expert
+    order (the re-pad between the launches)."""
     rng = _rng(5)
     gate_up, down, _ = _layer(rng, (2, 3, 4, 3), (4, 4, 2, 3))
     x = jnp.asarray(rng.standard_normal((2, H)), jnp.bfloat16)   # 4 pairs: the unrolled re-pad gather
     ids, w = routings(2, rng)[0]
+    dest, _ = rf.padded_rows(ids, gate_up.order, 8)
+    src = rf.padded_sources(dest, 32)
+    np.testing.assert_array_equal(np.asarray(rf.gather_rows(x, jnp.where(src >= 0, src // K_TOP, -1))),
+                                  np.asarray(rf.scatter_rows(jnp.take(x, jnp.arange(4) // K_TOP, axis=0), dest, 32)))
     outs = []
-    for gather, first in ((True, False), (False, False), (True, True)):
-        monkeypatch.setattr(rf, "ROW_GATHER", gather)
+    for unroll, first in ((8, False), (0, False), (8, True)):
+        monkeypatch.setattr(rf, "UNROLL_PAIRS", unroll)
         monkeypatch.setattr(rf, "SUM_SPLITS_FIRST", first)
         outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -238,7 +243,6 @@ def test_position_sorted_prefill_is_the_same_ffn(monkeypatch):
     """POSITION_SORTED_PREFILL (experts renamed by gate/up's class positions before the sort, so the
     prefill GEMMs permute no rows) gives the sorted path's FFN at prefill rows, for a down projection
     ordered like gate/up and one ordered otherwise; the renamed weights are the same arrays."""
-    from flax import nnx
     from milo_jax.models import moe
     from milo_jax.models.kernel_weights import FusedIntoGate
     rng = _rng(7)
@@ -246,7 +250,7 @@ def test_position_sorted_prefill_is_the_same_ffn(monkeypatch):
     for down_bits in ((2, 3, 4, 3), (4, 4, 2, 3)):
         gate_up, down, experts64 = _layer(rng, (2, 3, 4, 3), down_bits)
         new_up, new_down, new_ids = moe._by_position(gate_up, down, jnp.asarray([[0, 1]], jnp.int32), t * K_TOP)
-        pos = mgpu_sm90.position_ids(gate_up)
+        pos = mgpu_sm90.positions(gate_up.order)
         assert not np.array_equal(pos, np.arange(E))
         assert [c.experts for c in new_up.classes] == [tuple(int(pos[e]) for e in c.experts) for c in gate_up.classes]
         assert new_up.classes[0].codes is gate_up.classes[0].codes

@@ -94,7 +94,7 @@ def _by_position(gate_up, down, ids: jax.Array, num_pairs: int):
     if not (isinstance(gate_up, grouped.GroupedKernelWeights) and isinstance(down, grouped.GroupedKernelWeights)
             and grouped.prefill_applies(num_pairs, gate_up)):
         return gate_up, down, ids
-    new_id = grouped.position_ids(gate_up)
+    new_id = grouped.positions(gate_up.order)
     if np.array_equal(new_id, np.arange(new_id.shape[0])):
         return gate_up, down, ids
     return (grouped.relabel_experts(gate_up, new_id), grouped.relabel_experts(down, new_id),

@@ -139,6 +139,35 @@ class GroupedKernelWeights:
     def shape(self) -> tuple:
         return (self.num_experts, self.k, self.n)
 
+    @property
+    def order(self) -> tuple:
+        """The global expert at each position, the classes laid end to end: the row order of the
+        multi-class launch and routed_ffn's padded rows, the stacking order of the prefill path."""
+        return tuple(i for c in self.classes for i in c.experts)
+
+
+def positions(order) -> np.ndarray:
+    """[E] int32: the position of each global expert in `order` (its inverse permutation)."""
+    pos = np.empty(len(order), np.int32)
+    pos[list(order)] = np.arange(len(order), dtype=np.int32)
+    return pos
+
+
+def position_rows(group_sizes: jax.Array, order: tuple, m: int, mb: int = 1):
+    """Rows sorted by expert id -> (dest [M], in_groups [M], counts [E]) when the experts are laid out by
+    position (`order`) with each expert's rows starting at a multiple of mb: counts = mb-row blocks per
+    position, dest = a row's index in that layout (meaningless where in_groups is False: rows past the
+    groups)."""
+    e = len(order)
+    gs = group_sizes.astype(jnp.int32)
+    counts = (gs[np.asarray(order)] + mb - 1) // mb                # blocks per position
+    start = (jnp.cumsum(counts) - counts) * mb                     # first row of each position
+    offsets = jnp.cumsum(gs) - gs                                  # first sorted row of each global expert
+    row_expert = reference.row_expert_ids(gs, m)                   # E past the groups
+    safe = jnp.minimum(row_expert, e - 1)
+    dest = start[jnp.asarray(positions(order))[safe]] + jnp.arange(m, dtype=jnp.int32) - offsets[safe]
+    return dest, row_expert < e, counts
+
 
 def _register(cls):
     fields = dataclasses.fields(cls)
@@ -704,33 +733,10 @@ def prefill_applies(m: int, gkw: GroupedKernelWeights) -> bool:
 
 def relabel_experts(gkw: GroupedKernelWeights, new_id) -> GroupedKernelWeights:
     """The same weights with expert e renamed new_id[e] (a permutation of 0 .. E-1; no array is copied).
-    With new_id the inverse of the classes' order (`position_ids`), the experts' ids are their
-    positions, so the prefill path's class stacking is already in id order and permutes no rows."""
+    With new_id = positions(gkw.order) the experts' ids are their positions, so the prefill path's class
+    stacking is already in id order and permutes no rows."""
     classes = tuple(dataclasses.replace(c, experts=tuple(int(new_id[e]) for e in c.experts)) for c in gkw.classes)
     return dataclasses.replace(gkw, classes=classes)
-
-
-def position_ids(gkw: GroupedKernelWeights) -> np.ndarray:
-    """[E] int32: each expert's position when the classes are laid end to end (class order)."""
-    pos = np.empty(gkw.num_experts, np.int32)
-    pos[[i for c in gkw.classes for i in c.experts]] = np.arange(gkw.num_experts, dtype=np.int32)
-    return pos
-
-
-def _position_rows(group_sizes: jax.Array, order: tuple, m: int) -> jax.Array:
-    """dest [M]: the row of each expert-sorted row when the experts are ordered by position (`order`[p]
-    = global expert at position p) instead of by id. Rows past the groups keep their index, so dest is a
-    permutation of 0 .. M-1."""
-    e = len(order)
-    pos_of = np.empty(e, np.int32)
-    pos_of[list(order)] = np.arange(e, dtype=np.int32)
-    gs_pos = group_sizes[np.asarray(order)]
-    start_pos = jnp.cumsum(gs_pos) - gs_pos                       # first row of each position
-    offsets = jnp.cumsum(group_sizes) - group_sizes                # first row of each global expert
-    row_expert = reference.row_expert_ids(group_sizes, m)          # E past the groups
-    safe = jnp.minimum(row_expert, e - 1)
-    rows = jnp.arange(m, dtype=jnp.int32)
-    return jnp.where(row_expert < e, start_pos[jnp.asarray(pos_of)[safe]] + rows - offsets[safe], rows)
 
 
 def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes: jax.Array, *,
@@ -749,12 +755,13 @@ def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes:
     m, k = x.shape
     gs = group_sizes.astype(jnp.int32)
     xb = x.astype(jnp.bfloat16)
-    order = tuple(i for c in gkw.classes for i in c.experts)
+    order = gkw.order
     k_pad = max(c.k_pad for c in gkw.classes)
     w_t = jnp.concatenate([jnp.pad(w, ((0, 0), (0, 0), (0, k_pad - w.shape[2])))   # [E, N, K_pad] by position
                            for w in (dequantize_class(c, interpret) for c in gkw.classes)])
     if order != tuple(range(gkw.num_experts)):   # experts by position: rows and group sizes follow
-        dest = _position_rows(gs, order, m)
+        dest, in_groups, _ = position_rows(gs, order, m)
+        dest = jnp.where(in_groups, dest, jnp.arange(m, dtype=jnp.int32))   # rows past the groups stay: a permutation
         source = jnp.zeros((m,), jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32))
         x_rows, gs_rows = jnp.take(xb, source, axis=0), gs[np.asarray(order)]
     else:

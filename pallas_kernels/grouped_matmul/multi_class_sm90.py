@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from milo_jax.quant import packing
-from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, reference
+from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped
 from pallas_kernels.grouped_matmul.mgpu_sm90 import Config, ExpertClass, _read_back, block_m_for
 from pallas_kernels.quant_matmul import layout, mgpu_sm90 as qm
 from pallas_kernels.quant_matmul.mgpu_sm90 import (_accumulate_and_store, _interpret_params,
@@ -183,23 +183,13 @@ def multi_class_matmul(x: jax.Array, gkw, group_sizes: jax.Array, *, interpret: 
         raise ValueError("grouped_matmul multi-class launch: needs several planar_pairs classes without "
                          f"compensators (got {[(c.bits, getattr(c, 'layout', None)) for c in gkw.classes]})")
     m, k = x.shape
-    e, n = gkw.num_experts, gkw.n
     plans, mb, num_blocks, splits, k_pad_x = plan_layer(m, gkw)
-    order = [i for c in gkw.classes for i in c.experts]            # position -> global expert
-    pos_of = jnp.zeros((e,), jnp.int32).at[jnp.asarray(order)].set(jnp.arange(e, dtype=jnp.int32))
-    gs = group_sizes.astype(jnp.int32)
-    counts = (gs[jnp.asarray(order)] + mb - 1) // mb               # blocks per position
-    pad_start = (jnp.cumsum(counts) - counts) * mb                 # first padded row per position
-    offsets = jnp.cumsum(gs) - gs                                  # sorted-row offsets per global expert
-    row_expert = reference.row_expert_ids(gs, m)                   # E past the groups
-    in_groups = row_expert < e
-    safe = jnp.minimum(row_expert, e - 1)
-    dest = jnp.where(in_groups, pad_start[pos_of[safe]] + jnp.arange(m, dtype=jnp.int32) - offsets[safe],
-                     num_blocks * mb)
+    dest, in_groups, counts = grouped.position_rows(group_sizes, gkw.order, m, mb)
+    dest = jnp.where(in_groups, dest, num_blocks * mb)             # rows past the groups: dropped
     x_pad = jnp.zeros((num_blocks * mb, k_pad_x), jnp.bfloat16).at[dest, :k].set(x.astype(jnp.bfloat16),
                                                                                  mode="drop")
     out_t = multi_class_kernel(x_pad, counts, gkw, m, interpret)   # [splits * N, B * MB]
-    return _read_back(out_t, dest, in_groups, num_blocks * mb, splits, n)
+    return _read_back(out_t, dest, in_groups, num_blocks * mb, splits, gkw.n)
 
 
 def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False):

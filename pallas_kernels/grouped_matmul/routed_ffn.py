@@ -38,7 +38,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, multi_class_sm90
 
@@ -58,10 +57,6 @@ SUM_SPLITS_FIRST = False
 # this many (token, slot) pairs, else cumulative sums and an int32 scatter (0: always the latter). The
 # unrolled work grows as pairs squared; 8 covers decode of up to 4 tokens at top-2.
 UNROLL_PAIRS = 8
-
-# Padded buffers as a gather of rows through each padded row's source pair (True) or a scatter of the
-# rows into zeros (False, the form before stop 21; kept to time both in one session).
-ROW_GATHER = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +88,7 @@ def launch_for(m: int, gkw, interpret: bool = False) -> Launch | None:
     if multi_class_sm90.applies(gkw):
         _, mb, nb, splits, _ = multi_class_sm90.plan_layer(m, gkw)
         run = lambda x_pad, counts: multi_class_sm90.multi_class_kernel(x_pad, counts, gkw, m, interpret)
-        return Launch(order=tuple(i for c in gkw.classes for i in c.experts), mb=mb, num_blocks=nb,
+        return Launch(order=gkw.order, mb=mb, num_blocks=nb,
                       splits=splits, run=run)
     return None
 
@@ -110,9 +105,7 @@ def padded_rows(ids: jax.Array, order: tuple, mb: int):
     Position p holds expert order[p]; its rows start at MB * (blocks of positions before p); pair
     t * k + j goes to its expert's start plus the number of earlier pairs on that expert."""
     e = len(order)
-    pos_of = np.empty(e, np.int32)
-    pos_of[list(order)] = np.arange(e, dtype=np.int32)
-    pos = jnp.asarray(pos_of)[ids.reshape(-1).astype(jnp.int32)]              # [P]
+    pos = jnp.asarray(grouped.positions(order))[ids.reshape(-1).astype(jnp.int32)]   # [P]
     if pos.shape[0] <= UNROLL_PAIRS:
         return _padded_rows_unrolled(pos, e, mb)
     onehot = (pos[:, None] == jnp.arange(e, dtype=jnp.int32)[None, :]).astype(jnp.int32)   # [P, E]
@@ -155,7 +148,8 @@ def gather_rows(a: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def scatter_rows(a: jax.Array, dest: jax.Array, rows_pad: int) -> jax.Array:
-    """a [P, C] -> [rows_pad, C]: row p of a at dest[p], zeros elsewhere (ROW_GATHER=False)."""
+    """a [P, C] -> [rows_pad, C]: row p of a at dest[p], zeros elsewhere (the mixed re-pad above
+    UNROLL_PAIRS pairs)."""
     return jnp.zeros((rows_pad, a.shape[1]), a.dtype).at[dest].set(a)
 
 
@@ -177,23 +171,18 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
     inter = down.k
     first, second = launch_for(m, gate_up, interpret), launch_for(m, down, interpret)
     dest, counts = padded_rows(ids, first.order, first.mb)
-    xb = x.astype(jnp.bfloat16)
-    if ROW_GATHER:   # pair p reads token p // k
-        src = padded_sources(dest, first.rows_pad)
-        x_pad = gather_rows(xb, jnp.where(src >= 0, src // k, -1))
-    else:
-        x_pad = scatter_rows(jnp.take(xb, jnp.arange(m) // k, axis=0), dest, first.rows_pad)
+    src = padded_sources(dest, first.rows_pad)                               # pair p reads token p // k
+    x_pad = gather_rows(x.astype(jnp.bfloat16), jnp.where(src >= 0, src // k, -1))
     gu = _summed(first.run(x_pad, counts), first.splits, gate_up.n, first.rows_pad)   # [2I, R]
     h = (act(gu[:inter]) * gu[inter:]).T.astype(jnp.bfloat16)                 # [R, I]
     if (second.order, second.mb, second.num_blocks) != (first.order, first.mb, first.num_blocks):
         dest2, counts2 = padded_rows(ids, second.order, second.mb)
-        if ROW_GATHER and m <= UNROLL_PAIRS:   # padded row r of the down launch reads the gate/up row of its pair
-            src2 = padded_sources(dest2, second.rows_pad)
+        if m <= UNROLL_PAIRS:   # padded row r of the down launch reads the gate/up row of its pair
             # h materialized first: fused into the gather, XLA recomputed SiLU(gate) * up from the strided
             # partials per gathered element (9.2 us at 1 token, 62 us at 64; H200, s21a). From 16 tokens on
             # the row scatter stays: the gather + the fold sums of h took 28 us there (s21b), the scatter 11
-            src2 = jnp.where(src2 >= 0, dest[jnp.maximum(src2, 0)], -1)
-            h = gather_rows(jax.lax.optimization_barrier(h), src2)
+            src2 = padded_sources(dest2, second.rows_pad)
+            h = gather_rows(jax.lax.optimization_barrier(h), jnp.where(src2 >= 0, dest[jnp.maximum(src2, 0)], -1))
         else:
             h = scatter_rows(jnp.take(h, dest, axis=0), dest2, second.rows_pad)
         dest, counts = dest2, counts2
