@@ -597,5 +597,26 @@ PY
     grep -E "RESULT" "$OUT"/moe_4096_pos*.txt | cut -c1-300
     pack
     ;;
+  s23a)  # where the stream-K magic_fold kernel stalls (ncu SASS-level samples), its ptxas report and PTX; then s22a
+    mkdir -p /tmp/dump "$OUT/sk"
+    MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO=/tmp/dump TAIL=2 step dump 90 python3 -m benchmarks.profile_decode --variants sk
+    ptx=$(ls -S /tmp/dump/*.ptx | head -1); echo "ptx: $ptx"; cp "$ptx" "$OUT/sk/kernel.ptx"
+    ptxas -arch=sm_90a "$ptx" -o /tmp/k.cubin -v --warn-on-spills > "$OUT/sk/ptxas.txt" 2>&1; tail -5 "$OUT/sk/ptxas.txt"
+    cuobjdump --dump-sass /tmp/k.cubin > "$OUT/sk/sass.txt" 2>&1
+    TAIL=6 step ncu 240 ncu --clock-control none -k regex:mosaic -c 1 --set full -f -o /tmp/sk \
+      python3 -m benchmarks.profile_decode --variants sk
+    ncu --import /tmp/sk.ncu-rep --page source --csv --print-source sass > "$OUT/sk/source.csv" 2> "$OUT/sk/source_err.txt"
+    ncu --import /tmp/sk.ncu-rep --page details > "$OUT/sk/details.txt" 2>&1
+    grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slots|Issued Warp|Eligible|No Eligible|Executed Ipc" "$OUT/sk/details.txt" | head -20
+    wc -c "$OUT/sk/source.csv"; head -c 600 "$OUT/sk/source_err.txt"
+    (cd "$OUT" && tar -czf sk.tgz sk && rm -r sk)
+    TAIL=4 step moe_4096_pos 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 90 --out "$OUT/moe_layer_s23a_4096.json"
+    TAIL=4 step moe_4096_pos1 130 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls mixed234_model --tokens 4096 --budget-s 90 --set milo_jax.models.moe.POSITION_SORTED_PREFILL=1 \
+      --out "$OUT/moe_layer_s23a_4096_pos.json"
+    grep -E "RESULT" "$OUT"/moe_4096_pos*.txt | cut -c1-300
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
