@@ -305,6 +305,13 @@ def test_prefill_path_mixed_classes_interpret():
         assert y.shape == (m, n) and y.dtype == jnp.bfloat16
         assert rel_err(y, ref64(x, experts64, gs)) < TOL_BF16, np.asarray(gs)
         assert np.all(np.asarray(y, np.float32)[int(gs.sum()):] == 0)
+    # the one-launch dequantize of every class: expert by position, K cut to the smallest quantized K_pad
+    # (768: the 4-bit class's; the 2/3-bit classes' second 512-row tile is stored only up to it)
+    w_t = np.asarray(mgpu_sm90.dequantize_layer(gkw, interpret=True), np.float32)
+    assert w_t.shape == (e, n, min(c.k_pad for c in gkw.classes if c.bits != 16)) == (e, n, 768)
+    w_ref = np.stack([dense64(parts[i])[0] for i in gkw.order]).transpose(0, 2, 1)
+    assert np.abs(w_t[:, :, :k] - w_ref).max() < 2e-2 * np.abs(w_ref).max()
+    assert np.all(w_t[:, :, k:] == 0)
     with_rank = mgpu_sm90.prepare_grouped([quantized_expert(512, 64, 3, 64, 4, rng), quantized_expert(512, 64, 4, 64, 0, rng)])
     assert not mgpu_sm90.prefill_applies(10 ** 6, with_rank)
     with pytest.raises(ValueError, match="without compensators"):
@@ -398,6 +405,28 @@ def test_kernel_lowers_natively_on_cpu(low_bit_layout):
         # with each width's mask (3-bit and 2-bit classes here)
         assert ("lop3.b32" in text) == (low_bit_layout == PAIRS), (m, cfg)
         assert ("0x30003" in text) == (low_bit_layout == PAIRS), (m, cfg)
+
+
+def test_prefill_dequantize_lowers_natively_on_cpu():
+    """The prefill path of a mixed layer lowers for CUDA from this CPU host as two launches: one
+    dequantize kernel for every quantized class (each class's branch under pl.when with its own
+    unpack and A buffers; the 2/3-bit classes' last tile stored only up to the 4-bit class's K_pad)
+    and jax's ragged_dot_mgpu; the bf16 expert is copied into its rows, nothing is concatenated."""
+    reason = cuda_lowering_unavailable()
+    if reason:
+        pytest.skip(reason)
+    rng = _rng()
+    k, n, m = 640, 128, mgpu_sm90.PREFILL_ROWS
+    parts = [quantized_expert(k, n, 4, 64, 0, rng), quantized_expert(k, n, 2, 64, 0, rng),
+             jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.bfloat16), quantized_expert(k, n, 3, 64, 0, rng)]
+    gkw = mgpu_sm90.prepare_grouped(parts)
+    f = jax.jit(lambda x, w, g: api.grouped_matmul(x, w, g, impl="kernel", interpret=False))
+    text = f.trace(jax.ShapeDtypeStruct((m, k), jnp.bfloat16), gkw,
+                   jax.ShapeDtypeStruct((len(parts),), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2
+    for mask in ("0x30003", "0x70007", "0xf000f"):       # each class's magic mask in the one dequantize kernel
+        assert mask in text, mask
+    assert "concatenate" not in text
 
 
 # ------------------------------------------------ mixed precision in one launch (multi_class_sm90)

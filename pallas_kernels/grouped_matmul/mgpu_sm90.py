@@ -708,10 +708,32 @@ def dequantize_class(c, interpret: bool = False) -> jax.Array:
     ec = len(c.experts)
     if isinstance(c, FloatClass):
         return c.w_t.reshape(ec, c.n, c.k_pad)
-    from pallas_kernels.quant_matmul.mgpu_sm90 import dequantize_stacked_mgpu
-    w_t = dequantize_stacked_mgpu(c.codes, c.scales, c.zeros, bits=c.bits, slab=c.slab, group_rows=c.group_rows,
-                                  k_pad=c.k_pad, n=c.n, num_experts=ec, layout_name=c.layout, interpret=interpret)
-    return w_t.reshape(ec, c.n, c.k_pad)
+    return dequantize_layer(GroupedKernelWeights(classes=(c,), num_experts=ec, k=c.k, n=c.n), interpret)
+
+
+def dequantize_layer(gkw: GroupedKernelWeights, interpret: bool = False) -> jax.Array:
+    """W_hat^T of every expert by position (`gkw.order`): [E, N, K_out] bf16, K_out the smallest K_pad of
+    the quantized classes (>= K; columns past K are zero). One dequantize launch writes every quantized
+    class's rows into one buffer (no concatenation copy); bf16 experts are copied into their rows."""
+    quantized = [c for c in gkw.classes if not isinstance(c, FloatClass)]
+    e, n = gkw.num_experts, gkw.n
+    if not quantized:                                  # bf16 experts only: already W^T by position
+        ws = [c.w_t.reshape(len(c.experts), n, c.k_pad) for c in gkw.classes]
+        return ws[0] if len(ws) == 1 else jnp.concatenate(ws)
+    from pallas_kernels.quant_matmul import mgpu_sm90 as qm
+    k_out = min(c.k_pad for c in quantized)
+    starts = np.cumsum([0] + [len(c.experts) for c in gkw.classes])[:-1]
+    plans = tuple(qm.DequantClass(bits=c.bits, slab=c.slab, group_rows=c.group_rows, k_pad=c.k_pad,
+                                  num_experts=len(c.experts), unpack=qm.dequant_unpack(c.layout), start=int(st))
+                  for c, st in zip(gkw.classes, starts) if not isinstance(c, FloatClass))
+    f = qm.build_dequant_classes(plans, n, k_out, e, bool(interpret))
+    w_t = f(*[a for c in quantized for a in (c.codes, c.scales, c.zeros)]).reshape(e, n, k_out)
+    for c, st in zip(gkw.classes, starts):
+        if isinstance(c, FloatClass):                  # bf16 rows: K_pad (a multiple of 64) <= k_out
+            wf = c.w_t.reshape(len(c.experts), n, c.k_pad)[:, :, :k_out]
+            wf = jnp.pad(wf, ((0, 0), (0, 0), (0, k_out - wf.shape[2])))
+            w_t = lax.dynamic_update_slice(w_t, wf.astype(w_t.dtype), (int(st), 0, 0))
+    return w_t
 
 
 def _uniform(gkw: GroupedKernelWeights) -> bool:
@@ -756,9 +778,8 @@ def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes:
     gs = group_sizes.astype(jnp.int32)
     xb = x.astype(jnp.bfloat16)
     order = gkw.order
-    k_pad = max(c.k_pad for c in gkw.classes)
-    w_t = jnp.concatenate([jnp.pad(w, ((0, 0), (0, 0), (0, k_pad - w.shape[2])))   # [E, N, K_pad] by position
-                           for w in (dequantize_class(c, interpret) for c in gkw.classes)])
+    w_t = dequantize_layer(gkw, interpret)          # [E, N, K_out] by position, one launch
+    k_pad = w_t.shape[2]
     if order != tuple(range(gkw.num_experts)):   # experts by position: rows and group sizes follow
         dest, in_groups, _ = position_rows(gs, order, m)
         dest = jnp.where(in_groups, dest, jnp.arange(m, dtype=jnp.int32))   # rows past the groups stay: a permutation

@@ -838,69 +838,128 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
 # Dequantize-only kernel for the prefill path: W_hat^T [N, Kp] bf16, then a bf16 GEMM.
 # It reuses the decode kernel's unpack (f32 for planar_nmajor, the magic-number conversion for
 # planar_pairs) and writes each dequantized chunk back through TMA. Several experts stacked along
-# N (the grouped kernel's classes: codes [E*N, W], scales [E*Gp, N]) are one launch.
+# N (the grouped kernel's classes: codes [E*N, W], scales [E*Gp, N]) are one launch, and so are
+# several classes of experts (a mixed-precision layer): each writes its experts' rows of one output.
+@dataclasses.dataclass(frozen=True)
+class DequantClass:
+    """One stack of experts for the dequantize kernel, and where its rows go in the output."""
+    bits: int
+    slab: int
+    group_rows: int
+    k_pad: int               # the stack's own K padding (its codes and scales)
+    num_experts: int
+    unpack: str = "f32"      # "f32" (planar_nmajor) or "magic_bf16" (planar_pairs)
+    start: int = 0           # output expert of the stack's first expert
+
+
 @functools.lru_cache(maxsize=None)
-def build_dequant(bits: int, slab: int, group_rows: int, k_pad: int, n: int, chunk: int,
-                  interpret: bool, block_n: int = 64, stages: int = 2, unpack: str = "f32",
-                  num_experts: int = 1):
-    """f(codes [E*N, W], scales [E*Gp, N], zeros) -> W_hat^T [E*N, k_pad] bf16 (padded K rows included)."""
-    per = packing.slots_per_tile(bits)
-    wps = packing.words_per_slab_row(bits)
-    tile_rows = per * slab
-    steps = k_pad // tile_rows
+def build_dequant_classes(classes: tuple, n: int, k_out: int, total_experts: int, interpret: bool,
+                          block_n: int = 64, stages: int = 2):
+    """f(codes, scales, zeros of each class) -> W_hat^T [total_experts * N, k_out] bf16: rows
+    [(c.start + e) * N, (c.start + e + 1) * N) hold class c's expert e (its column n, K rows up to k_out);
+    rows of experts no class covers are left unwritten (the caller fills them).
+
+    k_out <= every class's k_pad, a multiple of 128: a class padded further (its K tile is longer)
+    dequantizes only the tiles that reach k_out and skips the chunk stores past it. Why one launch for
+    every class: with one launch per class, stacking their outputs by concatenation copied the whole
+    dequantized layer once more (Mixtral gate/up at 4096 tokens: 1.50 ms of a 8.7 ms mixed FFN, H100,
+    2026-12-07, benchmarks/results/logs/h100_2026-12-07_s23a_moe_4096.txt)."""
     bn = block_n
-    if n % bn or k_pad % tile_rows:
-        raise ValueError(f"dequantize kernel: N={n}, K={k_pad} not tiled by BN={bn}, tile={tile_rows}")
-    if per % chunk:
-        chunk = per
-    nchunks = per // chunk
-    if unpack not in ("f32", "magic_bf16"):
-        raise ValueError(f"dequantize kernel: unpack={unpack!r} (f32 or magic_bf16: the output is bf16)")
-    plan = _unpack_plan(unpack, False, True, bits, chunk, nchunks, slab)
-    g_block, scale_index = _scale_blocks(group_rows, tile_rows, k_pad)
-    scale_blocks_per_expert = (k_pad // group_rows) // g_block
+    if n % bn:
+        raise ValueError(f"dequantize kernel: N={n} is not tiled by BN={bn}")
+    if k_out % 128:
+        raise ValueError(f"dequantize kernel: output width {k_out} is not a multiple of 128")
     n_blocks = n // bn
-    tr = _swizzle_transforms(slab)
+    plans = []
+    for c in classes:
+        per = packing.slots_per_tile(c.bits)
+        tile_rows = per * c.slab
+        if c.k_pad % tile_rows or c.k_pad < k_out:
+            raise ValueError(f"dequantize kernel: K_pad={c.k_pad} of a {c.bits}-bit class is not tiled by its "
+                             f"{tile_rows}-row tile or is under the output width {k_out}")
+        if c.unpack not in ("f32", "magic_bf16"):
+            raise ValueError(f"dequantize kernel: unpack={c.unpack!r} (f32 or magic_bf16: the output is bf16)")
+        if c.start < 0 or c.start + c.num_experts > total_experts:
+            raise ValueError(f"dequantize kernel: experts [{c.start}, {c.start + c.num_experts}) outside "
+                             f"the output's {total_experts}")
+        chunk = max(2, min(per, 128 // c.slab))
+        if per % chunk:
+            chunk = per
+        g_block, scale_index = _scale_blocks(c.group_rows, tile_rows, c.k_pad)
+        plans.append(dict(c=c, wps=packing.words_per_slab_row(c.bits), tile_rows=tile_rows, chunk=chunk,
+                          nchunks=per // chunk, steps=-(-k_out // tile_rows), partial=bool(k_out % tile_rows),
+                          plan=_unpack_plan(c.unpack, False, True, c.bits, chunk, per // chunk, c.slab),
+                          g_block=g_block, scale_index=scale_index,
+                          sbpe=(c.k_pad // c.group_rows) // g_block, tr=_swizzle_transforms(c.slab)))
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
-    def kernel(codes, scales, zeros, out, a_buf):
-        ni = lax.axis_index("n")                       # column tile over all experts
-        expert, col = ni // n_blocks, ni % n_blocks
-        scale_base = expert * scale_blocks_per_expert
+    def run_class(q, codes, scales, zeros, out, local, col, ni):
+        c, wps, tile_rows, chunk, g_block = q["c"], q["wps"], q["tile_rows"], q["chunk"], q["g_block"]
+        scale_base = local * q["sbpe"]
+        row_block = local * n_blocks + col              # this tile in the class's stacked codes
 
-        def body(idx, *step_refs):
+        def body(idx, *step_refs, a_buf):
             (s,) = idx
             planes = [r[...] for r in step_refs[:wps]]
             s_ref, z_ref = step_refs[wps:]
-            scales_of = _pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=slab, group_rows=group_rows,
-                                             g_block=g_block, unpack=unpack)
-            for c in range(nchunks):
-                buf = a_buf.at[c % 2]
+            scales_of = _pair_scales_by_slot(s_ref, z_ref, bn=bn, slab=c.slab, group_rows=c.group_rows,
+                                             g_block=g_block, unpack=c.unpack)
+            for ci in range(q["nchunks"]):
+                buf = a_buf.at[ci % 2]
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # buf's previous store has read it
-                if plan.pairs:   # chunk // 2 pair-slots converted side by side, one store
-                    jps = list(range(c * chunk // 2, (c + 1) * chunk // 2))
-                    buf[...] = _dequant_pairs(planes, jps, [scales_of(jp) for jp in jps], bn, slab, unpack,
-                                              interpret, bits)
+                if q["plan"].pairs:   # chunk // 2 pair-slots converted side by side, one store
+                    jps = list(range(ci * chunk // 2, (ci + 1) * chunk // 2))
+                    buf[...] = _dequant_pairs(planes, jps, [scales_of(jp) for jp in jps], bn, c.slab, c.unpack,
+                                              interpret, c.bits)
                 else:
                     for jj in range(chunk):
-                        j = c * chunk + jj
-                        g = (j * slab) // group_rows if g_block > 1 else 0
-                        buf[:, pl.ds(jj * slab, slab)] = _dequant_slab(planes, bits, j, s_ref, z_ref, g, bn,
-                                                                       slab, "f32")
+                        j = ci * chunk + jj
+                        g = (j * c.slab) // c.group_rows if g_block > 1 else 0
+                        buf[:, pl.ds(jj * c.slab, c.slab)] = _dequant_slab(planes, c.bits, j, s_ref, z_ref, g, bn,
+                                                                           c.slab, "f32")
                 plgpu.commit_smem()
-                k0 = s * tile_rows + c * chunk * slab
-                plgpu.copy_smem_to_gmem(buf, out.at[pl.ds(ni * bn, bn), pl.ds(k0, chunk * slab)])
+                k0 = s * tile_rows + ci * chunk * c.slab
 
-        in_specs = [plgpu.BlockSpec((bn, slab), (lambda s, p=p: (ni, wps * s + p))) for p in range(wps)]
-        in_specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + scale_index(s), col))] * 2
-        plgpu.emit_pipeline(body, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages)(
-            *([codes] * wps), scales, zeros)
-        plgpu.wait_smem_to_gmem(0)
+                def store(buf=buf, k0=k0):
+                    plgpu.copy_smem_to_gmem(buf, out.at[pl.ds(ni * bn, bn), pl.ds(k0, chunk * c.slab)])
+                if q["partial"]:      # the last tile reaches past k_out: its chunks there are not stored
+                    pl.when(k0 < k_out)(store)
+                else:
+                    store()
 
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((num_experts * n, k_pad), jnp.bfloat16),
-                        grid=(num_experts * n // bn,), grid_names=("n",), compiler_params=wg,
-                        scratch_types=[plgpu.SMEM((2, bn, chunk * slab), jnp.bfloat16, transforms=tr)],
+        in_specs = [plgpu.BlockSpec((bn, c.slab), (lambda s, p=p: (row_block, wps * s + p))) for p in range(wps)]
+        in_specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + q["scale_index"](s), col))] * 2
+
+        def scoped(a_buf):
+            plgpu.emit_pipeline(functools.partial(body, a_buf=a_buf), grid=(q["steps"],), in_specs=in_specs,
+                                max_concurrent_steps=stages)(*([codes] * wps), scales, zeros)
+            plgpu.wait_smem_to_gmem(0)
+        pl.run_scoped(scoped, plgpu.SMEM((2, bn, chunk * c.slab), jnp.bfloat16, transforms=q["tr"]))
+
+    def kernel(*refs):
+        out = refs[3 * len(plans)]
+        ni = lax.axis_index("n")                       # column tile over all output experts
+        pos, col = ni // n_blocks, ni % n_blocks
+        for i, q in enumerate(plans):
+            c = q["c"]
+            run = functools.partial(run_class, q, *refs[3 * i:3 * i + 3], out, pos - c.start, col, ni)
+            if len(plans) == 1 and c.start == 0 and c.num_experts == total_experts:
+                run()
+            else:                                     # one branch per class, by the CTA's output expert
+                pl.when((pos >= c.start) & (pos < c.start + c.num_experts))(run)
+
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((total_experts * n, k_out), jnp.bfloat16),
+                        grid=(total_experts * n // bn,), grid_names=("n",), compiler_params=wg,
                         **_interpret_params(interpret))
+
+
+def build_dequant(bits: int, slab: int, group_rows: int, k_pad: int, n: int, interpret: bool,
+                  unpack: str = "f32", num_experts: int = 1):
+    """f(codes [E*N, W], scales [E*Gp, N], zeros) -> W_hat^T [E*N, k_pad] bf16 (padded K rows included):
+    one class of `build_dequant_classes`."""
+    cls = DequantClass(bits=bits, slab=slab, group_rows=group_rows, k_pad=k_pad, num_experts=num_experts,
+                       unpack=unpack)
+    return build_dequant_classes((cls,), n, k_pad, num_experts, interpret)
 
 
 def dequant_unpack(layout_name: str) -> str:
@@ -912,10 +971,8 @@ def dequantize_stacked_mgpu(codes, scales, zeros, *, bits: int, slab: int, group
                             num_experts: int, layout_name: str, interpret: bool = False) -> jax.Array:
     """W_hat^T [E*N, k_pad] bf16 of E experts stacked in a kernel layout (codes [E*N, W],
     scales / zeros [E*Gp, N]); rows k >= K are padding."""
-    per = packing.slots_per_tile(bits)
-    chunk = max(2, min(per, 128 // slab))
-    f = build_dequant(bits, slab, group_rows, k_pad, n, chunk, bool(interpret),
-                      unpack=dequant_unpack(layout_name), num_experts=num_experts)
+    f = build_dequant(bits, slab, group_rows, k_pad, n, bool(interpret), unpack=dequant_unpack(layout_name),
+                      num_experts=num_experts)
     return f(codes, scales, zeros)
 
 
