@@ -620,18 +620,18 @@ PY
     ;;
   s23b)  # the mixed prefill path's one dequantize launch (no concatenation): every native kernel test, the Mixtral
           # FFN at 4096 tokens (uniform, mixed, mixed + POSITION_SORTED_PREFILL); stream-K occupancy / depth probes
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=10 step native_tests 330 python3 -m pytest tests/test_routed_ffn.py \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=10 step native_tests 250 python3 -m pytest tests/test_routed_ffn.py \
       tests/test_grouped_matmul.py tests/test_quant_matmul_stream_k.py tests/test_quant_matmul.py \
       tests/test_quant_matmul_variants.py tests/test_magic_fold_native.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    TAIL=3 step moe_4096 130 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model --tokens 4096 --budget-s 90 --out "$OUT/moe_layer_s23b_4096.json"
-    TAIL=3 step moe_4096_pos 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls mixed234_model --tokens 4096 --budget-s 60 --set milo_jax.models.moe.POSITION_SORTED_PREFILL=1 \
+    pack
+    TAIL=3 step moe_4096 110 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 80 --out "$OUT/moe_layer_s23b_4096.json"
+    TAIL=3 step moe_4096_pos 70 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls mixed234_model --tokens 4096 --budget-s 50 --set milo_jax.models.moe.POSITION_SORTED_PREFILL=1 \
       --out "$OUT/moe_layer_s23b_4096_pos.json"
     grep -E "RESULT" "$OUT"/moe_4096*.txt | cut -c1-200
-    TAIL=8 step time_m1 150 python3 -m benchmarks.profile_decode --time \
-      --variants sk,sk+ctas=396,sk+stages=3,sk+stages=3+ctas=396,sk+ctas=528
-    TAIL=3 step time_m16 60 python3 -m benchmarks.profile_decode --time --m 16 --variants sk,sk+ctas=396
+    pack
+    TAIL=5 step time_m1 120 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3
     pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
