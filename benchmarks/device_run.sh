@@ -634,5 +634,15 @@ PY
     TAIL=5 step time_m1 120 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3
     pack
     ;;
+  s23c)  # the issues' tables on the issue's device (H100) with the final code: quant_matmul (issue 6) and the Mixtral FFN
+          # at decode sizes (issue 7), ragged_dot bf16 and torch int4 in the same runs
+    TAIL=24 step quant_matmul 150 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s23c.json"
+    pack
+    TAIL=14 step moe_mixtral 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16,64 --budget-s 170 \
+      --out "$OUT/moe_layer_s23c_mixtral.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
