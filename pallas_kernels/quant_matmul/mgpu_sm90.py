@@ -890,15 +890,20 @@ def build_dequant_classes(classes: tuple, n: int, k_out: int, total_experts: int
                           nchunks=per // chunk, steps=-(-k_out // tile_rows), partial=bool(k_out % tile_rows),
                           plan=_unpack_plan(c.unpack, False, True, c.bits, chunk, per // chunk, c.slab),
                           g_block=g_block, scale_index=scale_index,
-                          sbpe=(c.k_pad // c.group_rows) // g_block, tr=_swizzle_transforms(c.slab)))
+                          sbpe=(c.k_pad // c.group_rows) // g_block))
+    # A buffers as kernel scratch (the natively tested form), one pair per distinct width and swizzle:
+    # classes of one slab share theirs (their branches never run in the same CTA)
+    buf_keys = sorted({(q["chunk"] * q["c"].slab, q["c"].slab) for q in plans})
+    for q in plans:
+        q["buf"] = buf_keys.index((q["chunk"] * q["c"].slab, q["c"].slab))
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
-    def run_class(q, codes, scales, zeros, out, local, col, ni):
+    def run_class(q, codes, scales, zeros, out, local, col, ni, a_buf):
         c, wps, tile_rows, chunk, g_block = q["c"], q["wps"], q["tile_rows"], q["chunk"], q["g_block"]
         scale_base = local * q["sbpe"]
         row_block = local * n_blocks + col              # this tile in the class's stacked codes
 
-        def body(idx, *step_refs, a_buf):
+        def body(idx, *step_refs):
             (s,) = idx
             planes = [r[...] for r in step_refs[:wps]]
             s_ref, z_ref = step_refs[wps:]
@@ -930,19 +935,18 @@ def build_dequant_classes(classes: tuple, n: int, k_out: int, total_experts: int
         in_specs = [plgpu.BlockSpec((bn, c.slab), (lambda s, p=p: (row_block, wps * s + p))) for p in range(wps)]
         in_specs += [plgpu.BlockSpec((g_block, bn), lambda s: (scale_base + q["scale_index"](s), col))] * 2
 
-        def scoped(a_buf):
-            plgpu.emit_pipeline(functools.partial(body, a_buf=a_buf), grid=(q["steps"],), in_specs=in_specs,
-                                max_concurrent_steps=stages)(*([codes] * wps), scales, zeros)
-            plgpu.wait_smem_to_gmem(0)
-        pl.run_scoped(scoped, plgpu.SMEM((2, bn, chunk * c.slab), jnp.bfloat16, transforms=q["tr"]))
+        plgpu.emit_pipeline(body, grid=(q["steps"],), in_specs=in_specs, max_concurrent_steps=stages)(
+            *([codes] * wps), scales, zeros)
+        plgpu.wait_smem_to_gmem(0)
 
     def kernel(*refs):
-        out = refs[3 * len(plans)]
+        out, bufs = refs[3 * len(plans)], refs[3 * len(plans) + 1:]
         ni = lax.axis_index("n")                       # column tile over all output experts
         pos, col = ni // n_blocks, ni % n_blocks
         for i, q in enumerate(plans):
             c = q["c"]
-            run = functools.partial(run_class, q, *refs[3 * i:3 * i + 3], out, pos - c.start, col, ni)
+            run = functools.partial(run_class, q, *refs[3 * i:3 * i + 3], out, pos - c.start, col, ni,
+                                    bufs[q["buf"]])
             if len(plans) == 1 and c.start == 0 and c.num_experts == total_experts:
                 run()
             else:                                     # one branch per class, by the CTA's output expert
@@ -950,6 +954,8 @@ def build_dequant_classes(classes: tuple, n: int, k_out: int, total_experts: int
 
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((total_experts * n, k_out), jnp.bfloat16),
                         grid=(total_experts * n // bn,), grid_names=("n",), compiler_params=wg,
+                        scratch_types=[plgpu.SMEM((2, bn, width), jnp.bfloat16, transforms=_swizzle_transforms(slab))
+                                       for width, slab in buf_keys],
                         **_interpret_params(interpret))
 
 
