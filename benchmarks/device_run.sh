@@ -646,14 +646,14 @@ PY
     ;;
   s23d)  # s23b cut to what the budget left allows: the native tests of the dequantize / prefill paths, then the
           # Mixtral FFN at 4096 tokens (uniform and mixed, POSITION_SORTED_PREFILL off and on)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_tests 170 python3 -m pytest tests/test_routed_ffn.py \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_tests 150 python3 -m pytest tests/test_routed_ffn.py \
       tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
       -k "prefill or dequant"
     pack
-    TAIL=3 step moe_4096 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model --tokens 4096 --budget-s 70 --out "$OUT/moe_layer_s23d_4096.json"
+    TAIL=3 step moe_4096 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 60 --out "$OUT/moe_layer_s23d_4096.json"
     pack
-    TAIL=3 step moe_4096_pos 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+    TAIL=3 step moe_4096_pos 55 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls mixed234_model --tokens 4096 --budget-s 45 --set milo_jax.models.moe.POSITION_SORTED_PREFILL=1 \
       --out "$OUT/moe_layer_s23d_4096_pos.json"
     pack
