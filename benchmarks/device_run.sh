@@ -659,5 +659,11 @@ PY
     pack
     tar -xOf "$OUT/results.tar" moe_4096.txt moe_4096_pos.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
     ;;
+  s23e)  # the last minutes of stop 23: the native mixed prefill test, then the 4096-token FFN (uniform, mixed)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_mixed 70 python3 -m pytest tests/test_grouped_matmul.py \
+      -q -m gpu -rfEs -p no:cacheprovider -k "native_prefill_path and mixed"
+    TAIL=3 step moe_4096 75 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 50 --out "$OUT/moe_layer_s23e_4096.json"
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
