@@ -767,9 +767,9 @@ def grouped_matmul_prefill(x: jax.Array, gkw: GroupedKernelWeights, group_sizes:
     in interpret mode jax.lax.ragged_dot stands in for it), compensators as two more ragged_dots.
     x [M, K] sorted by expert -> [M, N] in x.dtype; rows past sum(group_sizes) are 0.
 
-    Several classes (mixed precision): each class dequantized by its own launch, the experts stacked
-    in class order (positions), x's rows permuted into that order and the product's rows back (two row
-    gathers); compensators only in the one-class form (`_prefill_classes`)."""
+    Several classes (mixed precision): every class dequantized by one launch into one buffer with the
+    experts in class order (positions, `dequantize_layer`), x's rows permuted into that order and the
+    product's rows back (two row gathers); compensators only in the one-class form (`_prefill_classes`)."""
     if not _prefill_classes(gkw):
         raise ValueError("grouped_matmul prefill path: needs one class holding every expert in order, or classes "
                          f"without compensators (got classes {[c.experts for c in gkw.classes]} with ranks "
