@@ -717,9 +717,8 @@ def dequantize_layer(gkw: GroupedKernelWeights, interpret: bool = False) -> jax.
     class's rows into one buffer (no concatenation copy); bf16 experts are copied into their rows."""
     quantized = [c for c in gkw.classes if not isinstance(c, FloatClass)]
     e, n = gkw.num_experts, gkw.n
-    if not quantized:                                  # bf16 experts only: already W^T by position
-        ws = [c.w_t.reshape(len(c.experts), n, c.k_pad) for c in gkw.classes]
-        return ws[0] if len(ws) == 1 else jnp.concatenate(ws)
+    if not quantized:                                  # bf16 experts only (one FloatClass): already W^T
+        return dequantize_class(gkw.classes[0], interpret)
     from pallas_kernels.quant_matmul import mgpu_sm90 as qm
     k_out = min(c.k_pad for c in quantized)
     starts = np.cumsum([0] + [len(c.experts) for c in gkw.classes])[:-1]
@@ -729,9 +728,8 @@ def dequantize_layer(gkw: GroupedKernelWeights, interpret: bool = False) -> jax.
     f = qm.build_dequant_classes(plans, n, k_out, e, bool(interpret))
     w_t = f(*[a for c in quantized for a in (c.codes, c.scales, c.zeros)]).reshape(e, n, k_out)
     for c, st in zip(gkw.classes, starts):
-        if isinstance(c, FloatClass):                  # bf16 rows: K_pad (a multiple of 64) <= k_out
-            wf = c.w_t.reshape(len(c.experts), n, c.k_pad)[:, :, :k_out]
-            wf = jnp.pad(wf, ((0, 0), (0, 0), (0, k_out - wf.shape[2])))
+        if isinstance(c, FloatClass):                  # bf16 rows: K_pad = K rounded to 64 <= k_out
+            wf = jnp.pad(dequantize_class(c), ((0, 0), (0, 0), (0, k_out - c.k_pad)))
             w_t = lax.dynamic_update_slice(w_t, wf.astype(w_t.dtype), (int(st), 0, 0))
     return w_t
 

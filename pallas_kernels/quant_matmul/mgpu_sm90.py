@@ -948,7 +948,7 @@ def build_dequant_classes(classes: tuple, n: int, k_out: int, total_experts: int
             run = functools.partial(run_class, q, *refs[3 * i:3 * i + 3], out, pos - c.start, col, ni,
                                     bufs[q["buf"]])
             if len(plans) == 1 and c.start == 0 and c.num_experts == total_experts:
-                run()
+                run()                                 # every CTA's: no branch (the launch as it was)
             else:                                     # one branch per class, by the CTA's output expert
                 pl.when((pos >= c.start) & (pos < c.start + c.num_experts))(run)
 
