@@ -665,5 +665,23 @@ PY
     TAIL=3 step moe_4096 75 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model,mixed234_model --tokens 4096 --budget-s 50 --out "$OUT/moe_layer_s23e_4096.json"
     ;;
+  s24a)  # stop 24, first call: the one-launch mixed dequantize natively (prefill / dequantize tests), the Mixtral FFN
+          # at 4096 tokens (uniform vs mixed), the issue-7 table at decode sizes on the H100 (ragged_dot bf16 in the
+          # same run), then the stream-K kernel with 3 CTAs per SM and with 3 stages
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 150 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
+      -k "prefill or dequant"
+    pack
+    TAIL=3 step moe_4096 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 60 --out "$OUT/moe_layer_s24a_4096.json"
+    pack
+    TAIL=12 step moe_mixtral 190 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16,64 --budget-s 160 \
+      --out "$OUT/moe_layer_s24a_mixtral.json"
+    pack
+    TAIL=5 step time_m1 110 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3
+    pack
+    tar -xOf "$OUT/results.tar" moe_4096.txt moe_mixtral.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
