@@ -679,7 +679,7 @@ PY
       --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16,64 --budget-s 160 \
       --out "$OUT/moe_layer_s24a_mixtral.json"
     pack
-    TAIL=5 step time_m1 110 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3
+    TAIL=5 step time_m1 110 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
     pack
     tar -xOf "$OUT/results.tar" moe_4096.txt moe_mixtral.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
     ;;
