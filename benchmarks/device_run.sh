@@ -683,5 +683,14 @@ PY
     pack
     tar -xOf "$OUT/results.tar" moe_4096.txt moe_mixtral.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
     ;;
+  s24b)  # stop 24, second call: every native kernel test, then the issue-6 table on the H100 (torch int4 in the same run)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=10 step native_tests 280 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul_stream_k.py tests/test_quant_matmul.py \
+      tests/test_quant_matmul_variants.py tests/test_magic_fold_native.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=24 step quant_matmul 200 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s24b.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
