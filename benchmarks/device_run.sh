@@ -692,5 +692,19 @@ PY
       --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s24b.json"
     pack
     ;;
+  s24c)  # s24a cut to the budget left: the native prefill / dequantize tests, the Mixtral FFN at 4096 tokens (uniform
+          # vs mixed) and at 1 token beside ragged_dot bf16
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 120 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
+      -k "prefill or dequant"
+    pack
+    TAIL=3 step moe_4096 80 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 55 --out "$OUT/moe_layer_s24c_4096.json"
+    pack
+    TAIL=6 step moe_1 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1 --budget-s 80 --out "$OUT/moe_layer_s24c_1.json"
+    pack
+    tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
