@@ -706,5 +706,17 @@ PY
     pack
     tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
     ;;
+  s24d)  # the smallest useful call: the native mixed-prefill test, the Mixtral FFN at 4096 tokens (uniform vs mixed),
+          # then 1 token beside ragged_dot bf16 if time is left
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_mixed 70 python3 -m pytest tests/test_grouped_matmul.py \
+      -q -m gpu -rfEs -p no:cacheprovider -k "prefill"
+    TAIL=3 step moe_4096 75 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 50 --out "$OUT/moe_layer_s24d_4096.json"
+    pack
+    TAIL=6 step moe_1 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model,ragged_dot_bf16 --tokens 1 --budget-s 80 --out "$OUT/moe_layer_s24d_1.json"
+    pack
+    tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
