@@ -718,5 +718,31 @@ PY
     pack
     tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
     ;;
+  s25a)  # stop 25: the stream-K pre-pass natively (its tests, stream-K's native tests), rank 0 / 32 with the pre-pass
+          # and without it (same session), the Mixtral FFN at 1 token beside ragged_dot bf16 and at 4096 tokens
+          # (uniform vs mixed), then the native prefill / dequantize tests
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=10 step native_prepass 130 python3 -m pytest \
+      tests/test_quant_matmul_prepass.py tests/test_quant_matmul_stream_k.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=6 step qm_rank 70 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --out "$OUT/quant_matmul_s25a_rank.json"
+    grep -E "KERNELS" "$OUT/qm_rank.txt"
+    TAIL=6 step qm_rank_xla 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.stream_k_sm90.PREPASS=0 \
+      --out "$OUT/quant_matmul_s25a_rank_xla.json"
+    grep -E "KERNELS" "$OUT/qm_rank_xla.txt"
+    pack
+    TAIL=6 step moe_1 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model,ragged_dot_bf16 --tokens 1 --budget-s 80 --out "$OUT/moe_layer_s25a_1.json"
+    pack
+    TAIL=3 step moe_4096 75 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 4096 --budget-s 50 --out "$OUT/moe_layer_s25a_4096.json"
+    pack
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 110 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
+      -k "prefill or dequant"
+    pack
+    tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -527,13 +527,15 @@ def _run_acc(compute, acc, interpret: bool):
     return pl.run_scoped(scoped, plgpu.SMEM(acc.shape, jnp.float32))
 
 
-def _add_compensator(acc, add, v_smem, xu_smem, bar, interpret: bool):
+def _add_compensator(acc, add, v_smem, xu_smem, bar, interpret: bool, parts: int = 0):
     """acc (a float32 [BN, MB] value) + v^T tile @ (x @ u)^T where `add` (traced bool) holds, once the
-    compensator operands' copies (`_compensator_copies`) have landed."""
+    compensator operands' copies (`_compensator_copies`) have landed. parts > 0: xu_smem holds x @ u
+    as `parts` per-K-tile shares [parts, MB, Rp] (the pre-pass's), added by one wgmma each."""
     def with_comp(a):
         def mma(acc_ref):
             plgpu.barrier_wait(bar)
-            _mma_xt(acc_ref, v_smem, xu_smem, interpret)
+            for p in range(parts) if parts else [None]:
+                _mma_xt(acc_ref, v_smem, xu_smem if p is None else xu_smem.at[p], interpret)
             plgpu.wgmma_wait(0)
         return _run_acc(mma, a, interpret)
     return lax.cond(add, with_comp, lambda a: a, acc)

@@ -36,10 +36,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from milo_jax.quant import packing
-from pallas_kernels.quant_matmul import layout, mgpu_sm90 as base
+from pallas_kernels.quant_matmul import layout, mgpu_sm90 as base, prepass_sm90
 from pallas_kernels.quant_matmul.layout import KernelWeights
 
 H100_SMS = 132
+# With a compensator, run x's pad, fold sums and x @ u as one Mosaic pre-pass (prepass_sm90) instead of
+# three XLA ops (a module switch so that benchmarks can time both: --set stream_k_sm90.PREPASS=False).
+PREPASS = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +73,11 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
 
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
-          cfg: base.Config, max_ctas: int, interpret: bool):
-    """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu [m_pad, Rp], v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
+          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0):
+    """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu, v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
     float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage).
+    xu: x @ u [m_pad, Rp] bf16 (xu_parts = 0) or its per-K-tile shares [xu_parts, m_pad, Rp] from the
+    pre-pass (prepass_sm90), which the compensator step multiplies by v^T one by one.
     xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums)."""
     cfg = dataclasses.replace(cfg, k_splits=1)
     tl = base._tiling(bits, slab, k_pad, n, cfg)
@@ -131,8 +136,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 xu_smem, v_smem, bar = rest[0], rest[1], rest[2]
                 # the range holding K tile 0 adds the compensator: its operands load during this
                 # step's unpack and MMA, and are multiplied in at the end of the same step
-                base._compensator_copies(t == 0, xu.at[pl.ds(mi * mb, mb)], v_t.at[pl.ds(ci * bn, bn)],
-                                         xu_smem, v_smem, bar)
+                xu_tile = xu.at[:, pl.ds(mi * mb, mb)] if xu_parts else xu.at[pl.ds(mi * mb, mb)]
+                base._compensator_copies(t == 0, xu_tile, v_t.at[pl.ds(ci * bn, bn)], xu_smem, v_smem, bar)
             planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
             zero = jnp.zeros((bn, mb), jnp.float32)
             if not interpret:
@@ -152,7 +157,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             else:
                 acc = base._run_acc(step, acc, interpret)
             if comp:
-                acc = base._add_compensator(acc, t == 0, v_smem, xu_smem, bar, interpret)
+                acc = base._add_compensator(acc, t == 0, v_smem, xu_smem, bar, interpret, parts=xu_parts)
 
             @pl.when(last & valid)
             def _store():
@@ -185,7 +190,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
     scratch += [plgpu.SMEM((bn, mb), jnp.float32)]
     if comp:
-        scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
+        scratch += [plgpu.SMEM((xu_parts, mb, rank_pad) if xu_parts else (mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.Barrier(num_arrivals=2)]
     f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((sched.slots, n, m_pad), jnp.float32),
@@ -222,18 +227,31 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     max_ctas = max_ctas or (4 if interpret else max_ctas_default())
     mb = cfg.block_m
     m_pad = -(-m // mb) * mb
-    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, kw.k_pad - k)))
-    if cfg.unpack == "magic_f16":
-        xp = xp.astype(jnp.float16)
-    args = [kw.codes, kw.scales, kw.zeros, xp]
-    rank_pad = 0
-    if kw.u is not None:
-        rank_pad = kw.v_t.shape[1]
-        args += [base.compensator_xu(xp, kw.u, k, rank_pad), kw.v_t]
-    if cfg.unpack == "magic_fold":
-        args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
+    rank_pad = 0 if kw.u is None else kw.v_t.shape[1]
+    fold = cfg.unpack == "magic_fold"
+    tile_rows = kw.tile_rows
+    k_tiles = kw.k_pad // tile_rows
+    parts = 0
+    if (PREPASS and rank_pad and cfg.unpack != "magic_f16"
+            and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows)):
+        # one launch for the pad, the fold sums and x @ u (prepass_sm90: the compensator's XLA ops were
+        # +4.5 us on a 15.5 us call)
+        f_rows = base.fold_blocks(kw.group_rows, tile_rows, kw.slab)[0] if fold else tile_rows
+        xp, xs, xu = prepass_sm90.prepass(x, kw.u, mb=mb, k_pad=kw.k_pad, tile_rows=tile_rows, f_rows=f_rows,
+                                          rank_pad=rank_pad, interpret=bool(interpret))
+        args = [kw.codes, kw.scales, kw.zeros, xp, xu, kw.v_t] + ([xs] if fold else [])
+        parts = k_tiles
+    else:
+        xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, kw.k_pad - k)))
+        if cfg.unpack == "magic_f16":
+            xp = xp.astype(jnp.float16)
+        args = [kw.codes, kw.scales, kw.zeros, xp]
+        if rank_pad:
+            args += [base.compensator_xu(xp, kw.u, k, rank_pad), kw.v_t]
+        if fold:
+            args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret))
+                             max_ctas, bool(interpret), parts)
     parts = f(*args)                                                  # [slots, N, m_pad] f32
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
