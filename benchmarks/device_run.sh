@@ -731,6 +731,10 @@ PY
       --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.stream_k_sm90.PREPASS=0 \
       --out "$OUT/quant_matmul_s25a_rank_xla.json"
     grep -E "KERNELS" "$OUT/qm_rank_xla.txt"
+    TAIL=4 step qm_rank0_pp 50 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0 --breakdown --no-torch --set pallas_kernels.quant_matmul.stream_k_sm90.PREPASS_RANK0=1 \
+      --out "$OUT/quant_matmul_s25a_rank0_pp.json"
+    grep -E "KERNELS" "$OUT/qm_rank0_pp.txt"
     pack
     TAIL=6 step moe_1 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model,mixed234_model,ragged_dot_bf16 --tokens 1 --budget-s 80 --out "$OUT/moe_layer_s25a_1.json"
@@ -738,11 +742,18 @@ PY
     TAIL=3 step moe_4096 75 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model,mixed234_model --tokens 4096 --budget-s 50 --out "$OUT/moe_layer_s25a_4096.json"
     pack
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 110 python3 -m pytest tests/test_routed_ffn.py \
+    tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
+    ;;
+  s25b)  # stop 25, second call: the native prefill / dequantize tests, the stream-K CTA / stage probes, the issue-6 table
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 120 python3 -m pytest tests/test_routed_ffn.py \
       tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
       -k "prefill or dequant"
     pack
-    tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
+    TAIL=5 step time_m1 110 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
+    pack
+    TAIL=24 step quant_matmul 200 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s25b.json"
+    pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -20,13 +20,13 @@ from tests.test_quant_matmul import TOL, _rng, make_weight, make_x, ref64, rel_e
 
 def _inputs(m, k, r, rng):
     x = make_x(m, k, rng)
-    u = jnp.asarray(rng.standard_normal((k, r)) * 0.05, jnp.bfloat16)
+    u = jnp.asarray(rng.standard_normal((k, r)) * 0.05, jnp.bfloat16) if r else None
     return x, u
 
 
 def _check_prepass(m, k, r, mb, f_rows, interpret):
     rng = _rng()
-    tile_rows, rank_pad = 512, layout.rank_pad(r)
+    tile_rows, rank_pad = 512, layout.rank_pad(r) if r else 0
     k_pad = -(-k // tile_rows) * tile_rows
     x, u = _inputs(m, k, r, rng)
     xp, xs, parts = pp.prepass(x, u, mb=mb, k_pad=k_pad, tile_rows=tile_rows, f_rows=f_rows, rank_pad=rank_pad,
@@ -34,6 +34,11 @@ def _check_prepass(m, k, r, mb, f_rows, interpret):
     m_pad = -(-m // mb) * mb
     want_xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, k_pad - k)))
     np.testing.assert_array_equal(np.asarray(xp, np.float32), np.asarray(want_xp, np.float32))
+    np.testing.assert_allclose(np.asarray(xs), np.asarray(mgpu_sm90.fold_group_sums(
+        want_xp, bits=3, slab=16, group_rows=f_rows if f_rows < tile_rows else k_pad)), rtol=1e-5, atol=1e-5)
+    if not r:
+        assert parts is None
+        return
     want_xs, want_parts = pp.prepass_reference(want_xp, u, tile_rows=tile_rows, f_rows=f_rows, rank_pad=rank_pad)
     np.testing.assert_allclose(np.asarray(xs), np.asarray(want_xs), rtol=1e-5, atol=1e-5)
     # each share is one bf16 rounding of a float32 sum: at most an ulp (2^-8 relative) apart
@@ -47,8 +52,9 @@ def _check_prepass(m, k, r, mb, f_rows, interpret):
 
 
 # (M, K, rank, MB, F): one token (the decode case), a K that ends mid-tile, rank under its pad, 64-token
-# blocks over two blocks, per-channel (one fold block per tile)
-CASES = [(1, 1024, 32, 8, 64), (5, 1408, 16, 8, 128), (16, 1536, 64, 16, 64), (72, 1024, 32, 64, 512)]
+# blocks over two blocks, per-channel (one fold block per tile), no compensator (pad and sums only)
+CASES = [(1, 1024, 32, 8, 64), (5, 1408, 16, 8, 128), (16, 1536, 64, 16, 64), (72, 1024, 32, 64, 512),
+         (3, 1408, 0, 8, 64)]
 
 
 @pytest.mark.parametrize("m,k,r,mb,f_rows", CASES)
@@ -58,7 +64,7 @@ def test_prepass_interpret(m, k, r, mb, f_rows):
 
 def test_usable_names_the_limits():
     assert pp.usable(1, 4096, 8, 32, 32, 8)
-    assert not pp.usable(1, 4096, 8, 0, 0, 8)                 # no compensator
+    assert pp.usable(1, 4096, 8, 0, 0, 8)                     # no compensator: pad and sums only
     assert not pp.usable(12, 4096, 16, 32, 32, 8)             # 12 rows: not one 8-row tile, not a multiple of 8
     assert not pp.usable(1, 4100, 8, 32, 32, 9)               # K not a multiple of 64
     assert not pp.usable(1, 4096, 8, 20, 32, 8)               # rank rows of 40 bytes: not a TMA stride
@@ -90,6 +96,24 @@ def test_stream_k_with_prepass_matches_xla_ops(k, n, m, rank, monkeypatch):
     assert rel_err(outs[True], outs[False]) < TOL
 
 
+def test_stream_k_rank0_prepass_switch(monkeypatch):
+    """Without a compensator the pre-pass runs only under PREPASS_RANK0 (magic_fold: it gives the sums)."""
+    rng = _rng()
+    qt = make_weight(1536, 64, 3, 64, 0, rng)
+    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+    x = make_x(2, 1536, rng)
+    calls = []
+    real = pp.prepass
+    monkeypatch.setattr(pp, "prepass", lambda *a, **kw_: calls.append(1) or real(*a, **kw_))
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(sk, "PREPASS_RANK0", on)
+        outs[on] = np.asarray(sk.matmul_stream_k(x, kw, max_ctas=3, interpret=True), np.float32)
+    assert calls == [1]
+    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-2, atol=1e-3)
+    assert rel_err(outs[True], ref64(x, qt)) < TOL
+
+
 def test_prepass_lowers_for_sm90_on_cpu():
     reason = cuda_lowering_unavailable()
     if reason:
@@ -112,15 +136,20 @@ def test_prepass_native_gpu(m, k, r, mb, f_rows):
 @pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
 def test_stream_k_with_prepass_native_gpu(monkeypatch):
     rng = _rng()
-    for k, n, rank, ms in ((4096, 1408, 32, (1, 3, 8, 16, 64)), (1408, 2048, 16, (1, 5)), (2048, 1408, 64, (1, 16))):
+    monkeypatch.setattr(sk, "PREPASS_RANK0", True)
+    for k, n, rank, ms in ((4096, 1408, 32, (1, 3, 8, 16, 64)), (1408, 2048, 16, (1, 5)), (2048, 1408, 64, (1, 16)),
+                           (4096, 1408, 0, (1, 16))):
         qt = make_weight(k, n, 3, 64, rank, rng)
         kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
         for m in ms:
             x = make_x(m, k, rng)
             ref = ref64(x, qt)
-            monkeypatch.setattr(sk, "PREPASS", True)
-            y = sk.matmul_stream_k(x, kw)
-            monkeypatch.setattr(sk, "PREPASS", False)
-            y_xla = sk.matmul_stream_k(x, kw)
+            for on in (True, False):
+                monkeypatch.setattr(sk, "PREPASS", on)
+                monkeypatch.setattr(sk, "PREPASS_RANK0", on)
+                if on:
+                    y = sk.matmul_stream_k(x, kw)
+                else:
+                    y_xla = sk.matmul_stream_k(x, kw)
             assert rel_err(y, ref) < TOL, (k, rank, m)
             assert rel_err(y, y_xla) < TOL, (k, rank, m)

@@ -49,11 +49,11 @@ def smem_bytes(tile_rows: int, mb: int, rank_pad: int) -> int:
 
 
 def usable(m: int, k: int, mb: int, rank: int, rank_pad: int, k_tiles: int, tile_rows: int = 512) -> bool:
-    """Whether the pre-pass can serve a call (else the XLA pad / sums / x @ u ops run): a compensator,
-    x and u readable in place by TMA, the shares within the decode kernel's shared memory, and the
-    pre-pass's own buffers within one CTA's (rank 128 with 512-row tiles is not)."""
+    """Whether the pre-pass can serve a call (else the XLA pad / sums / x @ u ops run): x and u readable
+    in place by TMA, the shares within the decode kernel's shared memory, and the pre-pass's own
+    buffers within one CTA's (rank 128 with 512-row tiles is not). rank 0: pad and sums only."""
     tiles_ok = (m <= 8 or m % 8 == 0) and k % 64 == 0 and rank % 8 == 0
-    return (0 < rank and mb <= X_ROWS and tiles_ok and k_tiles * mb * rank_pad * 2 <= MAX_PART_BYTES
+    return (mb <= X_ROWS and tiles_ok and k_tiles * mb * rank_pad * 2 <= MAX_PART_BYTES
             and smem_bytes(tile_rows, mb, rank_pad) <= MAX_SMEM)
 
 
@@ -77,8 +77,8 @@ def prepass_reference(xp: jax.Array, u: jax.Array, *, tile_rows: int, f_rows: in
 
 def build(m: int, k: int, m_pad: int, mb: int, k_pad: int, tile_rows: int, f_rows: int, rank_pad: int,
           interpret: bool):
-    """f(x [M, K] bf16, ind [nf, T] bf16, u [K, r] bf16) -> (xp [M_pad, Kp] bf16, xs [kt * R, M_pad] f32,
-    xu_parts [kt, M_pad, Rp] bf16). In interpret mode (which checks bounds where TMA zero-fills) the
+    """f(x [M, K] bf16, ind [nf, T] bf16[, u [K, r] bf16]) -> (xp [M_pad, Kp] bf16, xs [kt * R, M_pad] f32[,
+    xu_parts [kt, M_pad, Rp] bf16]) (rank_pad = 0: no compensator, pad and sums only). In interpret mode (which checks bounds where TMA zero-fills) the
     caller passes x, ind and u already padded to the boxes (`pad_for_interpret`)."""
     kt, nf = k_pad // tile_rows, tile_rows // f_rows
     rows = base.fold_rows_per_tile(nf)
@@ -88,8 +88,8 @@ def build(m: int, k: int, m_pad: int, mb: int, k_pad: int, tile_rows: int, f_row
     if rows > X_ROWS:
         raise ValueError(f"quant_matmul pre-pass: {nf} fold blocks per tile exceed one wgmma's {X_ROWS} rows")
     # one swizzle for every operand: a wgmma takes A and B of the same swizzle, and u's [T, Rp] rows are
-    # 64 bytes at Rp = 32
-    tr_x = tr_r = base.compensator_transforms(rank_pad)
+    # 64 bytes at Rp = 32 (without a compensator: 128 bytes)
+    tr_x = tr_r = base.compensator_transforms(rank_pad) if rank_pad else base._swizzle_transforms(64)
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
     def mma(a_ref, b_ref, shape, transpose_b: bool):
@@ -105,31 +105,43 @@ def build(m: int, k: int, m_pad: int, mb: int, k_pad: int, tile_rows: int, f_row
         acc = plgpu.SMEM(shape, jnp.float32) if interpret else plgpu.ACC(shape, jnp.float32)
         return pl.run_scoped(compute, acc)
 
-    def kernel(x, ind, u, xp, xs, xu_parts, x_smem, ind_smem, u_smem, xs_smem, xu_smem, bar):
+    def kernel(*refs):
+        comp = rank_pad > 0
+        x, ind, u = refs[0], refs[1], (refs[2] if comp else None)
+        refs = refs[2 + comp:]
+        xp, xs, xu_parts = refs[0], refs[1], (refs[2] if comp else None)
+        refs = refs[2 + comp:]
+        x_smem, ind_smem, xs_smem = refs[:3]
+        u_smem, xu_smem = refs[3:5] if comp else (None, None)
+        bar = refs[-1]
         t, mi = lax.axis_index("t"), lax.axis_index("m")
         cols = pl.ds(t * tile_rows, tile_rows)
         plgpu.copy_gmem_to_smem(x.at[pl.ds(mi * mb, X_ROWS), cols], x_smem, bar)
         plgpu.copy_gmem_to_smem(ind.at[pl.ds(0, X_ROWS)], ind_smem, bar)
-        plgpu.copy_gmem_to_smem(u.at[cols, pl.ds(0, rank_pad)], u_smem, bar)
+        if comp:
+            plgpu.copy_gmem_to_smem(u.at[cols, pl.ds(0, rank_pad)], u_smem, bar)
         plgpu.barrier_wait(bar)
         plgpu.copy_smem_to_gmem(x_smem.at[pl.ds(0, mb)], xp.at[pl.ds(mi * mb, mb), cols])
         x_block = x_smem.at[pl.ds(0, mb)]
         xs_smem[...] = mma(ind_smem, x_block, (X_ROWS, mb), transpose_b=True)      # [fold rows, tokens]
-        xu_smem[...] = mma(x_smem, u_smem, (X_ROWS, rank_pad), transpose_b=False).astype(jnp.bfloat16)
+        if comp:
+            xu_smem[...] = mma(x_smem, u_smem, (X_ROWS, rank_pad), transpose_b=False).astype(jnp.bfloat16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(xs_smem.at[pl.ds(0, rows)], xs.at[pl.ds(t * rows, rows), pl.ds(mi * mb, mb)])
-        plgpu.copy_smem_to_gmem(xu_smem.at[pl.ds(0, mb)], xu_parts.at[t, pl.ds(mi * mb, mb)])
+        if comp:
+            plgpu.copy_smem_to_gmem(xu_smem.at[pl.ds(0, mb)], xu_parts.at[t, pl.ds(mi * mb, mb)])
         plgpu.wait_smem_to_gmem(0)
 
     out_type = (jax.ShapeDtypeStruct((m_pad, k_pad), jnp.bfloat16),
-                jax.ShapeDtypeStruct((kt * rows, m_pad), jnp.float32),
-                jax.ShapeDtypeStruct((kt, m_pad, rank_pad), jnp.bfloat16))
+                jax.ShapeDtypeStruct((kt * rows, m_pad), jnp.float32))
     scratch = [plgpu.SMEM((X_ROWS, tile_rows), jnp.bfloat16, transforms=tr_x),
                plgpu.SMEM((X_ROWS, tile_rows), jnp.bfloat16, transforms=tr_x),
-               plgpu.SMEM((tile_rows, rank_pad), jnp.bfloat16, transforms=tr_r),
-               plgpu.SMEM((X_ROWS, mb), jnp.float32),
-               plgpu.SMEM((X_ROWS, rank_pad), jnp.bfloat16, transforms=tr_r),
-               plgpu.Barrier(num_arrivals=3)]
+               plgpu.SMEM((X_ROWS, mb), jnp.float32)]
+    if rank_pad:
+        out_type += (jax.ShapeDtypeStruct((kt, m_pad, rank_pad), jnp.bfloat16),)
+        scratch += [plgpu.SMEM((tile_rows, rank_pad), jnp.bfloat16, transforms=tr_r),
+                    plgpu.SMEM((X_ROWS, rank_pad), jnp.bfloat16, transforms=tr_r)]
+    scratch += [plgpu.Barrier(num_arrivals=3 if rank_pad else 2)]
     return plgpu.kernel(kernel, out_type=out_type, grid=(kt, m_pad // mb), grid_names=("t", "m"),
                         compiler_params=wg, scratch_types=scratch, **base._interpret_params(interpret))
 
@@ -139,21 +151,26 @@ def pad_for_interpret(x, ind, u, *, m_pad: int, mb: int, k_pad: int, rank_pad: i
     rows = max(m_pad, m_pad - mb + X_ROWS)
     x = jnp.pad(x, ((0, rows - x.shape[0]), (0, k_pad - x.shape[1])))
     ind = jnp.pad(ind, ((0, X_ROWS - ind.shape[0]), (0, 0)))
-    u = jnp.pad(u, ((0, k_pad - u.shape[0]), (0, rank_pad - u.shape[1])))
+    if u is not None:
+        u = jnp.pad(u, ((0, k_pad - u.shape[0]), (0, rank_pad - u.shape[1])))
     return x, ind, u
 
 
-def prepass(x: jax.Array, u: jax.Array, *, mb: int, k_pad: int, tile_rows: int, f_rows: int, rank_pad: int,
-            interpret: bool = False):
-    """x [M, K], u [K, r] -> (xp [M_pad, Kp] bf16, xs [kt * R, M_pad] f32, xu_parts [kt, M_pad, Rp] bf16)."""
+def prepass(x: jax.Array, u: jax.Array | None, *, mb: int, k_pad: int, tile_rows: int, f_rows: int,
+            rank_pad: int, interpret: bool = False):
+    """x [M, K], u [K, r] or None -> (xp [M_pad, Kp] bf16, xs [kt * R, M_pad] f32, xu_parts [kt, M_pad, Rp]
+    bf16 or None)."""
     m, k = x.shape
     m_pad = -(-m // mb) * mb
-    xb, ub = x.astype(jnp.bfloat16), u.astype(jnp.bfloat16)
+    rank_pad = rank_pad if u is not None else 0
+    xb = x.astype(jnp.bfloat16)
+    ub = None if u is None else u.astype(jnp.bfloat16)
     ind = jnp.asarray(indicator(tile_rows, f_rows), jnp.bfloat16)
     if interpret:
         xb, ind, ub = pad_for_interpret(xb, ind, ub, m_pad=m_pad, mb=mb, k_pad=k_pad, rank_pad=rank_pad)
     f = _build_cached(m, k, m_pad, mb, k_pad, tile_rows, f_rows, rank_pad, bool(interpret))
-    return f(xb, ind, ub)
+    outs = f(xb, ind, *([ub] if ub is not None else []))
+    return tuple(outs) if ub is not None else (*outs, None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,6 +43,9 @@ H100_SMS = 132
 # With a compensator, run x's pad, fold sums and x @ u as one Mosaic pre-pass (prepass_sm90) instead of
 # three XLA ops (a module switch so that benchmarks can time both: --set stream_k_sm90.PREPASS=False).
 PREPASS = True
+# The same pre-pass without a compensator (pad and fold sums only) in place of XLA's pad + reduce fusion
+# (1.4 us): unmeasured, so off.
+PREPASS_RANK0 = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,15 +235,15 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     tile_rows = kw.tile_rows
     k_tiles = kw.k_pad // tile_rows
     parts = 0
-    if (PREPASS and rank_pad and cfg.unpack != "magic_f16"
+    if ((PREPASS and rank_pad or PREPASS_RANK0 and fold and not rank_pad) and cfg.unpack != "magic_f16"
             and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows)):
         # one launch for the pad, the fold sums and x @ u (prepass_sm90: the compensator's XLA ops were
         # +4.5 us on a 15.5 us call)
         f_rows = base.fold_blocks(kw.group_rows, tile_rows, kw.slab)[0] if fold else tile_rows
         xp, xs, xu = prepass_sm90.prepass(x, kw.u, mb=mb, k_pad=kw.k_pad, tile_rows=tile_rows, f_rows=f_rows,
                                           rank_pad=rank_pad, interpret=bool(interpret))
-        args = [kw.codes, kw.scales, kw.zeros, xp, xu, kw.v_t] + ([xs] if fold else [])
-        parts = k_tiles
+        args = [kw.codes, kw.scales, kw.zeros, xp] + ([xu, kw.v_t] if rank_pad else []) + ([xs] if fold else [])
+        parts = k_tiles if rank_pad else 0
     else:
         xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, kw.k_pad - k)))
         if cfg.unpack == "magic_f16":
