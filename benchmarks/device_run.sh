@@ -755,5 +755,25 @@ PY
       --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s25b.json"
     pack
     ;;
+  s25c)  # stop 25, second call: the pre-pass with both wgmmas in one scope (native tests, then rank 0 / 32 beside torch
+          # int4 at 4 bits), its rank-0 form, the stream-K CTA / stage probes, then the native prefill / dequantize tests
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_prepass 90 python3 -m pytest \
+      tests/test_quant_matmul_prepass.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=16 step qm 100 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3,4 \
+      --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s25c.json"
+    grep -E "KERNELS" "$OUT/qm.txt"
+    TAIL=4 step qm_rank0_pp 40 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0 --breakdown --no-torch --set pallas_kernels.quant_matmul.stream_k_sm90.PREPASS_RANK0=1 \
+      --out "$OUT/quant_matmul_s25c_rank0_pp.json"
+    grep -E "KERNELS" "$OUT/qm_rank0_pp.txt"
+    pack
+    TAIL=5 step time_m1 110 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
+    pack
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 120 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
+      -k "prefill or dequant"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -45,7 +45,8 @@ MAX_SMEM = 224 * 1024              # the pre-pass's own buffers (an H100 CTA may
 
 def smem_bytes(tile_rows: int, mb: int, rank_pad: int) -> int:
     """Shared memory of one pre-pass CTA: the x and indicator boxes, u's tile, the two output tiles."""
-    return 2 * X_ROWS * tile_rows * 2 + tile_rows * rank_pad * 2 + X_ROWS * mb * 4 + X_ROWS * rank_pad * 2
+    x_rows = X_ROWS if rank_pad else mb
+    return (x_rows + X_ROWS) * tile_rows * 2 + tile_rows * rank_pad * 2 + X_ROWS * mb * 4 + X_ROWS * rank_pad * 2
 
 
 def usable(m: int, k: int, mb: int, rank: int, rank_pad: int, k_tiles: int, tile_rows: int = 512) -> bool:
@@ -92,21 +93,25 @@ def build(m: int, k: int, m_pad: int, mb: int, k_pad: int, tile_rows: int, f_row
     tr_x = tr_r = base.compensator_transforms(rank_pad) if rank_pad else base._swizzle_transforms(64)
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
-    def mma(a_ref, b_ref, shape, transpose_b: bool):
-        """a_ref @ b_ref (b_ref^T when transpose_b) into a fresh float32 [shape] accumulator."""
-        def compute(acc_ref):
-            if interpret:    # GPU interpret mode: no register accumulator, no transposed operand
-                b = b_ref[...].T if transpose_b else b_ref[...]
-                acc_ref[...] = jnp.dot(a_ref[...], b, preferred_element_type=jnp.float32)
-            else:
-                b = plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref
-                plgpu.wgmma(acc_ref, a_ref, b)
-            return acc_ref[...]
-        acc = plgpu.SMEM(shape, jnp.float32) if interpret else plgpu.ACC(shape, jnp.float32)
-        return pl.run_scoped(compute, acc)
+    comp = rank_pad > 0
+    x_rows = X_ROWS if comp else mb       # x is wgmma A (64 rows) only for x @ u
+
+    def products(ind_smem, x_smem, u_smem):
+        """(sums [64, MB], x @ u [64, Rp] or None) float32: both wgmmas issued before either is waited for."""
+        x_block = x_smem.at[pl.ds(0, mb)]
+        if interpret:    # GPU interpret mode: no register accumulator, no transposed operand
+            dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+            return dot(ind_smem[...], x_block[...].T), dot(x_smem[...], u_smem[...]) if comp else None
+
+        def scope(sums_acc, *xu_acc):
+            plgpu.wgmma(sums_acc, ind_smem, plgpu.transpose_ref(x_block, (1, 0)))   # [fold rows, tokens]
+            if comp:
+                plgpu.wgmma(xu_acc[0], x_smem, u_smem)                              # [tokens, rank]
+            return sums_acc[...], (xu_acc[0][...] if comp else None)
+        accs = [plgpu.ACC((X_ROWS, mb), jnp.float32)] + ([plgpu.ACC((X_ROWS, rank_pad), jnp.float32)] if comp else [])
+        return pl.run_scoped(scope, *accs)
 
     def kernel(*refs):
-        comp = rank_pad > 0
         x, ind, u = refs[0], refs[1], (refs[2] if comp else None)
         refs = refs[2 + comp:]
         xp, xs, xu_parts = refs[0], refs[1], (refs[2] if comp else None)
@@ -116,25 +121,26 @@ def build(m: int, k: int, m_pad: int, mb: int, k_pad: int, tile_rows: int, f_row
         bar = refs[-1]
         t, mi = lax.axis_index("t"), lax.axis_index("m")
         cols = pl.ds(t * tile_rows, tile_rows)
-        plgpu.copy_gmem_to_smem(x.at[pl.ds(mi * mb, X_ROWS), cols], x_smem, bar)
+        plgpu.copy_gmem_to_smem(x.at[pl.ds(mi * mb, x_rows), cols], x_smem, bar)
         plgpu.copy_gmem_to_smem(ind.at[pl.ds(0, X_ROWS)], ind_smem, bar)
         if comp:
             plgpu.copy_gmem_to_smem(u.at[cols, pl.ds(0, rank_pad)], u_smem, bar)
         plgpu.barrier_wait(bar)
         plgpu.copy_smem_to_gmem(x_smem.at[pl.ds(0, mb)], xp.at[pl.ds(mi * mb, mb), cols])
-        x_block = x_smem.at[pl.ds(0, mb)]
-        xs_smem[...] = mma(ind_smem, x_block, (X_ROWS, mb), transpose_b=True)      # [fold rows, tokens]
+        sums, xu = products(ind_smem, x_smem, u_smem)
+        xs_smem[...] = sums
         if comp:
-            xu_smem[...] = mma(x_smem, u_smem, (X_ROWS, rank_pad), transpose_b=False).astype(jnp.bfloat16)
+            xu_smem[...] = xu.astype(jnp.bfloat16)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(xs_smem.at[pl.ds(0, rows)], xs.at[pl.ds(t * rows, rows), pl.ds(mi * mb, mb)])
         if comp:
             plgpu.copy_smem_to_gmem(xu_smem.at[pl.ds(0, mb)], xu_parts.at[t, pl.ds(mi * mb, mb)])
-        plgpu.wait_smem_to_gmem(0)
+        # the stores need only have left shared memory: the next launch sees them complete
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     out_type = (jax.ShapeDtypeStruct((m_pad, k_pad), jnp.bfloat16),
                 jax.ShapeDtypeStruct((kt * rows, m_pad), jnp.float32))
-    scratch = [plgpu.SMEM((X_ROWS, tile_rows), jnp.bfloat16, transforms=tr_x),
+    scratch = [plgpu.SMEM((x_rows, tile_rows), jnp.bfloat16, transforms=tr_x),
                plgpu.SMEM((X_ROWS, tile_rows), jnp.bfloat16, transforms=tr_x),
                plgpu.SMEM((X_ROWS, mb), jnp.float32)]
     if rank_pad:
@@ -148,7 +154,7 @@ def build(m: int, k: int, m_pad: int, mb: int, k_pad: int, tile_rows: int, f_row
 
 def pad_for_interpret(x, ind, u, *, m_pad: int, mb: int, k_pad: int, rank_pad: int):
     """The zero padding TMA supplies natively (reads past an array's end), done by jnp for interpret mode."""
-    rows = max(m_pad, m_pad - mb + X_ROWS)
+    rows = max(m_pad, m_pad - mb + (X_ROWS if u is not None else mb))
     x = jnp.pad(x, ((0, rows - x.shape[0]), (0, k_pad - x.shape[1])))
     ind = jnp.pad(ind, ((0, X_ROWS - ind.shape[0]), (0, 0)))
     if u is not None:
