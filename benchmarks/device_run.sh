@@ -775,5 +775,21 @@ PY
       -k "prefill or dequant"
     pack
     ;;
+  s25d)  # s25c cut to the budget left: pre-pass native tests, rank 0 / 32 beside torch int4, the CTA / stage probes, then
+          # the native prefill / dequantize tests
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_prepass 80 python3 -m pytest \
+      tests/test_quant_matmul_prepass.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=16 step qm 90 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3,4 \
+      --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s25d.json"
+    grep -E "KERNELS" "$OUT/qm.txt"
+    pack
+    TAIL=5 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
+    pack
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 110 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
+      -k "prefill or dequant"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
