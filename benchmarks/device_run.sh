@@ -791,5 +791,16 @@ PY
       -k "prefill or dequant"
     pack
     ;;
+  s25e)  # the last minutes: pre-pass native tests, rank 0 / 32 (3-bit), the CTA / stage probes
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_prepass 80 python3 -m pytest \
+      tests/test_quant_matmul_prepass.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=8 step qm 50 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --out "$OUT/quant_matmul_s25e.json"
+    grep -E "KERNELS" "$OUT/qm.txt"
+    pack
+    TAIL=5 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
