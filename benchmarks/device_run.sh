@@ -802,5 +802,24 @@ PY
     TAIL=5 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
     pack
     ;;
+  s26a)  # next stop: the pre-pass with short boxes (SHORT_BOXES) natively, rank 0 / 32 with it on and off in one call,
+          # the pre-pass's rank-0 form with it on, then the issue-6 table with torch int4 on the H100
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_prepass 100 python3 -m pytest \
+      tests/test_quant_matmul_prepass.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=8 step qm_short 50 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.prepass_sm90.SHORT_BOXES=1 \
+      --out "$OUT/quant_matmul_s26a_short.json"
+    TAIL=8 step qm_full 50 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --out "$OUT/quant_matmul_s26a_full.json"
+    TAIL=4 step qm_rank0_short 40 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0 --breakdown --no-torch --set pallas_kernels.quant_matmul.prepass_sm90.SHORT_BOXES=1 \
+      --set pallas_kernels.quant_matmul.stream_k_sm90.PREPASS_RANK0=1 --out "$OUT/quant_matmul_s26a_rank0_short.json"
+    grep -E "KERNELS" "$OUT"/qm_*.txt
+    pack
+    TAIL=24 step quant_matmul 200 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
+      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s26a.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
