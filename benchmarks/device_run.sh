@@ -823,5 +823,16 @@ PY
     TAIL=6 step sem_probe 60 python3 -m benchmarks.semaphore_probe
     pack
     ;;
+  s26b)  # next stop, after s26a's semaphore probe passed: x @ u inside the stream-K launch (XU_IN_KERNEL) natively, each
+          # step under its own timeout (a semaphore that never fills hangs the kernel), then rank 0 / 32 with it
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_xu_in_kernel 120 python3 -m pytest \
+      tests/test_quant_matmul_prepass.py -q -m gpu -rfEs -p no:cacheprovider -k "in_kernel" -x
+    pack
+    TAIL=8 step qm_xu_in_kernel 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.stream_k_sm90.XU_IN_KERNEL=1 \
+      --out "$OUT/quant_matmul_s26b_xu_in_kernel.json"
+    grep -E "KERNELS" "$OUT/qm_xu_in_kernel.txt"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -161,3 +161,55 @@ def test_stream_k_with_prepass_native_gpu(monkeypatch):
                     y_xla = sk.matmul_stream_k(x, kw)
             assert rel_err(y, ref) < TOL, (k, rank, m)
             assert rel_err(y, y_xla) < TOL, (k, rank, m)
+
+
+# x @ u inside the stream-K launch (stream_k_sm90.XU_IN_KERNEL): producer CTAs and GMEM semaphores, which
+# interpret mode does not run, so CPU tests check the schedule rule and the lowering; `gpu` tests the rest
+
+
+@pytest.mark.parametrize("total,kt,ctas", [(1792, 8, 256), (896, 8, 264), (12, 3, 5), (10, 5, 4), (64, 2, 7),
+                                           (56, 28, 6), (7, 7, 3)])
+def test_comp_k_tile_adds_once_and_never_first_in_range(total, kt, ctas):
+    s = sk.schedule(total, kt, ctas)
+    for tile in range(total // kt):
+        tc = sk.comp_k_tile(tile, kt, s.per_cta)
+        g = tile * kt + tc
+        assert 0 <= tc < kt
+        if kt > 1 and s.per_cta > 1:
+            assert g % s.per_cta != 0, (tile, tc)        # not the first step of the range that holds it
+    traced = jax.jit(lambda t: sk.comp_k_tile(t, kt, s.per_cta))(jnp.arange(total // kt))
+    np.testing.assert_array_equal(np.asarray(traced), [sk.comp_k_tile(b, kt, s.per_cta) for b in range(total // kt)])
+
+
+def test_xu_in_kernel_lowers_for_sm90_on_cpu(monkeypatch):
+    reason = cuda_lowering_unavailable()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setattr(sk, "XU_IN_KERNEL", True)
+    rng = _rng()
+    kw = layout.prepare(make_weight(2048, 128, 3, 64, 32, rng), layout=layout.PAIRS_LAYOUT)
+    f = jax.jit(lambda x, kw: sk.matmul_stream_k(x, kw, max_ctas=264))
+    text = f.trace(jax.ShapeDtypeStruct((1, 2048), jnp.bfloat16), kw).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1
+    with pytest.raises(ValueError, match="native run"):
+        sk.build(3, 16, 64, 2048, 128, 8, 32, mgpu_sm90.default_config(1, kw), 8, True, 0, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
+def test_xu_in_kernel_native_gpu(monkeypatch):
+    """Several calls in a row with fresh x: a semaphore left non-zero by one call would let the next read
+    stale shares."""
+    rng = _rng()
+    for k, n, rank, ms in ((4096, 1408, 32, (1, 3, 8, 16)), (1408, 2048, 16, (1, 5)), (2048, 1408, 64, (1, 16))):
+        qt = make_weight(k, n, 3, 64, rank, rng)
+        kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+        for m in ms:
+            for _ in range(3):
+                x = make_x(m, k, rng)
+                monkeypatch.setattr(sk, "XU_IN_KERNEL", True)
+                y = sk.matmul_stream_k(x, kw)
+                monkeypatch.setattr(sk, "XU_IN_KERNEL", False)
+                y_pp = sk.matmul_stream_k(x, kw)
+                assert rel_err(y, ref64(x, qt)) < TOL, (k, rank, m)
+                assert rel_err(y, y_pp) < TOL, (k, rank, m)

@@ -46,6 +46,11 @@ PREPASS = True
 # The same pre-pass without a compensator (pad and fold sums only) in place of XLA's pad + reduce fusion
 # (1.4 us): unmeasured, so off.
 PREPASS_RANK0 = False
+# Compute x @ u inside the stream-K launch (producer CTAs and GMEM semaphores, `build(xu_in_kernel=True)`)
+# instead of the pre-pass: lowers from the CPU, NOT yet run natively (semaphores do not run in interpret
+# mode); benchmarks/semaphore_probe.py checks the protocol natively first. Off.
+XU_IN_KERNEL = False
+PRODUCER_ROWS = 128     # K rows per pipeline step of a producer CTA (two stages: 2 x 24 KB of shared memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +80,31 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
     return Schedule(total=total, per_cta=per, ctas=ctas, k_tiles=k_tiles, slots=slots)
 
 
+def comp_k_tile(tile, kt: int, per: int):
+    """K tile whose step adds column tile `tile`'s compensator when x @ u is computed in the launch: 0,
+    or 1 when K tile 0 is the first step of a CTA's range (that range would start by waiting for the
+    producers). Works on ints and traced int32."""
+    if kt < 2 or per < 2:
+        return 0 * tile
+    return jnp.where((tile * kt) % per == 0, 1, 0) if isinstance(tile, jax.Array) else int((tile * kt) % per == 0)
+
+
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
-          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0):
+          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0, xu_in_kernel: bool = False):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu, v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
     float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage).
     xu: x @ u [m_pad, Rp] bf16 (xu_parts = 0) or its per-K-tile shares [xu_parts, m_pad, Rp] from the
     pre-pass (prepass_sm90), which the compensator step multiplies by v^T one by one.
-    xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums)."""
+    xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums).
+
+    xu_in_kernel (native only: GMEM semaphores do not run in interpret mode): the xu input is u [K, r]
+    bf16 itself and the launch computes the shares: CTAs 0 .. P-1 (P = K tiles x token blocks, the
+    lowest indices so that they are resident first) each write one K tile's share of x @ u into a
+    second output [kt, m_pad, Rp] and signal a semaphore; the other CTAs run the schedule, and the step
+    that adds a column tile's compensator waits for all P signals first. That step is the tile's
+    K tile 0, or K tile 1 where K tile 0 would be its range's first step (so no range starts by
+    waiting). CTA 0 returns both semaphores to zero at its end (`pl.get_global` persists across
+    launches): `read` counts the tiles whose compensator was added."""
     cfg = dataclasses.replace(cfg, k_splits=1)
     tl = base._tiling(bits, slab, k_pad, n, cfg)
     wps, tile_rows, kt = tl.wps, tl.tile_rows, tl.steps
@@ -90,9 +113,15 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         raise ValueError(f"M={m_pad} is not tiled by MB={mb}")
     g_block, scale_index = base._scale_blocks(group_rows, tile_rows, k_pad)
     col_tiles = n // bn
-    sched = schedule((m_pad // mb) * col_tiles * kt, kt, max_ctas)
+    # with x @ u in the launch its producer CTAs come out of the same budget (all CTAs must be resident)
+    producers = kt * (m_pad // mb) if xu_in_kernel else 0
+    sched = schedule((m_pad // mb) * col_tiles * kt, kt, max_ctas - producers)
     per, total = sched.per_cta, sched.total
     comp = rank_pad > 0
+    if xu_in_kernel and (interpret or not comp or xu_parts):
+        raise ValueError("stream-K: x @ u in the kernel needs a compensator, no pre-pass shares and a native run")
+    n_tiles = (m_pad // mb) * col_tiles
+    parts = kt if xu_in_kernel else xu_parts
     plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab, scales_upfront=True)
     tr = base._swizzle_transforms(slab)
     tr_r = base.compensator_transforms(rank_pad)
@@ -114,14 +143,75 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         slot = j - (tile * kt) // per
         return valid, tile // col_tiles, tile % col_tiles, t, first, last, slot
 
+    def adds_compensator(j, s):
+        """Whether step s of CTA j adds its column tile's compensator (see `comp_k_tile`)."""
+        valid, _, _, t, *_ = where_is(j, s)
+        if not xu_in_kernel:
+            return t == 0
+        g = jnp.minimum(j * per + s, total - 1)
+        return valid & (t == comp_k_tile(g // kt, kt, per))
+
     def kernel(*refs):
         n_in = (6 if comp else 4) + plan.fold
         ins, out = refs[:n_in], refs[n_in]
-        rest = list(refs[n_in + 1:])
+        shares = refs[n_in + 1] if xu_in_kernel else None
+        rest = list(refs[n_in + 1 + xu_in_kernel:])
         a_buf = None if plan.a_regs else rest.pop(0)
         o_smem = rest.pop(0)
         codes, scales, zeros, x = ins[:4]
         j = lax.axis_index("cta")
+        if xu_in_kernel:
+            done = pl.get_global(plgpu.SemaphoreType.REGULAR)
+            read = pl.get_global(plgpu.SemaphoreType.REGULAR)
+
+            @pl.when(j < producers)
+            def _produce():
+                _produce_share(j % kt, j // kt, x, ins[4], shares, done, read, j == 0)
+
+            pl.when(j >= producers)(lambda: _ranges(j - producers, ins, out, shares, rest, a_buf, o_smem,
+                                                    codes, scales, zeros, x, done, read))
+        else:
+            _ranges(j, ins, out, shares, rest, a_buf, o_smem, codes, scales, zeros, x, None, None)
+
+    def _produce_share(t, mi, x, u, shares, done, read, resets):
+        """Share t of x @ u for token block mi, bf16, to shares[t]; then signal `done`. Over 128-row
+        slices of the K tile, two in flight: x as a 64-row A box (rows past M_pad arrive as zeros), u's
+        slice [128, Rp] as B (rows past K and columns past r as zeros). CTA 0 then waits for every
+        tile's compensator to be added and resets both semaphores."""
+        sub = min(tile_rows, PRODUCER_ROWS)
+        steps = tile_rows // sub
+        row0 = ((mi * mb) // 64) * 64              # token blocks are 64 rows, or there is one
+
+        def scoped(x_s, u_s, o_s, bars, acc_ref):
+            def load(i):                            # slice i into buffer i % 2
+                cols = pl.ds((t * steps + i) * sub, sub)
+                plgpu.copy_gmem_to_smem(x.at[pl.ds(row0, 64), cols], x_s.at[i % 2], bars.at[i % 2])
+                plgpu.copy_gmem_to_smem(u.at[cols, pl.ds(0, rank_pad)], u_s.at[i % 2], bars.at[i % 2])
+            for i in range(min(2, steps)):
+                load(i)
+            for i in range(steps):                  # two slices in flight, one wgmma at a time
+                plgpu.barrier_wait(bars.at[i % 2])
+                plgpu.wgmma(acc_ref, x_s.at[i % 2], u_s.at[i % 2])
+                plgpu.wgmma_wait(0)
+                if i + 2 < steps:
+                    load(i + 2)
+            o_s[...] = acc_ref[...].astype(jnp.bfloat16)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s.at[pl.ds(mi * mb - row0, mb)], shares.at[t, pl.ds(mi * mb, mb)])
+            plgpu.wait_smem_to_gmem(0)                       # written, not only read: then signal
+        pl.run_scoped(scoped, plgpu.SMEM((2, 64, sub), jnp.bfloat16, transforms=tr_r),
+                      plgpu.SMEM((2, sub, rank_pad), jnp.bfloat16, transforms=tr_r),
+                      plgpu.SMEM((64, rank_pad), jnp.bfloat16, transforms=tr_r),
+                      plgpu.Barrier(num_arrivals=2, num_barriers=2),
+                      plgpu.ACC((64, rank_pad), jnp.float32))
+        pl.semaphore_signal(done, 1)
+
+        @pl.when(resets)
+        def _reset():
+            pl.semaphore_wait(read, n_tiles, decrement=True)
+            pl.semaphore_wait(done, producers, decrement=True)
+
+    def _ranges(j, ins, out, shares, rest, a_buf, o_smem, codes, scales, zeros, x, done, read):
 
         def tile_of(s):
             _, mi, ci, t, *_ = where_is(j, s)
@@ -134,13 +224,17 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             xs_ref = step_refs[4] if plan.fold else None
             plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
             valid, mi, ci, t, first, last, slot = where_is(j, s)
+            add = adds_compensator(j, s) if comp else None
             if comp:
                 xu, v_t = ins[4:6]
                 xu_smem, v_smem, bar = rest[0], rest[1], rest[2]
                 # the range holding K tile 0 adds the compensator: its operands load during this
                 # step's unpack and MMA, and are multiplied in at the end of the same step
-                xu_tile = xu.at[:, pl.ds(mi * mb, mb)] if xu_parts else xu.at[pl.ds(mi * mb, mb)]
-                base._compensator_copies(t == 0, xu_tile, v_t.at[pl.ds(ci * bn, bn)], xu_smem, v_smem, bar)
+                if xu_in_kernel:
+                    xu = shares
+                    pl.when(add)(lambda: pl.semaphore_wait(done, producers, decrement=False))
+                xu_tile = xu.at[:, pl.ds(mi * mb, mb)] if parts else xu.at[pl.ds(mi * mb, mb)]
+                base._compensator_copies(add, xu_tile, v_t.at[pl.ds(ci * bn, bn)], xu_smem, v_smem, bar)
             planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
             zero = jnp.zeros((bn, mb), jnp.float32)
             if not interpret:
@@ -160,7 +254,9 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             else:
                 acc = base._run_acc(step, acc, interpret)
             if comp:
-                acc = base._add_compensator(acc, t == 0, v_smem, xu_smem, bar, interpret, parts=xu_parts)
+                acc = base._add_compensator(acc, add, v_smem, xu_smem, bar, interpret, parts=parts)
+                if xu_in_kernel:
+                    pl.when(add)(lambda: pl.semaphore_signal(read, 1))
 
             @pl.when(last & valid)
             def _store():
@@ -193,12 +289,14 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
     scratch += [plgpu.SMEM((bn, mb), jnp.float32)]
     if comp:
-        scratch += [plgpu.SMEM((xu_parts, mb, rank_pad) if xu_parts else (mb, rank_pad), jnp.bfloat16, transforms=tr_r),
+        scratch += [plgpu.SMEM((parts, mb, rank_pad) if parts else (mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.Barrier(num_arrivals=2)]
-    f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((sched.slots, n, m_pad), jnp.float32),
-                     grid=(sched.ctas,), grid_names=("cta",), compiler_params=wg, scratch_types=scratch,
-                     **base._interpret_params(interpret))
+    out_type = jax.ShapeDtypeStruct((sched.slots, n, m_pad), jnp.float32)
+    if xu_in_kernel:
+        out_type = (out_type, jax.ShapeDtypeStruct((kt, m_pad, rank_pad), jnp.bfloat16))
+    f = plgpu.kernel(kernel, out_type=out_type, grid=(producers + sched.ctas,), grid_names=("cta",),
+                     compiler_params=wg, scratch_types=scratch, **base._interpret_params(interpret))
     return f, sched
 
 
@@ -235,7 +333,14 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     tile_rows = kw.tile_rows
     k_tiles = kw.k_pad // tile_rows
     parts = 0
-    if ((PREPASS and rank_pad or PREPASS_RANK0 and fold and not rank_pad) and cfg.unpack != "magic_f16"
+    in_kernel = (XU_IN_KERNEL and rank_pad and not interpret and cfg.unpack != "magic_f16"
+                 and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows))
+    if in_kernel:
+        xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, kw.k_pad - k)))
+        args = [kw.codes, kw.scales, kw.zeros, xp, kw.u.astype(jnp.bfloat16), kw.v_t]
+        if fold:
+            args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
+    elif ((PREPASS and rank_pad or PREPASS_RANK0 and fold and not rank_pad) and cfg.unpack != "magic_f16"
             and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows)):
         # one launch for the pad, the fold sums and x @ u (prepass_sm90: the compensator's XLA ops were
         # +4.5 us on a 15.5 us call)
@@ -254,8 +359,10 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         if fold:
             args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret), parts)
+                             max_ctas, bool(interpret), parts, bool(in_kernel))
     parts = f(*args)                                                  # [slots, N, m_pad] f32
+    if in_kernel:
+        parts = parts[0]                                              # (the shares: scratch)
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
     parts = parts.reshape(sched.slots, kw.n // bn, bn, m_pad // mb, mb)
