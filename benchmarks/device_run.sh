@@ -665,59 +665,6 @@ PY
     TAIL=3 step moe_4096 75 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model,mixed234_model --tokens 4096 --budget-s 50 --out "$OUT/moe_layer_s23e_4096.json"
     ;;
-  s24a)  # stop 24, first call: the one-launch mixed dequantize natively (prefill / dequantize tests), the Mixtral FFN
-          # at 4096 tokens (uniform vs mixed), the issue-7 table at decode sizes on the H100 (ragged_dot bf16 in the
-          # same run), then the stream-K kernel with 3 CTAs per SM and with 3 stages
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 150 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
-      -k "prefill or dequant"
-    pack
-    TAIL=3 step moe_4096 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model --tokens 4096 --budget-s 60 --out "$OUT/moe_layer_s24a_4096.json"
-    pack
-    TAIL=12 step moe_mixtral 190 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16,64 --budget-s 160 \
-      --out "$OUT/moe_layer_s24a_mixtral.json"
-    pack
-    TAIL=5 step time_m1 110 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
-    pack
-    tar -xOf "$OUT/results.tar" moe_4096.txt moe_mixtral.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
-    ;;
-  s24b)  # stop 24, second call: every native kernel test, then the issue-6 table on the H100 (torch int4 in the same run)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=10 step native_tests 280 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py tests/test_quant_matmul_stream_k.py tests/test_quant_matmul.py \
-      tests/test_quant_matmul_variants.py tests/test_magic_fold_native.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    pack
-    TAIL=24 step quant_matmul 200 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
-      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s24b.json"
-    pack
-    ;;
-  s24c)  # s24a cut to the budget left: the native prefill / dequantize tests, the Mixtral FFN at 4096 tokens (uniform
-          # vs mixed) and at 1 token beside ragged_dot bf16
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 120 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
-      -k "prefill or dequant"
-    pack
-    TAIL=3 step moe_4096 80 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model --tokens 4096 --budget-s 55 --out "$OUT/moe_layer_s24c_4096.json"
-    pack
-    TAIL=6 step moe_1 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1 --budget-s 80 --out "$OUT/moe_layer_s24c_1.json"
-    pack
-    tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
-    ;;
-  s24d)  # the smallest useful call: the native mixed-prefill test, the Mixtral FFN at 4096 tokens (uniform vs mixed),
-          # then 1 token beside ragged_dot bf16 if time is left
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_mixed 70 python3 -m pytest tests/test_grouped_matmul.py \
-      -q -m gpu -rfEs -p no:cacheprovider -k "prefill"
-    TAIL=3 step moe_4096 75 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model --tokens 4096 --budget-s 50 --out "$OUT/moe_layer_s24d_4096.json"
-    pack
-    TAIL=6 step moe_1 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model,ragged_dot_bf16 --tokens 1 --budget-s 80 --out "$OUT/moe_layer_s24d_1.json"
-    pack
-    tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
-    ;;
   s25a)  # stop 25: the stream-K pre-pass natively (its tests, stream-K's native tests), rank 0 / 32 with the pre-pass
           # and without it (same session), the Mixtral FFN at 1 token beside ragged_dot bf16 and at 4096 tokens
           # (uniform vs mixed), then the native prefill / dequantize tests
@@ -743,53 +690,6 @@ PY
       --impls q3_model,mixed234_model --tokens 4096 --budget-s 50 --out "$OUT/moe_layer_s25a_4096.json"
     pack
     tar -xOf "$OUT/results.tar" moe_4096.txt moe_1.txt 2>/dev/null | grep -E "RESULT" | cut -c1-200
-    ;;
-  s25b)  # stop 25, second call: the native prefill / dequantize tests, the stream-K CTA / stage probes, the issue-6 table
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 120 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
-      -k "prefill or dequant"
-    pack
-    TAIL=5 step time_m1 110 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
-    pack
-    TAIL=24 step quant_matmul 200 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
-      --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s25b.json"
-    pack
-    ;;
-  s25c)  # stop 25, second call: the pre-pass with both wgmmas in one scope (native tests, then rank 0 / 32 beside torch
-          # int4 at 4 bits), its rank-0 form, the stream-K CTA / stage probes, then the native prefill / dequantize tests
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_prepass 90 python3 -m pytest \
-      tests/test_quant_matmul_prepass.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    pack
-    TAIL=16 step qm 100 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3,4 \
-      --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s25c.json"
-    grep -E "KERNELS" "$OUT/qm.txt"
-    TAIL=4 step qm_rank0_pp 40 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
-      --peers '' --ranks 0 --breakdown --no-torch --set pallas_kernels.quant_matmul.stream_k_sm90.PREPASS_RANK0=1 \
-      --out "$OUT/quant_matmul_s25c_rank0_pp.json"
-    grep -E "KERNELS" "$OUT/qm_rank0_pp.txt"
-    pack
-    TAIL=5 step time_m1 110 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
-    pack
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 120 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
-      -k "prefill or dequant"
-    pack
-    ;;
-  s25d)  # s25c cut to the budget left: pre-pass native tests, rank 0 / 32 beside torch int4, the CTA / stage probes, then
-          # the native prefill / dequantize tests
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_prepass 80 python3 -m pytest \
-      tests/test_quant_matmul_prepass.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    pack
-    TAIL=16 step qm 90 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3,4 \
-      --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s25d.json"
-    grep -E "KERNELS" "$OUT/qm.txt"
-    pack
-    TAIL=5 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
-    pack
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prefill 110 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6 \
-      -k "prefill or dequant"
-    pack
     ;;
   s25e)  # the last minutes: pre-pass native tests, rank 0 / 32 (3-bit), the CTA / stage probes
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_prepass 80 python3 -m pytest \

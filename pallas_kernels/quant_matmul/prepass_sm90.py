@@ -75,16 +75,15 @@ def indicator(tile_rows: int, f_rows: int) -> np.ndarray:
     return (np.arange(tile_rows)[None, :] // f_rows == np.arange(ind_rows(nf))[:, None]).astype(np.float32)
 
 
-def prepass_reference(xp: jax.Array, u: jax.Array, *, tile_rows: int, f_rows: int, rank_pad: int):
-    """(xs, xu_parts) from the padded x [M_pad, Kp] in plain jnp (float32 sums, parts rounded to bf16)."""
+def shares_reference(xp: jax.Array, u: jax.Array, *, tile_rows: int, rank_pad: int) -> jax.Array:
+    """xu_parts [kt, M_pad, Rp] from the padded x [M_pad, Kp] in plain jnp: each K tile's share of x @ u,
+    float32 sums rounded to bf16. (xs is mgpu_sm90.fold_group_sums(xp).)"""
     m_pad, k_pad = xp.shape
-    kt, nf = k_pad // tile_rows, tile_rows // f_rows
-    x32 = xp.astype(jnp.float32)
-    sums = x32.reshape(m_pad, kt, nf, f_rows).sum(-1)
-    sums = jnp.pad(sums, ((0, 0), (0, 0), (0, base.fold_rows_per_tile(nf) - nf))).reshape(m_pad, -1).T
+    kt = k_pad // tile_rows
     up = jnp.pad(u.astype(jnp.bfloat16).astype(jnp.float32), ((0, k_pad - u.shape[0]), (0, rank_pad - u.shape[1])))
-    parts = jnp.einsum("mtk,tkr->tmr", x32.reshape(m_pad, kt, tile_rows), up.reshape(kt, tile_rows, rank_pad))
-    return sums, parts.astype(jnp.bfloat16)
+    parts = jnp.einsum("mtk,tkr->tmr", xp.astype(jnp.float32).reshape(m_pad, kt, tile_rows),
+                       up.reshape(kt, tile_rows, rank_pad))
+    return parts.astype(jnp.bfloat16)
 
 
 def build(m: int, k: int, m_pad: int, mb: int, k_pad: int, tile_rows: int, f_rows: int, rank_pad: int,

@@ -86,7 +86,7 @@ def comp_k_tile(tile, kt: int, per: int):
     producers). Works on ints and traced int32."""
     if kt < 2 or per < 2:
         return 0 * tile
-    return jnp.where((tile * kt) % per == 0, 1, 0) if isinstance(tile, jax.Array) else int((tile * kt) % per == 0)
+    return ((tile * kt) % per == 0) * 1
 
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
@@ -145,33 +145,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
 
     def adds_compensator(j, s):
         """Whether step s of CTA j adds its column tile's compensator (see `comp_k_tile`)."""
-        valid, _, _, t, *_ = where_is(j, s)
+        valid, mi, ci, t, *_ = where_is(j, s)
         if not xu_in_kernel:
             return t == 0
-        g = jnp.minimum(j * per + s, total - 1)
-        return valid & (t == comp_k_tile(g // kt, kt, per))
-
-    def kernel(*refs):
-        n_in = (6 if comp else 4) + plan.fold
-        ins, out = refs[:n_in], refs[n_in]
-        shares = refs[n_in + 1] if xu_in_kernel else None
-        rest = list(refs[n_in + 1 + xu_in_kernel:])
-        a_buf = None if plan.a_regs else rest.pop(0)
-        o_smem = rest.pop(0)
-        codes, scales, zeros, x = ins[:4]
-        j = lax.axis_index("cta")
-        if xu_in_kernel:
-            done = pl.get_global(plgpu.SemaphoreType.REGULAR)
-            read = pl.get_global(plgpu.SemaphoreType.REGULAR)
-
-            @pl.when(j < producers)
-            def _produce():
-                _produce_share(j % kt, j // kt, x, ins[4], shares, done, read, j == 0)
-
-            pl.when(j >= producers)(lambda: _ranges(j - producers, ins, out, shares, rest, a_buf, o_smem,
-                                                    codes, scales, zeros, x, done, read))
-        else:
-            _ranges(j, ins, out, shares, rest, a_buf, o_smem, codes, scales, zeros, x, None, None)
+        return valid & (t == comp_k_tile(mi * col_tiles + ci, kt, per))
 
     def _produce_share(t, mi, x, u, shares, done, read, resets):
         """Share t of x @ u for token block mi, bf16, to shares[t]; then signal `done`. Over 128-row
@@ -211,80 +188,104 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             pl.semaphore_wait(read, n_tiles, decrement=True)
             pl.semaphore_wait(done, producers, decrement=True)
 
-    def _ranges(j, ins, out, shares, rest, a_buf, o_smem, codes, scales, zeros, x, done, read):
+    def kernel(*refs):
+        n_in = (6 if comp else 4) + plan.fold
+        ins, out = refs[:n_in], refs[n_in]
+        shares = refs[n_in + 1] if xu_in_kernel else None
+        rest = list(refs[n_in + 1 + xu_in_kernel:])
+        a_buf = None if plan.a_regs else rest.pop(0)
+        o_smem = rest.pop(0)
+        codes, scales, zeros, x = ins[:4]
+        cta = lax.axis_index("cta")
+        done = read = None
+        if xu_in_kernel:
+            done = pl.get_global(plgpu.SemaphoreType.REGULAR)
+            read = pl.get_global(plgpu.SemaphoreType.REGULAR)
 
-        def tile_of(s):
-            _, mi, ci, t, *_ = where_is(j, s)
-            return mi, ci, t
+            @pl.when(cta < producers)
+            def _produce():
+                _produce_share(cta % kt, cta // kt, x, ins[4], shares, done, read, cta == 0)
 
-        def body(idx, *step_refs):
-            (s,) = idx
-            *step_refs, acc = step_refs
-            codes_s, s_ref, z_ref, x_ref = step_refs[:4]
-            xs_ref = step_refs[4] if plan.fold else None
-            plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
-            valid, mi, ci, t, first, last, slot = where_is(j, s)
-            add = adds_compensator(j, s) if comp else None
-            if comp:
-                xu, v_t = ins[4:6]
-                xu_smem, v_smem, bar = rest[0], rest[1], rest[2]
-                # the range holding K tile 0 adds the compensator: its operands load during this
-                # step's unpack and MMA, and are multiplied in at the end of the same step
-                if xu_in_kernel:
-                    xu = shares
-                    pl.when(add)(lambda: pl.semaphore_wait(done, producers, decrement=False))
-                xu_tile = xu.at[:, pl.ds(mi * mb, mb)] if parts else xu.at[pl.ds(mi * mb, mb)]
-                base._compensator_copies(add, xu_tile, v_t.at[pl.ds(ci * bn, bn)], xu_smem, v_smem, bar)
-            planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
-            zero = jnp.zeros((bn, mb), jnp.float32)
+        def ranges(j):
+            """The schedule's range of CTA j (CTA index less the producers)."""
+
+            def tile_of(s):
+                _, mi, ci, t, *_ = where_is(j, s)
+                return mi, ci, t
+
+            def body(idx, *step_refs):
+                (s,) = idx
+                *step_refs, acc = step_refs
+                codes_s, s_ref, z_ref, x_ref = step_refs[:4]
+                xs_ref = step_refs[4] if plan.fold else None
+                plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
+                valid, mi, ci, t, first, last, slot = where_is(j, s)
+                add = adds_compensator(j, s) if comp else None
+                if comp:
+                    xu, v_t = ins[4:6]
+                    xu_smem, v_smem, bar = rest[0], rest[1], rest[2]
+                    # the range holding K tile 0 adds the compensator: its operands load during this
+                    # step's unpack and MMA, and are multiplied in at the end of the same step
+                    if xu_in_kernel:
+                        xu = shares
+                        pl.when(add)(lambda: pl.semaphore_wait(done, producers, decrement=False))
+                    xu_tile = xu.at[:, pl.ds(mi * mb, mb)] if parts else xu.at[pl.ds(mi * mb, mb)]
+                    base._compensator_copies(add, xu_tile, v_t.at[pl.ds(ci * bn, bn)], xu_smem, v_smem, bar)
+                planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
+                zero = jnp.zeros((bn, mb), jnp.float32)
+                if not interpret:
+                    zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+                acc = lax.cond(first, lambda a: zero, lambda a: a, acc)     # a new column tile
+
+                def step(acc_ref):
+                    base._unpack_and_multiply(acc_ref, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
+                                              bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
+                                              g_block=g_block, plan=plan, interpret=interpret)
+                    plgpu.wgmma_wait(0)
+
+                if plan.fold:   # scale and zero folded in float32 per group (mgpu_sm90._fold_unpack_and_multiply)
+                    acc = base._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, bits=bits, slab=slab, bn=bn,
+                                                         mb=mb, group_rows=group_rows, g_block=g_block,
+                                                         tile_rows=tile_rows, interpret=interpret)
+                else:
+                    acc = base._run_acc(step, acc, interpret)
+                if comp:
+                    acc = base._add_compensator(acc, add, v_smem, xu_smem, bar, interpret, parts=parts)
+                    if xu_in_kernel:
+                        pl.when(add)(lambda: pl.semaphore_signal(read, 1))
+
+                @pl.when(last & valid)
+                def _store():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # o_smem's last store has read it
+                    o_smem[...] = acc
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem, out.at[slot, pl.ds(ci * bn, bn), pl.ds(mi * mb, mb)])
+                return acc
+
+            # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
+            # one box per plane moved 64 B rows); x with the widest swizzle its wgmma slices allow
+            in_specs = [
+                plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2])),
+                plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
+                plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
+                plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
+            ]
+            pipe_in = [codes, scales, zeros, x]
+            if plan.fold:   # the fold blocks' sums of x: [Kp / F, M_pad] float32, nf rows per K tile
+                in_specs.append(plgpu.BlockSpec((base.fold_rows_per_tile(nf), mb),
+                                                lambda s: (tile_of(s)[2], tile_of(s)[0])))
+                pipe_in.append(ins[-1])
+            init = jnp.zeros((bn, mb), jnp.float32)
             if not interpret:
-                zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
-            acc = lax.cond(first, lambda a: zero, lambda a: a, acc)     # a new column tile
+                init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
+            plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
+                                init_carry=init)(*pipe_in)
+            plgpu.wait_smem_to_gmem(0)
 
-            def step(acc_ref):
-                base._unpack_and_multiply(acc_ref, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
-                                          bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
-                                          g_block=g_block, plan=plan, interpret=interpret)
-                plgpu.wgmma_wait(0)
-
-            if plan.fold:   # scale and zero folded in float32 per group (mgpu_sm90._fold_unpack_and_multiply)
-                acc = base._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, bits=bits, slab=slab, bn=bn,
-                                                     mb=mb, group_rows=group_rows, g_block=g_block,
-                                                     tile_rows=tile_rows, interpret=interpret)
-            else:
-                acc = base._run_acc(step, acc, interpret)
-            if comp:
-                acc = base._add_compensator(acc, add, v_smem, xu_smem, bar, interpret, parts=parts)
-                if xu_in_kernel:
-                    pl.when(add)(lambda: pl.semaphore_signal(read, 1))
-
-            @pl.when(last & valid)
-            def _store():
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # o_smem's last store has read it
-                o_smem[...] = acc
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, out.at[slot, pl.ds(ci * bn, bn), pl.ds(mi * mb, mb)])
-            return acc
-
-        # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
-        # one box per plane moved 64 B rows); x with the widest swizzle its wgmma slices allow
-        in_specs = [
-            plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2])),
-            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
-            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
-            plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
-        ]
-        pipe_in = [codes, scales, zeros, x]
-        if plan.fold:   # the fold blocks' sums of x: [Kp / F, M_pad] float32, nf rows per K tile
-            in_specs.append(plgpu.BlockSpec((base.fold_rows_per_tile(nf), mb),
-                                            lambda s: (tile_of(s)[2], tile_of(s)[0])))
-            pipe_in.append(ins[-1])
-        init = jnp.zeros((bn, mb), jnp.float32)
-        if not interpret:
-            init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
-        plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
-                            init_carry=init)(*pipe_in)
-        plgpu.wait_smem_to_gmem(0)
+        if xu_in_kernel:
+            pl.when(cta >= producers)(lambda: ranges(cta - producers))
+        else:
+            ranges(cta)
 
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
     scratch += [plgpu.SMEM((bn, mb), jnp.float32)]
@@ -335,11 +336,19 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     parts = 0
     in_kernel = (XU_IN_KERNEL and rank_pad and not interpret and cfg.unpack != "magic_f16"
                  and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows))
-    if in_kernel:
+
+    def xla_inputs(comp_input):
+        """[codes, scales, zeros, x padded (by XLA)[, comp_input(xp), v^T][, fold sums (XLA)]]."""
         xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, kw.k_pad - k)))
-        args = [kw.codes, kw.scales, kw.zeros, xp, kw.u.astype(jnp.bfloat16), kw.v_t]
+        if cfg.unpack == "magic_f16":
+            xp = xp.astype(jnp.float16)
+        out = [kw.codes, kw.scales, kw.zeros, xp] + ([comp_input(xp), kw.v_t] if rank_pad else [])
         if fold:
-            args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
+            out.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
+        return out
+
+    if in_kernel:                   # the kernel takes u itself and computes x @ u
+        args = xla_inputs(lambda xp: kw.u.astype(jnp.bfloat16))
     elif ((PREPASS and rank_pad or PREPASS_RANK0 and fold and not rank_pad) and cfg.unpack != "magic_f16"
             and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows)):
         # one launch for the pad, the fold sums and x @ u (prepass_sm90: the compensator's XLA ops were
@@ -350,24 +359,17 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         args = [kw.codes, kw.scales, kw.zeros, xp] + ([xu, kw.v_t] if rank_pad else []) + ([xs] if fold else [])
         parts = k_tiles if rank_pad else 0
     else:
-        xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, kw.k_pad - k)))
-        if cfg.unpack == "magic_f16":
-            xp = xp.astype(jnp.float16)
-        args = [kw.codes, kw.scales, kw.zeros, xp]
-        if rank_pad:
-            args += [base.compensator_xu(xp, kw.u, k, rank_pad), kw.v_t]
-        if fold:
-            args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
+        args = xla_inputs(lambda xp: base.compensator_xu(xp, kw.u, k, rank_pad))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
                              max_ctas, bool(interpret), parts, bool(in_kernel))
-    parts = f(*args)                                                  # [slots, N, m_pad] f32
+    partials = f(*args)                                               # [slots, N, m_pad] f32
     if in_kernel:
-        parts = parts[0]                                              # (the shares: scratch)
+        partials = partials[0]                                        # (the shares: scratch)
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
-    parts = parts.reshape(sched.slots, kw.n // bn, bn, m_pad // mb, mb)
+    partials = partials.reshape(sched.slots, kw.n // bn, bn, m_pad // mb, mb)
     mask = jnp.asarray(written.transpose(0, 2, 1))[:, :, None, :, None]
-    y_t = jnp.where(mask, parts, 0.0).sum(0).reshape(kw.n, m_pad)
+    y_t = jnp.where(mask, partials, 0.0).sum(0).reshape(kw.n, m_pad)
     return y_t[:, :m].T.astype(jnp.bfloat16)
 
 
