@@ -707,6 +707,8 @@ PY
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_prepass 100 python3 -m pytest \
       tests/test_quant_matmul_prepass.py -q -m gpu -rfEs -p no:cacheprovider -n 6
     pack
+    TAIL=6 step sem_probe 60 python3 -m benchmarks.semaphore_probe
+    pack
     TAIL=8 step qm_short 50 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
       --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.prepass_sm90.SHORT_BOXES=1 \
       --out "$OUT/quant_matmul_s26a_short.json"
@@ -719,8 +721,6 @@ PY
     pack
     TAIL=24 step quant_matmul 200 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
       --ours-bits 2,3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s26a.json"
-    pack
-    TAIL=6 step sem_probe 60 python3 -m benchmarks.semaphore_probe
     pack
     ;;
   s26b)  # next stop, after s26a's semaphore probe passed: x @ u inside the stream-K launch (XU_IN_KERNEL) natively, each
