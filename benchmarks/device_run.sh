@@ -734,5 +734,19 @@ PY
     grep -E "KERNELS" "$OUT/qm_xu_in_kernel.txt"
     pack
     ;;
+  s26c)  # the pre-pass's native tests in full (SHORT_BOXES on and off, x @ u in the kernel with the late
+          # compensator step), then x @ u in the kernel against the short-box pre-pass, one process each
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_prepass 280 python3 -m pytest \
+      tests/test_quant_matmul_prepass.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=8 step qm_in_kernel 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.stream_k_sm90.XU_IN_KERNEL=1 \
+      --out "$OUT/quant_matmul_s26c_in_kernel.json"
+    TAIL=8 step qm_short 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+      --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.prepass_sm90.SHORT_BOXES=1 \
+      --out "$OUT/quant_matmul_s26c_short.json"
+    grep -E "KERNELS" "$OUT"/qm_*.txt
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -179,8 +179,12 @@ def test_comp_k_tile_adds_once_and_never_first_in_range(total, kt, ctas):
         tc = sk.comp_k_tile(tile, kt, s.per_cta)
         g = tile * kt + tc
         assert 0 <= tc < kt
+        j0 = (tile * kt) // s.per_cta                       # the range holding K tile 0
+        assert g // s.per_cta == j0, (tile, tc)
         if kt > 1 and s.per_cta > 1:
-            assert g % s.per_cta != 0, (tile, tc)        # not the first step of the range that holds it
+            assert g % s.per_cta != 0, (tile, tc)           # not the first step of the range that holds it
+            # as late as that range allows: its last step, or the tile's last K tile
+            assert tc == kt - 1 or g % s.per_cta == s.per_cta - 1, (tile, tc)
     traced = jax.jit(lambda t: sk.comp_k_tile(t, kt, s.per_cta))(jnp.arange(total // kt))
     np.testing.assert_array_equal(np.asarray(traced), [sk.comp_k_tile(b, kt, s.per_cta) for b in range(total // kt)])
 
