@@ -41,9 +41,10 @@ MAX_PART_BYTES = 32 * 1024        # kt * MB * Rp * 2: the decode kernel's shared
 # Load only the x rows of the token block (MB) and the fold rows of the indicator (R rounded to 8) instead
 # of 64-row boxes that TMA mostly zero-fills: the wgmma rows past them are left as whatever the shared
 # memory held and only produce output rows that are never stored (a matmul's row i reads only row i of
-# A). Measured 2.6 / 3.5 us for the pre-pass without / with u on full boxes (s25a / s25e); this form
-# is tested in interpret mode (where such rows hold NaN), not yet natively: off until timed.
-SHORT_BOXES = False
+# A). 4096 x 14336 3-bit rank 32 (H100, 2026-12-07): M = 1 18.5 / 18.4 us against 19.3 on full boxes,
+# M = 16 20.9 / 20.7 against 21.8 (s26a / s26c, both forms in one call each); native tests pass in both
+# forms (s26c). Tested in interpret mode too, where the rows past the box hold NaN.
+SHORT_BOXES = True
 
 
 MAX_SMEM = 224 * 1024              # the pre-pass's own buffers (an H100 CTA may have 227 KB)
