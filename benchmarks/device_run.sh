@@ -748,5 +748,24 @@ PY
     grep -E "KERNELS" "$OUT"/qm_*.txt
     pack
     ;;
+  s26d)  # magic_fold's fold sums inside the kernels (stream-K X_SUMS_IN_KERNEL, grouped X_SUMS_IN_KERNEL):
+          # native tests, then each timed on and off in the same call
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_x_sums 200 python3 -m pytest \
+      tests/test_quant_matmul_stream_k.py tests/test_routed_ffn.py -q -m gpu -rfEs -p no:cacheprovider -n 6 -k x_sums
+    pack
+    for on in 1 0; do
+      TAIL=8 step qm_x_sums_$on 50 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16 \
+        --ours-bits 3 --peers '' --ranks 0 --breakdown --no-torch \
+        --set pallas_kernels.quant_matmul.stream_k_sm90.X_SUMS_IN_KERNEL=$on --out "$OUT/quant_matmul_s26d_x_sums_$on.json"
+    done
+    pack
+    for on in 1 0; do
+      TAIL=6 step moe_x_sums_$on 110 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+        --impls q3_model,mixed234_model --tokens 1 --budget-s 80 \
+        --set pallas_kernels.grouped_matmul.mgpu_sm90.X_SUMS_IN_KERNEL=$on --out "$OUT/moe_layer_s26d_x_sums_$on.json"
+    done
+    grep -hE "KERNELS" "$OUT"/qm_x_sums_*.txt "$OUT"/moe_x_sums_*.txt 2>/dev/null
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

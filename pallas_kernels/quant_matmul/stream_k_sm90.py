@@ -50,6 +50,11 @@ PREPASS_RANK0 = False
 # instead of the pre-pass: lowers from the CPU, NOT yet run natively (semaphores do not run in interpret
 # mode); benchmarks/semaphore_probe.py checks the protocol natively first. Off.
 XU_IN_KERNEL = False
+# Without a compensator under magic_fold: the kernel computes x's fold sums itself (a ones @ x^T wgmma per
+# MMA chunk) and reads x unpadded (TMA zero-fills rows past M and columns past K), so no XLA op runs
+# before the launch (XLA's pad + sums fusion: 1.4 us of a 16.2 us call at M = 1, 4096 x 14336). Off
+# until timed natively.
+X_SUMS_IN_KERNEL = False
 PRODUCER_ROWS = 128     # K rows per pipeline step of a producer CTA (two stages: 2 x 24 KB of shared memory)
 
 
@@ -95,12 +100,14 @@ def comp_k_tile(tile, kt: int, per: int):
 
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
-          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0, xu_in_kernel: bool = False):
+          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0, xu_in_kernel: bool = False,
+          x_sums_in_kernel: bool = False):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu, v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
     float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage).
     xu: x @ u [m_pad, Rp] bf16 (xu_parts = 0) or its per-K-tile shares [xu_parts, m_pad, Rp] from the
     pre-pass (prepass_sm90), which the compensator step multiplies by v^T one by one.
-    xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums).
+    xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums); with
+    x_sums_in_kernel the kernel computes them (one more wgmma per MMA chunk) and xs is not an input.
 
     xu_in_kernel (native only: GMEM semaphores do not run in interpret mode): the xu input is u [K, r]
     bf16 itself and the launch computes the shares: CTAs 0 .. P-1 (P = K tiles x token blocks, the
@@ -128,6 +135,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     n_tiles = (m_pad // mb) * col_tiles
     parts = kt if xu_in_kernel else xu_parts
     plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab, scales_upfront=True)
+    xs_input = plan.fold and not x_sums_in_kernel
     tr = base._swizzle_transforms(slab)
     tr_r = base.compensator_transforms(rank_pad)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
@@ -194,7 +202,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             pl.semaphore_wait(done, producers, decrement=True)
 
     def kernel(*refs):
-        n_in = (6 if comp else 4) + plan.fold
+        n_in = (6 if comp else 4) + xs_input
         ins, out = refs[:n_in], refs[n_in]
         shares = refs[n_in + 1] if xu_in_kernel else None
         rest = list(refs[n_in + 1 + xu_in_kernel:])
@@ -222,7 +230,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 (s,) = idx
                 *step_refs, acc = step_refs
                 codes_s, s_ref, z_ref, x_ref = step_refs[:4]
-                xs_ref = step_refs[4] if plan.fold else None
+                xs_ref = step_refs[4] if xs_input else None
                 plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
                 valid, mi, ci, t, first, last, slot = where_is(j, s)
                 add = adds_compensator(j, s) if comp else None
@@ -276,7 +284,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
             ]
             pipe_in = [codes, scales, zeros, x]
-            if plan.fold:   # the fold blocks' sums of x: [Kp / F, M_pad] float32, nf rows per K tile
+            if xs_input:    # the fold blocks' sums of x: [Kp / F, M_pad] float32, nf rows per K tile
                 in_specs.append(plgpu.BlockSpec((base.fold_rows_per_tile(nf), mb),
                                                 lambda s: (tile_of(s)[2], tile_of(s)[0])))
                 pipe_in.append(ins[-1])
@@ -339,6 +347,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     tile_rows = kw.tile_rows
     k_tiles = kw.k_pad // tile_rows
     parts = 0
+    x_sums = X_SUMS_IN_KERNEL and fold and not rank_pad
     in_kernel = (XU_IN_KERNEL and rank_pad and not interpret and cfg.unpack != "magic_f16"
                  and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows))
 
@@ -354,6 +363,11 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
 
     if in_kernel:                   # the kernel takes u itself and computes x @ u
         args = xla_inputs(lambda xp: kw.u.astype(jnp.bfloat16))
+    elif x_sums:                    # x as it is: TMA's zero fill pads it (a row stride of 16 B multiples)
+        xb = x.astype(jnp.bfloat16)
+        if interpret or k % 8:      # interpret mode reads no zeros past an array's end
+            xb = jnp.pad(xb, ((0, m_pad - m), (0, kw.k_pad - k)))
+        args = [kw.codes, kw.scales, kw.zeros, xb]
     elif ((PREPASS and rank_pad or PREPASS_RANK0 and fold and not rank_pad) and cfg.unpack != "magic_f16"
             and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows)):
         # one launch for the pad, the fold sums and x @ u (prepass_sm90: the compensator's XLA ops were
@@ -366,7 +380,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     else:
         args = xla_inputs(lambda xp: base.compensator_xu(xp, kw.u, k, rank_pad))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret), parts, bool(in_kernel))
+                             max_ctas, bool(interpret), parts, bool(in_kernel), bool(x_sums))
     partials = f(*args)                                               # [slots, N, m_pad] f32
     if in_kernel:
         partials = partials[0]                                        # (the shares: scratch)
