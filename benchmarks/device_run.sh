@@ -767,5 +767,21 @@ PY
     grep -hE "KERNELS" "$OUT"/qm_x_sums_*.txt "$OUT"/moe_x_sums_*.txt 2>/dev/null
     pack
     ;;
+  s26e)  # the grouped decode knobs (tuned on the H200) swept on the H100: Mixtral FFN 3-bit at 1 token, one process each
+    G=pallas_kernels.grouped_matmul
+    for spec in default \
+        $G.mgpu_sm90.CTA_TARGET=3696 $G.mgpu_sm90.CTA_TARGET=2772 $G.mgpu_sm90.CTA_TARGET=1232 \
+        $G.mgpu_sm90.MIN_SPLIT_ROWS=2048 $G.mgpu_sm90.MIN_SPLIT_ROWS=4096 \
+        pallas_kernels.quant_matmul.mgpu_sm90.FOLD_SPAN=2 pallas_kernels.quant_matmul.mgpu_sm90.FOLD_SPAN=8 \
+        $G.routed_ffn.SUM_SPLITS_FIRST=1; do
+      name=$(echo "$spec" | sed 's/.*\.//; s/=/_/')
+      set_arg=(); [ "$spec" = default ] || set_arg=(--set "$spec")
+      TAIL=3 step "moe_$name" 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+        --impls q3_model --tokens 1 --budget-s 30 "${set_arg[@]}" --out "$OUT/moe_layer_s26e_$name.json"
+    done
+    grep -H "KERNELS" "$OUT"/moe_*.txt | sed 's/.*moe_//' | cut -c1-220
+    grep -H "| q3_model" "$OUT"/moe_layer_s26e_*.md | sed "s|.*s26e_||"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

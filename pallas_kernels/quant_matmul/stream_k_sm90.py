@@ -52,8 +52,9 @@ PREPASS_RANK0 = False
 XU_IN_KERNEL = False
 # Without a compensator under magic_fold: the kernel computes x's fold sums itself (a ones @ x^T wgmma per
 # MMA chunk) and reads x unpadded (TMA zero-fills rows past M and columns past K), so no XLA op runs
-# before the launch (XLA's pad + sums fusion: 1.4 us of a 16.2 us call at M = 1, 4096 x 14336). Off
-# until timed natively.
+# before the launch (XLA's pad + sums fusion: 1.4 us of a 16.2 us call at M = 1, 4096 x 14336). Slower:
+# the extra wgmmas cost the kernel more than the fusion (4096 x 14336 3-bit, H100 2026-12-07, s26d, same
+# call: M = 1 16.6 vs 16.3 us, kernel 15.4 vs 13.6; M = 16 23.7 vs 18.3). Off.
 X_SUMS_IN_KERNEL = False
 PRODUCER_ROWS = 128     # K rows per pipeline step of a producer CTA (two stages: 2 x 24 KB of shared memory)
 
@@ -365,7 +366,8 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         args = xla_inputs(lambda xp: kw.u.astype(jnp.bfloat16))
     elif x_sums:                    # x as it is: TMA's zero fill pads it (a row stride of 16 B multiples)
         xb = x.astype(jnp.bfloat16)
-        if interpret or k % 8:      # interpret mode reads no zeros past an array's end
+        # interpret mode reads no zeros past an array's end; Mosaic GPU takes rows < 8 or a multiple of 8
+        if interpret or k % 8 or (m > 8 and m % 8):
             xb = jnp.pad(xb, ((0, m_pad - m), (0, kw.k_pad - k)))
         args = [kw.codes, kw.scales, kw.zeros, xb]
     elif ((PREPASS and rank_pad or PREPASS_RANK0 and fold and not rank_pad) and cfg.unpack != "magic_f16"
