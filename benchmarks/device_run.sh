@@ -783,5 +783,20 @@ PY
     grep -H "| q3_model" "$OUT"/moe_layer_s26e_*.md | sed "s|.*s26e_||"
     pack
     ;;
+  s26f)  # magic_fold's FOLD_SPAN (raw accumulators per run_scoped) 1 / 2 / 4 on the H100: the routed FFN at 1 and
+          # 16 tokens, stream-K at M = 1 / 16
+    F=pallas_kernels.quant_matmul.mgpu_sm90.FOLD_SPAN
+    for span in 2 1 4; do
+      TAIL=3 step "moe_span$span" 80 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+        --impls q3_model --tokens 1,16 --budget-s 50 --set $F=$span --out "$OUT/moe_layer_s26f_span$span.json"
+    done
+    for span in 2 4; do
+      TAIL=3 step "qm_span$span" 40 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,16 --ours-bits 3 \
+        --peers '' --ranks 0,32 --no-torch --set $F=$span --out "$OUT/quant_matmul_s26f_span$span.json"
+    done
+    grep -H "| q3_model" "$OUT"/moe_layer_s26f_*.md | sed "s|.*s26f_||"
+    grep -H "^milo" "$OUT"/qm_span*.txt | sed "s|.*qm_||"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
