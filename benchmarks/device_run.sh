@@ -798,5 +798,14 @@ PY
     grep -H "^milo" "$OUT"/qm_span*.txt | sed "s|.*qm_||"
     pack
     ;;
+  s26g)  # the grouped FOLD_SPAN = 2 default: native routed-FFN and grouped tests, then the FFN at 1 and 16 tokens
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_grouped 150 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=6 step moe_span2 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 1,16 --budget-s 80 --out "$OUT/moe_layer_s26g.json"
+    grep -h "KERNELS" "$OUT"/moe_span2.txt | cut -c1-260
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

@@ -271,3 +271,12 @@ def test_stream_k_x_sums_in_kernel_native_gpu(bits, group, monkeypatch):
             y_xla = sk.matmul_stream_k(x, kw, config=_fold_config(m, kw))
             assert rel_err(y, ref64(x, qt)) < TOL, (bits, group, k, m)
             assert rel_err(y, y_xla) < TOL / 4, (bits, group, k, m)
+
+
+def test_fold_span_cap():
+    """Fold blocks per run_scoped: capped (grouped launches pass their own cap), a divisor of nf, and
+    within FOLD_ACC_COLS accumulator columns."""
+    assert mgpu_sm90.fold_span(8, 8) == min(mgpu_sm90.FOLD_SPAN, 8)
+    assert mgpu_sm90.fold_span(8, 8, 2) == 2
+    assert mgpu_sm90.fold_span(6, 8, 4) == 3
+    assert mgpu_sm90.fold_span(8, 64, 4) == 1

@@ -329,6 +329,12 @@ UPFRONT_ROWS = 2
 # was slower: 93.4 us). benchmarks/moe_layer.py --grouped-fold-mb overrides it.
 FOLD_MAX_BLOCK_M = 16
 
+# magic_fold's fold blocks per run_scoped in the grouped decode launches (quant_matmul's FOLD_SPAN, 4, stays
+# stream-K's). Mixtral FFN 3-bit on the H100 (2026-12-07, s26f, one process each): span 1 / 2 / 4 took 88.5 /
+# 85.7 / 87.8 us at 1 token and 275.1 / 276.0 / 285.8 us at 16 tokens; s26e: 85.9 (2) vs 88.0 (4) and
+# 95.6 (8). Stream-K at span 2: 16.4 vs 16.3 us (M = 1), 18.4 vs 18.0 (M = 16), so it keeps 4.
+FOLD_SPAN = 2
+
 # magic_fold launches compute x's fold sums themselves (quant_matmul's ones @ x^T wgmma; stream_k_sm90's
 # X_SUMS_IN_KERNEL) instead of taking them from an XLA reduction beside x: the routed FFN's two fusions
 # that gather x / form SiLU(gate) * up then do no reduction. Much slower: Mixtral FFN at 1 token 108.5
@@ -491,7 +497,8 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
         s_ref, z_ref, x_ref, *xs_ref = step_refs[wps:]
         return qm._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref[0] if xs_ref else None,
                                             bits=bits, slab=slab, bn=bn, mb=mb, group_rows=group_rows,
-                                            g_block=g_block, tile_rows=tile_rows, interpret=interpret)
+                                            g_block=g_block, tile_rows=tile_rows, interpret=interpret,
+                                            span_cap=FOLD_SPAN)
 
     specs = list(in_specs)
     if xs is not None:

@@ -394,7 +394,7 @@ def fold_blocks(group_rows: int, tile_rows: int, slab: int) -> tuple[int, int]:
 
 
 def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, *, bits, slab, bn, mb, group_rows,
-                              g_block, tile_rows, interpret):
+                              g_block, tile_rows, interpret, span_cap: int | None = None):
     """One pipeline step of the magic_fold decode: acc [BN, MB] float32 value -> acc + this K tile.
 
     xs_ref [R, MB] float32 (R = fold_rows_per_tile(nf)): row f < nf = the sums of x over fold block f
@@ -443,7 +443,7 @@ def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, *, bits,
             acc = fold(acc, sum(dot(c) for c in range(f * nmma, (f + 1) * nmma)), terms(f, x_sum(f)))
         return acc
 
-    span = fold_span(nf, mb)
+    span = fold_span(nf, mb, span_cap)
     a = convert(0)
     ones = plgpu.layout_cast(jnp.full((bn, kc), 1.0, jnp.bfloat16), plgpu.Layout.WGMMA) if sums_here else None
     pending = []                                    # (raw, f, X_f or None) of the previous scope's blocks
@@ -482,8 +482,9 @@ FOLD_SPAN = 4
 FOLD_ACC_COLS = 64
 
 
-def fold_span(nf: int, mb: int) -> int:
-    span = max(1, min(FOLD_SPAN, nf, FOLD_ACC_COLS // mb))
+def fold_span(nf: int, mb: int, cap: int | None = None) -> int:
+    """Fold blocks per run_scoped: at most `cap` (None: FOLD_SPAN), nf and FOLD_ACC_COLS // mb, dividing nf."""
+    span = max(1, min(FOLD_SPAN if cap is None else cap, nf, FOLD_ACC_COLS // mb))
     while nf % span:
         span -= 1
     return span
