@@ -804,7 +804,10 @@ PY
     pack
     TAIL=6 step moe_span2 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model,mixed234_model --tokens 1,16 --budget-s 80 --out "$OUT/moe_layer_s26g.json"
-    grep -h "KERNELS" "$OUT"/moe_span2.txt | cut -c1-260
+    TAIL=3 step moe_stages3 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model --tokens 1,16 --budget-s 40 --set pallas_kernels.grouped_matmul.mgpu_sm90.DECODE_STAGES=3 \
+      --out "$OUT/moe_layer_s26g_stages3.json"
+    grep -h "KERNELS" "$OUT"/moe_span2.txt "$OUT"/moe_stages3.txt | cut -c1-260
     pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;

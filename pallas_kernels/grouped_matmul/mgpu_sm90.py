@@ -335,6 +335,9 @@ FOLD_MAX_BLOCK_M = 16
 # 95.6 (8). Stream-K at span 2: 16.4 vs 16.3 us (M = 1), 18.4 vs 18.0 (M = 16), so it keeps 4.
 FOLD_SPAN = 2
 
+# Pipeline depth of the quantized decode launches (benchmarks: --set ...grouped_matmul.mgpu_sm90.DECODE_STAGES=3).
+DECODE_STAGES = 2
+
 # magic_fold launches compute x's fold sums themselves (quant_matmul's ones @ x^T wgmma; stream_k_sm90's
 # X_SUMS_IN_KERNEL) instead of taking them from an XLA reduction beside x: the routed FFN's two fusions
 # that gather x / form SiLU(gate) * up then do no reduction. Much slower: Mixtral FFN at 1 token 108.5
@@ -391,7 +394,7 @@ def default_config(m: int, c: ExpertClass) -> Config:
     unpack = class_unpack("", c)
     if unpack == "magic_bf16" and mb <= FOLD_MAX_BLOCK_M and not c.group_rows % (2 * c.slab):
         unpack = "magic_fold"
-    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=2, k_splits=splits,
+    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=DECODE_STAGES, k_splits=splits,
                   unpack=unpack, a_regs=unpack.startswith("magic"), scales_upfront=m <= UPFRONT_ROWS)
 
 
