@@ -328,3 +328,22 @@ def test_sm90_native_routed_ffn_x_sums_in_kernel(case, monkeypatch):
         for ids, w in routings(t, rng):
             y = f(x, w, ids, gate_up, down)
             assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL, (case, t)
+
+
+def test_decode_stages_follow_the_unpack(monkeypatch):
+    """The fold launches (decode rows) take DECODE_STAGES, the others 2; the FFN is the same either way."""
+    rng = _rng(6)
+    gate_up, down, experts64 = _layer(rng, (3,) * E, (3,) * E)
+    c = gate_up.classes[0]
+    fold_cfg = mgpu_sm90.default_config(2, c)
+    assert fold_cfg.unpack == "magic_fold" and fold_cfg.stages == mgpu_sm90.DECODE_STAGES
+    wide = mgpu_sm90.default_config(512, c)                 # MB 64: magic_bf16
+    assert wide.unpack != "magic_fold" and wide.stages == 2
+    x = jnp.asarray(rng.standard_normal((1, H)), jnp.bfloat16)
+    ids, w = routings(1, rng)[0]
+    ys = {}
+    for stages in (2, 3):
+        monkeypatch.setattr(mgpu_sm90, "DECODE_STAGES", stages)
+        ys[stages] = np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32)
+    np.testing.assert_array_equal(ys[2], ys[3])
+    assert rel_err(ys[3], ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL

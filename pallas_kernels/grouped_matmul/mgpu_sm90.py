@@ -335,8 +335,13 @@ FOLD_MAX_BLOCK_M = 16
 # 95.6 (8). Stream-K at span 2: 16.4 vs 16.3 us (M = 1), 18.4 vs 18.0 (M = 16), so it keeps 4.
 FOLD_SPAN = 2
 
-# Pipeline depth of the quantized decode launches (benchmarks: --set ...grouped_matmul.mgpu_sm90.DECODE_STAGES=3).
-DECODE_STAGES = 2
+# Pipeline depth of the one-class quantized decode launches under magic_fold (MB <= FOLD_MAX_BLOCK_M; the
+# others keep 2, as the multi-class launch). Mixtral FFN 3-bit on the H100 (2026-12-07, s26g, same call,
+# fold span 2): 1 token 80.7 us at 3 stages vs 84.4 at 2 (the two launches 69.1 vs 73.2 us), 16 tokens
+# 267.3 vs 267.6; the benchmark's relative error against float64 unchanged (1.7e-3). The native test
+# suite of that call ran at 2 stages. emit_pipeline shrinks the depth to a CTA's step count (2 for
+# Mixtral's down launch at 1 token).
+DECODE_STAGES = 3
 
 # magic_fold launches compute x's fold sums themselves (quant_matmul's ones @ x^T wgmma; stream_k_sm90's
 # X_SUMS_IN_KERNEL) instead of taking them from an XLA reduction beside x: the routed FFN's two fusions
@@ -394,7 +399,8 @@ def default_config(m: int, c: ExpertClass) -> Config:
     unpack = class_unpack("", c)
     if unpack == "magic_bf16" and mb <= FOLD_MAX_BLOCK_M and not c.group_rows % (2 * c.slab):
         unpack = "magic_fold"
-    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=DECODE_STAGES, k_splits=splits,
+    stages = DECODE_STAGES if unpack == "magic_fold" else 2
+    return Config(block_n=64, block_m=mb, chunk_slots=chunk, stages=stages, k_splits=splits,
                   unpack=unpack, a_regs=unpack.startswith("magic"), scales_upfront=m <= UPFRONT_ROWS)
 
 
