@@ -810,5 +810,21 @@ PY
     grep -h "KERNELS" "$OUT"/moe_span2.txt "$OUT"/moe_stages3.txt | cut -c1-260
     pack
     ;;
+  s27a)  # next stop: the native grouped suite at the new defaults (fold span 2, 3 stages), the FFN at 1 / 16 tokens,
+          # the multi-class launch at 3 stages, then the issue-6 table
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_grouped 170 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=6 step moe_default 100 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model,ragged_dot_bf16 --tokens 1,16 --budget-s 90 --out "$OUT/moe_layer_s27a.json"
+    TAIL=6 step moe_mc_stages3 70 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls mixed234_model --tokens 1,16 --budget-s 50 \
+      --set pallas_kernels.grouped_matmul.multi_class_sm90.FOLD_STAGES=3 --out "$OUT/moe_layer_s27a_mc_stages3.json"
+    grep -h "KERNELS" "$OUT"/moe_*.txt | cut -c1-260
+    pack
+    TAIL=20 step quant_matmul 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
+      --ours-bits 3,4 --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s27a.json"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

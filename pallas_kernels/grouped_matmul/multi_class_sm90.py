@@ -58,6 +58,11 @@ def applies(gkw) -> bool:
                                and c.bits in layout.PAIRS_BITS for c in cs)
 
 
+# Pipeline depth of the launch under magic_fold. The one-class launches take 3 (grouped.DECODE_STAGES: Mixtral
+# FFN 80.7 vs 84.4 us at 1 token, H100 s26g); here 3 is not timed yet (--set ...multi_class_sm90.FOLD_STAGES=3).
+FOLD_STAGES = 2
+
+
 @functools.lru_cache(maxsize=None)
 def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool,
           scales_upfront: bool = False, fold: bool = False, x_sums_in_kernel: bool = False):
@@ -140,8 +145,8 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
             grouped._fold_pipeline(specs, (*([codes] * tl.wps), scales, zeros, x, xs[ci]), valid & (cls == ci), ki,
                                    mi, ki * tl.steps, out, o_smem, False, (), ni, wps=tl.wps, bits=p.bits, slab=p.slab,
                                    bn=bn, mb=mb, n=n, nf=tl.tile_rows // f_rows, group_rows=p.group_rows,
-                                   g_block=g_block, tile_rows=tl.tile_rows, steps=tl.steps, stages=2,
-                                   interpret=interpret)   # 3 (grouped.DECODE_STAGES) not timed here
+                                   g_block=g_block, tile_rows=tl.tile_rows, steps=tl.steps, stages=FOLD_STAGES,
+                                   interpret=interpret)
 
         if fold:
             for ci in range(len(plans)):
