@@ -820,6 +820,9 @@ PY
     TAIL=6 step moe_mc_stages3 70 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls mixed234_model --tokens 1,16 --budget-s 50 \
       --set pallas_kernels.grouped_matmul.multi_class_sm90.FOLD_STAGES=3 --out "$OUT/moe_layer_s27a_mc_stages3.json"
+    TAIL=3 step moe_stages4 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model --tokens 1,16 --budget-s 40 --set pallas_kernels.grouped_matmul.mgpu_sm90.DECODE_STAGES=4 \
+      --out "$OUT/moe_layer_s27a_stages4.json"
     grep -h "KERNELS" "$OUT"/moe_*.txt | cut -c1-260
     pack
     TAIL=20 step quant_matmul 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 \
