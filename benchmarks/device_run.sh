@@ -820,6 +820,11 @@ PY
     TAIL=6 step moe_mc_stages3 70 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls mixed234_model --tokens 1,16 --budget-s 50 \
       --set pallas_kernels.grouped_matmul.multi_class_sm90.FOLD_STAGES=3 --out "$OUT/moe_layer_s27a_mc_stages3.json"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_reduce 90 python3 -m pytest tests/test_routed_ffn.py \
+      -q -m gpu -rfEs -p no:cacheprovider -k reduce_splits -x
+    TAIL=3 step moe_reduce 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model --tokens 1,16 --budget-s 40 --set pallas_kernels.grouped_matmul.mgpu_sm90.REDUCE_SPLITS=1 \
+      --out "$OUT/moe_layer_s27a_reduce.json"
     TAIL=3 step moe_stages4 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model --tokens 1,16 --budget-s 40 --set pallas_kernels.grouped_matmul.mgpu_sm90.DECODE_STAGES=4 \
       --out "$OUT/moe_layer_s27a_stages4.json"

@@ -347,3 +347,50 @@ def test_decode_stages_follow_the_unpack(monkeypatch):
         ys[stages] = np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32)
     np.testing.assert_array_equal(ys[2], ys[3])
     assert rel_err(ys[3], ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL
+
+
+def test_reduce_splits_lowers_on_cpu_and_stays_off_in_interpret_mode(monkeypatch):
+    """REDUCE_SPLITS (TMA reduce-add into a zeroed Ref, native only): the FFN lowers for CUDA with the
+    split-K launch adding its partials in place (a Ref in, no partials out), and interpret runs keep the
+    partials (GPU interpret mode has no reduce-add) and the same result."""
+    reason = cuda_lowering_unavailable()
+    rng = _rng(7)
+    gate_up, down, experts64 = _layer(rng, (3,) * E, (3,) * E, inter=2048)    # the down launch splits K
+    assert rf.launch_for(2, down).splits > 1
+    monkeypatch.setattr(mgpu_sm90, "REDUCE_SPLITS", True)
+    assert rf.launch_for(2, down, interpret=True).splits > 1            # interpret: partials as before
+    x = jnp.asarray(rng.standard_normal((1, H)), jnp.bfloat16)
+    ids, w = routings(1, rng)[0]
+    y = rf.routed_ffn(x, w, ids, gate_up, down, interpret=True)
+    assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL
+    if reason:
+        pytest.skip(reason)
+    assert rf.launch_for(2, down).splits == 1
+    f = jax.jit(lambda x, w, i: rf.routed_ffn(x, w, i, gate_up, down))
+    text = f.trace(jax.ShapeDtypeStruct((1, H), jnp.bfloat16), jax.ShapeDtypeStruct((1, 2), jnp.float32),
+                   jax.ShapeDtypeStruct((1, 2), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2 and text.count("output_operand_aliases") == 1   # the Ref
+    with pytest.raises(ValueError, match="native run"):
+        c = down.classes[0]
+        cfg, nb = mgpu_sm90.class_config(2, c, None)
+        mgpu_sm90.build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, len(c.experts), nb, 0, cfg, True, False, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
+@pytest.mark.parametrize("rank", [0, 8])
+def test_sm90_native_routed_ffn_reduce_splits(rank, monkeypatch):
+    rng = _rng(8)
+    gate_up, down, experts64 = _layer(rng, (3,) * E, (3,) * E, rank, inter=2048)
+    assert rf.launch_for(2, down).splits > 1
+    f = jax.jit(lambda x, w, i, a, b: api.routed_ffn(x, w, i, a, b))
+    for t in (1, 3, 8):
+        x = jnp.asarray(rng.standard_normal((t, H)), jnp.bfloat16)
+        for ids, w in routings(t, rng):
+            monkeypatch.setattr(mgpu_sm90, "REDUCE_SPLITS", True)
+            y = f(x, w, ids, gate_up, down)
+            monkeypatch.setattr(mgpu_sm90, "REDUCE_SPLITS", False)
+            y_parts = jax.jit(lambda x, w, i, a, b: api.routed_ffn(x, w, i, a, b))(x, w, ids, gate_up, down)
+            ref = ffn64(x, np.asarray(w), np.asarray(ids), experts64)
+            assert rel_err(y, ref) < TOL, (rank, t)
+            assert rel_err(y, np.asarray(y_parts, np.float64)) < TOL / 4, (rank, t)

@@ -335,6 +335,20 @@ FOLD_MAX_BLOCK_M = 16
 # 95.6 (8). Stream-K at span 2: 16.4 vs 16.3 us (M = 1), 18.4 vs 18.0 (M = 16), so it keeps 4.
 FOLD_SPAN = 2
 
+# Split-K decode launches under magic_fold add their partials into one zeroed [N, rows] float32 buffer (a jax
+# Ref aliased through the launch; TMA reduce-add) instead of writing [splits * N, rows] for an XLA sum: the
+# routed FFN's combine would read 1/splits of the bytes (Mixtral's down launch: 14 splits, 3.3 us combine at
+# 1 token). Native only (GPU interpret mode has no reduce-add: interpret runs keep the partials). The adds
+# of the splits land in any order: not bit-reproducible run to run. Lowers from the CPU; NOT yet run
+# natively. Off.
+REDUCE_SPLITS = False
+
+
+def reduces_splits(cfg: Config, interpret: bool) -> bool:
+    """Whether a one-class launch under `cfg` adds its split-K partials in place (REDUCE_SPLITS)."""
+    return REDUCE_SPLITS and not interpret and cfg.unpack == "magic_fold" and cfg.k_splits > 1
+
+
 # Pipeline depth of the one-class quantized decode launches under magic_fold (MB <= FOLD_MAX_BLOCK_M; the
 # others keep 2, as the multi-class launch). Mixtral FFN 3-bit on the H100 (2026-12-07, s26g, same call,
 # fold span 2): 1 token 80.7 us at 3 stages vs 84.4 at 2 (the two launches 69.1 vs 73.2 us), 16 tokens
@@ -492,12 +506,13 @@ def build_float(k_pad: int, n: int, num_experts: int, num_blocks: int, cfg: Conf
 
 
 def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, comp_refs, ni, *, wps, bits, slab,
-                   bn, mb, n, nf, group_rows, g_block, tile_rows, steps, stages, interpret):
+                   bn, mb, n, nf, group_rows, g_block, tile_rows, steps, stages, interpret, reduce=False):
     """A row block's K range under quant_matmul's magic_fold unpack: the float32 accumulator is the
     pipeline's carry (`mgpu_sm90._fold_unpack_and_multiply` per step), then the compensator (split 0)
     and the store. Blocks past the last real one read no weights and store nothing; a split-0 CTA
     still waits for its compensator copies so none is in flight when the CTA exits. operands end with
-    x's fold sums, or None: the kernel computes them (X_SUMS_IN_KERNEL)."""
+    x's fold sums, or None: the kernel computes them (X_SUMS_IN_KERNEL). reduce: every split adds its
+    partial into rows [0, N) of `out` (TMA reduce-add; REDUCE_SPLITS) instead of storing it at split ki's."""
     *operands, xs = operands
 
     def body(_, *step_refs):
@@ -526,7 +541,9 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
             acc = qm._add_compensator(acc, ki == 0, v_smem, xu_smem, bar, interpret)
         o_smem[...] = acc.astype(o_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)])
+        row = ni * bn if reduce else ki * n + ni * bn
+        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(row, bn), pl.ds(mi * mb, mb)],
+                                reduction_op="add" if reduce else None)
         plgpu.wait_smem_to_gmem(0)
 
     if comp:
@@ -537,9 +554,11 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
 
 @functools.lru_cache(maxsize=None)
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts: int, num_blocks: int,
-          rank_pad: int, cfg: Config, interpret: bool, x_sums_in_kernel: bool = False):
+          rank_pad: int, cfg: Config, interpret: bool, x_sums_in_kernel: bool = False, reduce_splits: bool = False):
     """f(block_counts [Ec] int32, codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [B*MB, Rp],
     v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials).
+    reduce_splits (magic_fold, native only): f(..., acc) with acc a jax Ref [N, B*MB] float32 of zeros
+    that every split adds its partial into (TMA reduce-add); no output.
 
     block_counts[e] = number of MB-row blocks of local expert e (its rows rounded up).
     cfg.unpack picks quant_matmul's unpack ("magic_*" read planar_pairs codes; x is then f16 for
@@ -607,7 +626,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
             _fold_pipeline(in_specs, (*([codes] * wps), scales, zeros, x, xs), valid, ki, mi, off, out, o_smem,
                            comp, comp_refs, ni, wps=wps, bits=bits, slab=slab, bn=bn, mb=mb, n=n, nf=nf,
                            group_rows=group_rows, g_block=g_block, tile_rows=tile_rows, steps=steps,
-                           stages=cfg.stages, interpret=interpret)
+                           stages=cfg.stages, interpret=interpret, reduce=reduce_splits)
             return
 
         def compute(acc_ref):
@@ -633,6 +652,14 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
                               bn, mb, interpret, store=valid)
 
     scratch = _decode_scratch(plan, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
+    if reduce_splits:
+        if not (plan.fold and splits > 1) or interpret:
+            raise ValueError("grouped build: reduce_splits needs magic_fold, split-K and a native run")
+        # pl.kernel, not plgpu.kernel: the latter's custom_vmap wrapper does not take a Ref operand. The
+        # scratch is allocated by run_scoped as plgpu.kernel does (transformed SMEM refs)
+        body = lambda *refs: pl.run_scoped(functools.partial(kernel, *refs), *scratch)
+        return pl.kernel(body, out_type=(), mesh=plgpu.Mesh(grid=(n // bn, num_blocks, splits),
+                                                            grid_names=("n", "m", "k")), compiler_params=wg)
     return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
                         grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
                         scratch_types=scratch, **_interpret_params(interpret))
@@ -662,7 +689,7 @@ def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool
     """The class's launch over the padded rows: x_pad [B*MB, >= K] (each local expert's rows from
     a multiple of MB; zero rows pad them), counts [Ec] int32 MB-row blocks per local expert ->
     [splits * N, B * MB] (bf16 for one split, else float32 partials; blocks past the last real one
-    are not written)."""
+    are not written), or [N, B * MB] float32 summed where `reduces_splits`."""
     k = c.k
     mb = cfg.block_m
     x_pad = x_pad[:, :c.k_pad] if x_pad.shape[1] >= c.k_pad else jnp.pad(x_pad, ((0, 0), (0, c.k_pad - x_pad.shape[1])))
@@ -682,8 +709,13 @@ def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool
     sums_here = cfg.unpack == "magic_fold" and X_SUMS_IN_KERNEL
     if cfg.unpack == "magic_fold" and not sums_here:   # x's sums per fold block, beside x
         args.insert(5, qm.fold_group_sums(x_pad, bits=c.bits, slab=c.slab, group_rows=c.group_rows))
+    reduce = reduces_splits(cfg, interpret)
     f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, len(c.experts), num_blocks, rank_pad, cfg, bool(interpret),
-              sums_here)
+              sums_here, reduce)
+    if reduce:      # [N, B*MB] float32, the splits already summed
+        acc = jax.new_ref(jnp.zeros((c.n, num_blocks * mb), jnp.float32))
+        f(*args, acc)
+        return acc[...]
     return f(*args)
 
 
@@ -709,7 +741,8 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
                      num_blocks * mb)
     x_pad = jnp.zeros((num_blocks * mb, c.k_pad), jnp.bfloat16).at[dest, :k].set(x.astype(jnp.bfloat16), mode="drop")
     out_t = class_kernel(x_pad, counts, c, cfg, num_blocks, interpret)   # [splits * N, B * MB]
-    return _read_back(out_t, dest, in_class, num_blocks * mb, cfg.k_splits, c.n)
+    splits = 1 if reduces_splits(cfg, interpret) else cfg.k_splits
+    return _read_back(out_t, dest, in_class, num_blocks * mb, splits, c.n)
 
 
 def _read_back(out_t, dest, in_class, rows_pad: int, splits: int, n: int):

@@ -84,7 +84,8 @@ def launch_for(m: int, gkw, interpret: bool = False) -> Launch | None:
             return None
         cfg, nb = grouped.class_config(m, c, None)
         run = lambda x_pad, counts: grouped.class_kernel(x_pad, counts, c, cfg, nb, interpret)
-        return Launch(order=tuple(c.experts), mb=cfg.block_m, num_blocks=nb, splits=cfg.k_splits, run=run)
+        splits = 1 if grouped.reduces_splits(cfg, interpret) else cfg.k_splits   # summed in the launch
+        return Launch(order=tuple(c.experts), mb=cfg.block_m, num_blocks=nb, splits=splits, run=run)
     if multi_class_sm90.applies(gkw):
         _, mb, nb, splits, _ = multi_class_sm90.plan_layer(m, gkw)
         run = lambda x_pad, counts: multi_class_sm90.multi_class_kernel(x_pad, counts, gkw, m, interpret)
