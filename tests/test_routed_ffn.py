@@ -355,7 +355,7 @@ def test_reduce_splits_lowers_on_cpu_and_stays_off_in_interpret_mode(monkeypatch
     partials (GPU interpret mode has no reduce-add) and the same result."""
     reason = cuda_lowering_unavailable()
     rng = _rng(7)
-    gate_up, down, experts64 = _layer(rng, (3,) * E, (3,) * E, inter=2048)    # the down launch splits K
+    gate_up, down, experts64 = _layer(rng, (3,) * E, (3,) * E, inter=1024)    # the down launch splits K
     assert rf.launch_for(2, down).splits > 1
     monkeypatch.setattr(mgpu_sm90, "REDUCE_SPLITS", True)
     assert rf.launch_for(2, down, interpret=True).splits > 1            # interpret: partials as before
@@ -381,7 +381,7 @@ def test_reduce_splits_lowers_on_cpu_and_stays_off_in_interpret_mode(monkeypatch
 @pytest.mark.parametrize("rank", [0, 8])
 def test_sm90_native_routed_ffn_reduce_splits(rank, monkeypatch):
     rng = _rng(8)
-    gate_up, down, experts64 = _layer(rng, (3,) * E, (3,) * E, rank, inter=2048)
+    gate_up, down, experts64 = _layer(rng, (3,) * E, (3,) * E, rank, inter=1024)
     assert rf.launch_for(2, down).splits > 1
     f = jax.jit(lambda x, w, i, a, b: api.routed_ffn(x, w, i, a, b))
     for t in (1, 3, 8):
