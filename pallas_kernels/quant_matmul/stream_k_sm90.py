@@ -44,11 +44,13 @@ H100_SMS = 132
 # three XLA ops (a module switch so that benchmarks can time both: --set stream_k_sm90.PREPASS=False).
 PREPASS = True
 # The same pre-pass without a compensator (pad and fold sums only) in place of XLA's pad + reduce fusion
-# (1.4 us): unmeasured, so off.
+# (1.4 us): slower, so off (4096 x 14336 M = 1, H100: 17.3 vs 16.1 us on full boxes, s25a; 16.8 vs 16.2 on
+# short boxes, s26a).
 PREPASS_RANK0 = False
 # Compute x @ u inside the stream-K launch (producer CTAs and GMEM semaphores, `build(xu_in_kernel=True)`)
-# instead of the pre-pass: lowers from the CPU, NOT yet run natively (semaphores do not run in interpret
-# mode); benchmarks/semaphore_probe.py checks the protocol natively first. Off.
+# instead of the pre-pass (semaphores do not run in interpret mode: native tests only). Correct natively, but
+# slower: 4096 x 14336 rank 32, M = 1 20.6 us against 18.4 with the short-box pre-pass (H100, 2026-12-07,
+# s26c; the kernel +4.5 us over rank 0 whether the compensator step is early or late). Off.
 XU_IN_KERNEL = False
 # Without a compensator under magic_fold: the kernel computes x's fold sums itself (a ones @ x^T wgmma per
 # MMA chunk) and reads x unpadded (TMA zero-fills rows past M and columns past K), so no XLA op runs
