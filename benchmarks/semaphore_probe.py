@@ -1,9 +1,10 @@
 """Probe (native sm90 only): cross-CTA GMEM semaphores in one Mosaic GPU launch, self-resetting across calls.
 
-Why: the rank-32 compensator's x @ u costs a pre-pass launch (~3.5 us of a ~19 us call, quant_matmul NOTES
-stop 25); the +10% goal needs x @ u inside the decode kernel's own launch: a few producer CTAs compute the
-K tiles' shares, and every column tile's consumer waits for them. `pl.get_global` semaphores persist across
-launches, so the protocol must return them to zero itself. Interpret mode (jax 0.10) has no semaphores,
+Why: work shared between CTAs of one launch (producer CTAs whose results others wait for, a stream-K
+fix-up) needs them. It was written for x @ u inside the stream-K decode launch, which passed natively but
+was slower than the pre-pass and was removed (quant_matmul NOTES, stop 26); the probe stays as the checked
+protocol. `pl.get_global` semaphores persist across launches, so the protocol must return them to zero
+itself. Interpret mode (jax 0.10) has no semaphores,
 so this can only run on the GPU:
 
     python -m benchmarks.semaphore_probe            # correctness over several calls, then times

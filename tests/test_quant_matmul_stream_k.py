@@ -213,66 +213,6 @@ def test_fold_group_sums_rows_padded_per_tile(bits, group, nf):
     assert np.all(got[:, nf:] == 0)
 
 
-# X_SUMS_IN_KERNEL: magic_fold's fold sums by a ones @ x^T wgmma inside the kernel, x unpadded (rank 0)
-X_SUMS_CASES = [(3, 64, 1536, 128, 5), (3, 128, 1024, 64, 3), (3, None, 1536, 64, 1), (4, 64, 1024, 64, 2),
-                (2, 128, 1152, 64, 9)]
-
-
-@pytest.mark.parametrize("bits,group,k,n,m", X_SUMS_CASES)
-def test_stream_k_x_sums_in_kernel_interpret(bits, group, k, n, m, monkeypatch):
-    """The in-kernel sums against float64 and against the XLA sums' run (same arithmetic otherwise); K =
-    1152 leaves K past the last full tile, M = 9 two token blocks of 8."""
-    rng = _rng()
-    qt = make_weight(k, n, bits, group, 0, rng)
-    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
-    x = make_x(m, k, rng)
-    cfg = _fold_config(m, kw)
-    calls = []
-    real = mgpu_sm90.fold_group_sums
-    monkeypatch.setattr(mgpu_sm90, "fold_group_sums", lambda *a, **kw_: calls.append(1) or real(*a, **kw_))
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(sk, "X_SUMS_IN_KERNEL", on)
-        sk._build_cached.cache_clear()
-        outs[on] = np.asarray(sk.matmul_stream_k(x, kw, config=cfg, max_ctas=4, interpret=True), np.float32)
-    assert calls == [1]                                  # the XLA sums ran for the first call only
-    ref = ref64(x, qt)
-    assert outs[True].shape == (m, n) and rel_err(outs[True], ref) < TOL
-    np.testing.assert_allclose(outs[True], outs[False], rtol=2e-2, atol=2e-3 * np.abs(ref).max())
-
-
-def test_stream_k_x_sums_in_kernel_lowers_for_sm90_on_cpu(monkeypatch):
-    reason = cuda_lowering_unavailable()
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setattr(sk, "X_SUMS_IN_KERNEL", True)
-    rng = _rng()
-    for m in (1, 16):
-        kw = layout.prepare(make_weight(1024, 128, 3, 64, 0, rng), layout=layout.PAIRS_LAYOUT)
-        f = jax.jit(lambda x, kw: sk.matmul_stream_k(x, kw, max_ctas=264))
-        text = f.trace(jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16), kw).lower(
-            lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text and "pad" not in text.split("mosaic_gpu")[0]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
-@pytest.mark.parametrize("bits,group", [(3, 64), (3, 128), (3, None), (2, 64), (4, 64)])
-def test_stream_k_x_sums_in_kernel_native_gpu(bits, group, monkeypatch):
-    rng = _rng()
-    for k, n, ms in ((2048, 1408, (1, 3, 8, 16)), (1152, 1024, (1, 9))):
-        qt = make_weight(k, n, bits, group, 0, rng)
-        kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
-        for m in ms:
-            x = make_x(m, k, rng)
-            monkeypatch.setattr(sk, "X_SUMS_IN_KERNEL", True)
-            y = sk.matmul_stream_k(x, kw, config=_fold_config(m, kw))
-            monkeypatch.setattr(sk, "X_SUMS_IN_KERNEL", False)
-            y_xla = sk.matmul_stream_k(x, kw, config=_fold_config(m, kw))
-            assert rel_err(y, ref64(x, qt)) < TOL, (bits, group, k, m)
-            assert rel_err(y, y_xla) < TOL / 4, (bits, group, k, m)
-
-
 def test_fold_span_cap():
     """Fold blocks per run_scoped: capped (grouped launches pass their own cap), a divisor of nf, and
     within FOLD_ACC_COLS accumulator columns."""

@@ -272,64 +272,6 @@ def test_position_sorted_prefill_is_the_same_ffn(monkeypatch):
         assert rel_err(outs[1][sub], y64) < TOL
 
 
-# grouped X_SUMS_IN_KERNEL: the magic_fold launches compute x's (and h's) fold sums themselves
-
-
-def _no_xla_fold_sums(monkeypatch):
-    from pallas_kernels.quant_matmul import mgpu_sm90 as qm
-    calls = []
-    real = qm.fold_group_sums
-    monkeypatch.setattr(qm, "fold_group_sums", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    monkeypatch.setattr(mgpu_sm90, "X_SUMS_IN_KERNEL", True)
-    return calls
-
-
-@pytest.mark.parametrize("case", ["uniform3", "mixed_other_order"])
-def test_routed_ffn_x_sums_in_kernel_interpret(case, monkeypatch):
-    """One class per projection (class_kernel) and the one-launch mixed layer (multi_class): against
-    float64, and no XLA fold sums traced."""
-    rng = _rng(5)
-    gate_bits, down_bits = {"uniform3": ((3,) * E, (3,) * E), "mixed_other_order": ((2, 3, 4, 3), (4, 4, 2, 3))}[case]
-    gate_up, down, experts64 = _layer(rng, gate_bits, down_bits)
-    calls = _no_xla_fold_sums(monkeypatch)
-    f = jax.jit(lambda x, w, i, a, b: rf.routed_ffn(x, w, i, a, b, interpret=True))
-    x = jnp.asarray(rng.standard_normal((1, H)), jnp.bfloat16)
-    for ids, w in routings(1, rng):
-        assert rf.launch_for(2, gate_up).mb <= mgpu_sm90.FOLD_MAX_BLOCK_M     # the fold's launches
-        y = f(x, w, ids, gate_up, down)
-        assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL, np.asarray(ids)
-    assert calls == []
-
-
-def test_routed_ffn_x_sums_in_kernel_lowers_on_cpu(monkeypatch):
-    reason = cuda_lowering_unavailable()
-    if reason:
-        pytest.skip(reason)
-    rng = _rng(2)
-    gate_up, down, _ = _layer(rng, (3,) * E, (3,) * E)
-    calls = _no_xla_fold_sums(monkeypatch)
-    f = jax.jit(lambda x, w, i: rf.routed_ffn(x, w, i, gate_up, down))
-    text = f.trace(jax.ShapeDtypeStruct((1, H), jnp.bfloat16), jax.ShapeDtypeStruct((1, 2), jnp.float32),
-                   jax.ShapeDtypeStruct((1, 2), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == 2 and calls == []
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
-@pytest.mark.parametrize("case", ["uniform3", "mixed_other_order"])
-def test_sm90_native_routed_ffn_x_sums_in_kernel(case, monkeypatch):
-    rng = _rng(3)
-    gate_bits, down_bits = {"uniform3": ((3,) * E, (3,) * E), "mixed_other_order": ((2, 3, 4, 3), (4, 4, 2, 3))}[case]
-    gate_up, down, experts64 = _layer(rng, gate_bits, down_bits)
-    _no_xla_fold_sums(monkeypatch)
-    f = jax.jit(lambda x, w, i, a, b: api.routed_ffn(x, w, i, a, b))
-    for t in (1, 3, 8):
-        x = jnp.asarray(rng.standard_normal((t, H)), jnp.bfloat16)
-        for ids, w in routings(t, rng):
-            y = f(x, w, ids, gate_up, down)
-            assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL, (case, t)
-
-
 def test_decode_stages_follow_the_unpack(monkeypatch):
     """The fold launches (decode rows) take DECODE_STAGES, the others 2; the FFN is the same either way."""
     rng = _rng(6)
@@ -373,7 +315,8 @@ def test_reduce_splits_lowers_on_cpu_and_stays_off_in_interpret_mode(monkeypatch
     with pytest.raises(ValueError, match="native run"):
         c = down.classes[0]
         cfg, nb = mgpu_sm90.class_config(2, c, None)
-        mgpu_sm90.build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, len(c.experts), nb, 0, cfg, True, False, True)
+        mgpu_sm90.build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, len(c.experts), nb, 0, cfg, True,
+                        reduce_splits=True)
 
 
 @pytest.mark.gpu

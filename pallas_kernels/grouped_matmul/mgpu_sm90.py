@@ -357,11 +357,6 @@ def reduces_splits(cfg: Config, interpret: bool) -> bool:
 # Mixtral's down launch at 1 token).
 DECODE_STAGES = 3
 
-# magic_fold launches compute x's fold sums themselves (quant_matmul's ones @ x^T wgmma; stream_k_sm90's
-# X_SUMS_IN_KERNEL) instead of taking them from an XLA reduction beside x: the routed FFN's two fusions
-# that gather x / form SiLU(gate) * up then do no reduction. Much slower: Mixtral FFN at 1 token 108.5
-# vs 87.9 us, the two launches 97.5 vs 76.8 us (H100 2026-12-07, s26d, same call); native tests pass. Off.
-X_SUMS_IN_KERNEL = False
 
 
 # Split-K of quantized decode launches never leaves a split fewer K rows than this (0: no floor). The
@@ -510,24 +505,18 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
     """A row block's K range under quant_matmul's magic_fold unpack: the float32 accumulator is the
     pipeline's carry (`mgpu_sm90._fold_unpack_and_multiply` per step), then the compensator (split 0)
     and the store. Blocks past the last real one read no weights and store nothing; a split-0 CTA
-    still waits for its compensator copies so none is in flight when the CTA exits. operands end with
-    x's fold sums, or None: the kernel computes them (X_SUMS_IN_KERNEL). reduce: every split adds its
-    partial into rows [0, N) of `out` (TMA reduce-add; REDUCE_SPLITS) instead of storing it at split ki's."""
-    *operands, xs = operands
-
+    still waits for its compensator copies so none is in flight when the CTA exits. reduce: every split
+    adds its partial into rows [0, N) of `out` (TMA reduce-add; REDUCE_SPLITS) instead of storing it at
+    split ki's."""
     def body(_, *step_refs):
         *step_refs, acc = step_refs
         planes = [r[...] for r in step_refs[:wps]]
-        s_ref, z_ref, x_ref, *xs_ref = step_refs[wps:]
-        return qm._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref[0] if xs_ref else None,
-                                            bits=bits, slab=slab, bn=bn, mb=mb, group_rows=group_rows,
-                                            g_block=g_block, tile_rows=tile_rows, interpret=interpret,
-                                            span_cap=FOLD_SPAN)
+        s_ref, z_ref, x_ref, xs_ref = step_refs[wps:]
+        return qm._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, bits=bits, slab=slab, bn=bn,
+                                            mb=mb, group_rows=group_rows, g_block=g_block, tile_rows=tile_rows,
+                                            interpret=interpret, span_cap=FOLD_SPAN)
 
-    specs = list(in_specs)
-    if xs is not None:
-        specs.append(plgpu.BlockSpec((qm.fold_rows_per_tile(nf), mb), lambda s: (s + off, mi)))
-        operands.append(xs)
+    specs = in_specs + [plgpu.BlockSpec((qm.fold_rows_per_tile(nf), mb), lambda s: (s + off, mi))]
 
     @pl.when(valid)
     def _():
@@ -554,7 +543,7 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
 
 @functools.lru_cache(maxsize=None)
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts: int, num_blocks: int,
-          rank_pad: int, cfg: Config, interpret: bool, x_sums_in_kernel: bool = False, reduce_splits: bool = False):
+          rank_pad: int, cfg: Config, interpret: bool, reduce_splits: bool = False):
     """f(block_counts [Ec] int32, codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [B*MB, Rp],
     v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials).
     reduce_splits (magic_fold, native only): f(..., acc) with acc a jax Ref [N, B*MB] float32 of zeros
@@ -579,7 +568,6 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
     wg = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
-    xs_input = plan.fold and not x_sums_in_kernel
     tr_x = tr
     if plan.fold:   # x swizzled for the fold's K = 64 / 128 MMAs, as stream-K
         f_rows, fold_k = qm.fold_blocks(group_rows, tile_rows, slab)
@@ -587,11 +575,11 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         tr_x = qm.x_transforms(fold_k, slab)
 
     def kernel(*refs):
-        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, (7 if comp else 5) + xs_input, plan)
+        ins, out, a_buf, o_smem, comp_refs = _split_decode_refs(refs, (7 if comp else 5) + plan.fold, plan)
         counts, codes, scales, zeros, x = ins[:5]
-        xs = ins[5] if xs_input else None
+        xs = ins[5] if plan.fold else None
         if comp:
-            xu, v_t = ins[5 + xs_input:]
+            xu, v_t = ins[5 + plan.fold:]
             xu_smem, v_smem, bar = comp_refs
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
@@ -706,12 +694,11 @@ def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool
         args += [xu, c.v_t]
     if cfg.unpack == "magic_f16":
         args[4] = x_pad.astype(jnp.float16)   # the A tile is f16: wgmma needs both operands f16
-    sums_here = cfg.unpack == "magic_fold" and X_SUMS_IN_KERNEL
-    if cfg.unpack == "magic_fold" and not sums_here:   # x's sums per fold block, beside x
+    if cfg.unpack == "magic_fold":            # x's sums per fold block, beside x
         args.insert(5, qm.fold_group_sums(x_pad, bits=c.bits, slab=c.slab, group_rows=c.group_rows))
     reduce = reduces_splits(cfg, interpret)
     f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, len(c.experts), num_blocks, rank_pad, cfg, bool(interpret),
-              sums_here, reduce)
+              reduce)
     if reduce:      # [N, B*MB] float32, the splits already summed
         acc = jax.new_ref(jnp.zeros((c.n, num_blocks * mb), jnp.float32))
         f(*args, acc)

@@ -65,13 +65,12 @@ FOLD_STAGES = 2
 
 @functools.lru_cache(maxsize=None)
 def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool,
-          scales_upfront: bool = False, fold: bool = False, x_sums_in_kernel: bool = False):
+          scales_upfront: bool = False, fold: bool = False):
     """f(counts [E] int32 by position, (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
     -> [splits*N, B*MB] (bf16 for one split, else float32 partials). counts[p] = MB-row blocks of
     the expert at position p (classes in order, each class's experts in order). scales_upfront:
     grouped Config.scales_upfront. fold: quant_matmul's magic_fold unpack in every class; then x's
-    sums per fold block follow x, one array per class (`fold_sums`), unless x_sums_in_kernel (the kernel
-    computes them)."""
+    sums per fold block follow x, one array per class (`fold_sums`)."""
     bn = 64
     cls_of = [ci for ci, p in enumerate(plans) for _ in range(p.num_experts)]
     local_of = [e for p in plans for e in range(p.num_experts)]
@@ -92,8 +91,6 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
         counts = refs[0]
         weights = [refs[1 + 3 * i:4 + 3 * i] for i in range(len(plans))]
         x, *xs, out, o_smem = refs[1 + 3 * len(plans):]
-        if x_sums_in_kernel:
-            xs = [None] * len(plans)
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
         ki = lax.axis_index("k")
@@ -207,12 +204,10 @@ def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False):
     plans, mb, num_blocks, splits, k_pad_x = plan_layer(m, gkw)
     x_pad = x_pad[:, :k_pad_x] if x_pad.shape[1] >= k_pad_x else jnp.pad(x_pad, ((0, 0), (0, k_pad_x - x_pad.shape[1])))
     fold = uses_fold(plans, mb)
-    sums_here = fold and grouped.X_SUMS_IN_KERNEL
-    f = build(plans, gkw.n, num_blocks, mb, splits, k_pad_x, bool(interpret), m <= grouped.UPFRONT_ROWS, fold,
-              sums_here)
+    f = build(plans, gkw.n, num_blocks, mb, splits, k_pad_x, bool(interpret), m <= grouped.UPFRONT_ROWS, fold)
     args = [a for c in gkw.classes for a in (c.codes, c.scales, c.zeros)]
     x_pad = x_pad.astype(jnp.bfloat16)
-    sums = fold_sums(x_pad, plans) if fold and not sums_here else []
+    sums = fold_sums(x_pad, plans) if fold else []
     return f(counts, *args, x_pad, *sums)
 
 

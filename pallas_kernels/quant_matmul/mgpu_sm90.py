@@ -398,9 +398,7 @@ def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, *, bits,
     """One pipeline step of the magic_fold decode: acc [BN, MB] float32 value -> acc + this K tile.
 
     xs_ref [R, MB] float32 (R = fold_rows_per_tile(nf)): row f < nf = the sums of x over fold block f
-    (X_f[m]); or None: X_f computed here by one more wgmma per MMA chunk, ones [BN, KC] (registers) @
-    x_chunk^T, which leaves X_f already broadcast over the BN rows (no XLA op before the launch).
-    Per fold block f (F K rows with one scale row g, see fold_blocks):
+    (X_f[m]). Per fold block f (F K rows with one scale row g, see fold_blocks):
         raw  = (128 + q) @ x_f^T        wgmma, A = the raw magic pairs (exact in bf16)
         acc += s_g * raw - (128 + z_g) * s_g * X_f         (float32; s, z along rows, X along columns)
     which is sum_k s (q - z) x over the block with no bf16 rounding of the weight. The conversion
@@ -413,14 +411,12 @@ def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, *, bits,
     nf, nmma, ppm = tile_rows // f_rows, f_rows // kc, kc // (2 * slab)
     base = _MAGIC["magic_fold"][2]
 
-    def terms(f, x_sum=None):      # (s, -(128 + z) * s, X) of fold block f, broadcast to [BN, MB]
+    def terms(f):                  # (s, -(128 + z) * s, X) of fold block f, broadcast to [BN, MB]
         g = f if g_block > 1 else 0
         sc = s_ref[g, :].astype(jnp.float32)
         off = -(z_ref[g, :].astype(jnp.float32) + base) * sc
         rows = lambda v: lax.broadcast_in_dim(v, (bn, mb), (0,))
-        if x_sum is None:
-            x_sum = lax.broadcast_in_dim(xs_ref[f, :], (bn, mb), (1,))
-        return rows(sc), rows(off), x_sum
+        return rows(sc), rows(off), lax.broadcast_in_dim(xs_ref[f, :], (bn, mb), (1,))
 
     def convert(c):                # MMA chunk c (= f * nmma + i) -> A [BN, KC] = 128 + codes
         jps = list(range(c * ppm, (c + 1) * ppm))
@@ -428,48 +424,34 @@ def _fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, *, bits,
 
     x_chunk = lambda c: x_ref.at[:, pl.ds(c * kc, kc)]
     fold = lambda acc, raw, t: acc + t[0] * raw + t[1] * t[2]
-    sums_here = xs_ref is None
 
     if interpret:                  # the same arithmetic as jnp dots (GPU interpret mode has no ACC)
         dot = lambda c: lax.dot_general(convert(c), x_chunk(c)[...], (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32)
-
-        def x_sum(f):
-            if not sums_here:
-                return None
-            tot = sum(x_chunk(c)[...].astype(jnp.float32).sum(1) for c in range(f * nmma, (f + 1) * nmma))
-            return lax.broadcast_in_dim(tot, (bn, mb), (1,))
         for f in range(nf):
-            acc = fold(acc, sum(dot(c) for c in range(f * nmma, (f + 1) * nmma)), terms(f, x_sum(f)))
+            acc = fold(acc, sum(dot(c) for c in range(f * nmma, (f + 1) * nmma)), terms(f))
         return acc
 
     span = fold_span(nf, mb, span_cap)
     a = convert(0)
-    ones = plgpu.layout_cast(jnp.full((bn, kc), 1.0, jnp.bfloat16), plgpu.Layout.WGMMA) if sums_here else None
-    pending = []                                    # (raw, f, X_f or None) of the previous scope's blocks
+    pending = []                                    # (raw, f) of the previous scope's blocks
     for f0 in range(0, nf, span):
-        def blocks(*refs, a=a, pending=pending, acc=acc, f0=f0):
-            raw_refs, sum_refs = refs[:span], refs[span:]
+        def blocks(*raw_refs, a=a, pending=pending, acc=acc, f0=f0):
             for b in range(span):
                 for i in range(nmma):
                     c = (f0 + b) * nmma + i
-                    x_t = plgpu.transpose_ref(x_chunk(c), (1, 0))
-                    plgpu.wgmma(raw_refs[b], a, x_t)
-                    if sums_here:
-                        plgpu.wgmma(sum_refs[b], ones, x_t)
+                    plgpu.wgmma(raw_refs[b], a, plgpu.transpose_ref(x_chunk(c), (1, 0)))
                     if i == 0 and b < len(pending):         # the previous scope's block b
-                        acc = fold(acc, pending[b][0], terms(pending[b][1], pending[b][2]))
+                        acc = fold(acc, pending[b][0], terms(pending[b][1]))
                     if c + 1 < nf * nmma:
                         a = convert(c + 1)
                     if i + 1 < nmma:
-                        plgpu.wgmma_wait(1 + sums_here)     # chunk c's A registers stay live until then
-            sums = [r[...] for r in sum_refs] if sums_here else [None] * span
-            return [r[...] for r in raw_refs], sums, acc, a
-        accs = [plgpu.ACC((bn, mb), jnp.float32) for _ in range(span * (1 + sums_here))]
-        raws, sums, acc, a = pl.run_scoped(blocks, *accs)
-        pending = [(raws[b], f0 + b, sums[b]) for b in range(span)]
-    for raw, f, x_sum in pending:
-        acc = fold(acc, raw, terms(f, x_sum))
+                        plgpu.wgmma_wait(1)                 # chunk c's A registers stay live until then
+            return [r[...] for r in raw_refs], acc, a
+        raws, acc, a = pl.run_scoped(blocks, *[plgpu.ACC((bn, mb), jnp.float32) for _ in range(span)])
+        pending = [(raws[b], f0 + b) for b in range(span)]
+    for raw, f in pending:
+        acc = fold(acc, raw, terms(f))
     return acc
 
 

@@ -47,18 +47,9 @@ PREPASS = True
 # (1.4 us): slower, so off (4096 x 14336 M = 1, H100: 17.3 vs 16.1 us on full boxes, s25a; 16.8 vs 16.2 on
 # short boxes, s26a).
 PREPASS_RANK0 = False
-# Compute x @ u inside the stream-K launch (producer CTAs and GMEM semaphores, `build(xu_in_kernel=True)`)
-# instead of the pre-pass (semaphores do not run in interpret mode: native tests only). Correct natively, but
-# slower: 4096 x 14336 rank 32, M = 1 20.6 us against 18.4 with the short-box pre-pass (H100, 2026-12-07,
-# s26c; the kernel +4.5 us over rank 0 whether the compensator step is early or late). Off.
-XU_IN_KERNEL = False
-# Without a compensator under magic_fold: the kernel computes x's fold sums itself (a ones @ x^T wgmma per
-# MMA chunk) and reads x unpadded (TMA zero-fills rows past M and columns past K), so no XLA op runs
-# before the launch (XLA's pad + sums fusion: 1.4 us of a 16.2 us call at M = 1, 4096 x 14336). Slower:
-# the extra wgmmas cost the kernel more than the fusion (4096 x 14336 3-bit, H100 2026-12-07, s26d, same
-# call: M = 1 16.6 vs 16.3 us, kernel 15.4 vs 13.6; M = 16 23.7 vs 18.3). Off.
-X_SUMS_IN_KERNEL = False
-PRODUCER_ROWS = 128     # K rows per pipeline step of a producer CTA (two stages: 2 x 24 KB of shared memory)
+# Two other forms were built, timed and removed (NOTES.md, stop 26): x @ u inside the decode launch (producer
+# CTAs and GMEM semaphores; 20.6 vs 18.4 us at M = 1, rank 32) and x's fold sums inside the kernel (a ones @
+# x^T wgmma per MMA chunk; 16.6 vs 16.3 us at M = 1, 23.7 vs 18.3 at M = 16), H100 2026-12-07.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,38 +79,13 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
     return Schedule(total=total, per_cta=per, ctas=ctas, k_tiles=k_tiles, slots=slots)
 
 
-def comp_k_tile(tile, kt: int, per: int):
-    """K tile whose step adds column tile `tile`'s compensator when x @ u is computed in the launch: the
-    tile's last K tile inside the CTA range that holds its K tile 0. As late as that range allows, so the
-    producers' shares are (nearly always) written by then: adding at K tile 0 or 1 made most ranges wait
-    for the producers near their start (x @ u in the kernel 20.7 vs 18.5 us with the pre-pass, M = 1,
-    4096 x 14336 rank 32, H100 2026-12-07, s26b). Never a range's first step when kt, per >= 2 (that
-    range would start by waiting). Works on ints and traced int32."""
-    if kt < 2 or per < 2:
-        return 0 * tile
-    start = tile * kt
-    range_end = (start // per + 1) * per - 1          # last step of the range holding K tile 0
-    return jnp.minimum(range_end - start, kt - 1) if isinstance(tile, jax.Array) else min(range_end - start, kt - 1)
-
-
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
-          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0, xu_in_kernel: bool = False,
-          x_sums_in_kernel: bool = False):
+          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu, v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
     float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage).
     xu: x @ u [m_pad, Rp] bf16 (xu_parts = 0) or its per-K-tile shares [xu_parts, m_pad, Rp] from the
     pre-pass (prepass_sm90), which the compensator step multiplies by v^T one by one.
-    xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums); with
-    x_sums_in_kernel the kernel computes them (one more wgmma per MMA chunk) and xs is not an input.
-
-    xu_in_kernel (native only: GMEM semaphores do not run in interpret mode): the xu input is u [K, r]
-    bf16 itself and the launch computes the shares: CTAs 0 .. P-1 (P = K tiles x token blocks, the
-    lowest indices so that they are resident first) each write one K tile's share of x @ u into a
-    second output [kt, m_pad, Rp] and signal a semaphore; the other CTAs run the schedule, and the step
-    that adds a column tile's compensator waits for all P signals first. That step is the tile's last
-    K tile in the range holding its K tile 0 (`comp_k_tile`: late, and never a range's first step).
-    CTA 0 returns both semaphores to zero at its end (`pl.get_global` persists across
-    launches): `read` counts the tiles whose compensator was added."""
+    xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums)."""
     cfg = dataclasses.replace(cfg, k_splits=1)
     tl = base._tiling(bits, slab, k_pad, n, cfg)
     wps, tile_rows, kt = tl.wps, tl.tile_rows, tl.steps
@@ -128,17 +94,11 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         raise ValueError(f"M={m_pad} is not tiled by MB={mb}")
     g_block, scale_index = base._scale_blocks(group_rows, tile_rows, k_pad)
     col_tiles = n // bn
-    # with x @ u in the launch its producer CTAs come out of the same budget (all CTAs must be resident)
-    producers = kt * (m_pad // mb) if xu_in_kernel else 0
-    sched = schedule((m_pad // mb) * col_tiles * kt, kt, max_ctas - producers)
+    sched = schedule((m_pad // mb) * col_tiles * kt, kt, max_ctas)
     per, total = sched.per_cta, sched.total
     comp = rank_pad > 0
-    if xu_in_kernel and (interpret or not comp or xu_parts):
-        raise ValueError("stream-K: x @ u in the kernel needs a compensator, no pre-pass shares and a native run")
-    n_tiles = (m_pad // mb) * col_tiles
-    parts = kt if xu_in_kernel else xu_parts
+    parts = xu_parts
     plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab, scales_upfront=True)
-    xs_input = plan.fold and not x_sums_in_kernel
     tr = base._swizzle_transforms(slab)
     tr_r = base.compensator_transforms(rank_pad)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
@@ -159,149 +119,81 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         slot = j - (tile * kt) // per
         return valid, tile // col_tiles, tile % col_tiles, t, first, last, slot
 
-    def adds_compensator(j, s):
-        """Whether step s of CTA j adds its column tile's compensator (see `comp_k_tile`)."""
-        valid, mi, ci, t, *_ = where_is(j, s)
-        if not xu_in_kernel:
-            return t == 0
-        return valid & (t == comp_k_tile(mi * col_tiles + ci, kt, per))
-
-    def _produce_share(t, mi, x, u, shares, done, read, resets):
-        """Share t of x @ u for token block mi, bf16, to shares[t]; then signal `done`. Over 128-row
-        slices of the K tile, two in flight: x as a 64-row A box (rows past M_pad arrive as zeros), u's
-        slice [128, Rp] as B (rows past K and columns past r as zeros). CTA 0 then waits for every
-        tile's compensator to be added and resets both semaphores."""
-        sub = min(tile_rows, PRODUCER_ROWS)
-        steps = tile_rows // sub
-        row0 = ((mi * mb) // 64) * 64              # token blocks are 64 rows, or there is one
-
-        def scoped(x_s, u_s, o_s, bars, acc_ref):
-            def load(i):                            # slice i into buffer i % 2
-                cols = pl.ds((t * steps + i) * sub, sub)
-                plgpu.copy_gmem_to_smem(x.at[pl.ds(row0, 64), cols], x_s.at[i % 2], bars.at[i % 2])
-                plgpu.copy_gmem_to_smem(u.at[cols, pl.ds(0, rank_pad)], u_s.at[i % 2], bars.at[i % 2])
-            for i in range(min(2, steps)):
-                load(i)
-            for i in range(steps):                  # two slices in flight, one wgmma at a time
-                plgpu.barrier_wait(bars.at[i % 2])
-                plgpu.wgmma(acc_ref, x_s.at[i % 2], u_s.at[i % 2])
-                plgpu.wgmma_wait(0)
-                if i + 2 < steps:
-                    load(i + 2)
-            o_s[...] = acc_ref[...].astype(jnp.bfloat16)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_s.at[pl.ds(mi * mb - row0, mb)], shares.at[t, pl.ds(mi * mb, mb)])
-            plgpu.wait_smem_to_gmem(0)                       # written, not only read: then signal
-        pl.run_scoped(scoped, plgpu.SMEM((2, 64, sub), jnp.bfloat16, transforms=tr_r),
-                      plgpu.SMEM((2, sub, rank_pad), jnp.bfloat16, transforms=tr_r),
-                      plgpu.SMEM((64, rank_pad), jnp.bfloat16, transforms=tr_r),
-                      plgpu.Barrier(num_arrivals=2, num_barriers=2),
-                      plgpu.ACC((64, rank_pad), jnp.float32))
-        pl.semaphore_signal(done, 1)
-
-        @pl.when(resets)
-        def _reset():
-            pl.semaphore_wait(read, n_tiles, decrement=True)
-            pl.semaphore_wait(done, producers, decrement=True)
-
     def kernel(*refs):
-        n_in = (6 if comp else 4) + xs_input
+        n_in = (6 if comp else 4) + plan.fold
         ins, out = refs[:n_in], refs[n_in]
-        shares = refs[n_in + 1] if xu_in_kernel else None
-        rest = list(refs[n_in + 1 + xu_in_kernel:])
+        rest = list(refs[n_in + 1:])
         a_buf = None if plan.a_regs else rest.pop(0)
         o_smem = rest.pop(0)
         codes, scales, zeros, x = ins[:4]
-        cta = lax.axis_index("cta")
-        done = read = None
-        if xu_in_kernel:
-            done = pl.get_global(plgpu.SemaphoreType.REGULAR)
-            read = pl.get_global(plgpu.SemaphoreType.REGULAR)
+        j = lax.axis_index("cta")
 
-            @pl.when(cta < producers)
-            def _produce():
-                _produce_share(cta % kt, cta // kt, x, ins[4], shares, done, read, cta == 0)
+        def tile_of(s):
+            _, mi, ci, t, *_ = where_is(j, s)
+            return mi, ci, t
 
-        def ranges(j):
-            """The schedule's range of CTA j (CTA index less the producers)."""
-
-            def tile_of(s):
-                _, mi, ci, t, *_ = where_is(j, s)
-                return mi, ci, t
-
-            def body(idx, *step_refs):
-                (s,) = idx
-                *step_refs, acc = step_refs
-                codes_s, s_ref, z_ref, x_ref = step_refs[:4]
-                xs_ref = step_refs[4] if xs_input else None
-                plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
-                valid, mi, ci, t, first, last, slot = where_is(j, s)
-                add = adds_compensator(j, s) if comp else None
-                if comp:
-                    xu, v_t = ins[4:6]
-                    xu_smem, v_smem, bar = rest[0], rest[1], rest[2]
-                    # the range holding K tile 0 adds the compensator: its operands load during this
-                    # step's unpack and MMA, and are multiplied in at the end of the same step
-                    if xu_in_kernel:
-                        xu = shares
-                        pl.when(add)(lambda: pl.semaphore_wait(done, producers, decrement=False))
-                    xu_tile = xu.at[:, pl.ds(mi * mb, mb)] if parts else xu.at[pl.ds(mi * mb, mb)]
-                    base._compensator_copies(add, xu_tile, v_t.at[pl.ds(ci * bn, bn)], xu_smem, v_smem, bar)
-                planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
-                zero = jnp.zeros((bn, mb), jnp.float32)
-                if not interpret:
-                    zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
-                acc = lax.cond(first, lambda a: zero, lambda a: a, acc)     # a new column tile
-
-                def step(acc_ref):
-                    base._unpack_and_multiply(acc_ref, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
-                                              bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
-                                              g_block=g_block, plan=plan, interpret=interpret)
-                    plgpu.wgmma_wait(0)
-
-                if plan.fold:   # scale and zero folded in float32 per group (mgpu_sm90._fold_unpack_and_multiply)
-                    acc = base._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, bits=bits, slab=slab, bn=bn,
-                                                         mb=mb, group_rows=group_rows, g_block=g_block,
-                                                         tile_rows=tile_rows, interpret=interpret)
-                else:
-                    acc = base._run_acc(step, acc, interpret)
-                if comp:
-                    acc = base._add_compensator(acc, add, v_smem, xu_smem, bar, interpret, parts=parts)
-                    if xu_in_kernel:
-                        pl.when(add)(lambda: pl.semaphore_signal(read, 1))
-
-                @pl.when(last & valid)
-                def _store():
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # o_smem's last store has read it
-                    o_smem[...] = acc
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, out.at[slot, pl.ds(ci * bn, bn), pl.ds(mi * mb, mb)])
-                return acc
-
-            # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
-            # one box per plane moved 64 B rows); x with the widest swizzle its wgmma slices allow
-            in_specs = [
-                plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2])),
-                plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
-                plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
-                plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
-            ]
-            pipe_in = [codes, scales, zeros, x]
-            if xs_input:    # the fold blocks' sums of x: [Kp / F, M_pad] float32, nf rows per K tile
-                in_specs.append(plgpu.BlockSpec((base.fold_rows_per_tile(nf), mb),
-                                                lambda s: (tile_of(s)[2], tile_of(s)[0])))
-                pipe_in.append(ins[-1])
-            init = jnp.zeros((bn, mb), jnp.float32)
+        def body(idx, *step_refs):
+            (s,) = idx
+            *step_refs, acc = step_refs
+            codes_s, s_ref, z_ref, x_ref = step_refs[:4]
+            xs_ref = step_refs[4] if plan.fold else None
+            plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
+            valid, mi, ci, t, first, last, slot = where_is(j, s)
+            if comp:
+                xu, v_t = ins[4:6]
+                xu_smem, v_smem, bar = rest[0], rest[1], rest[2]
+                # the range holding K tile 0 adds the compensator: its operands load during this
+                # step's unpack and MMA, and are multiplied in at the end of the same step
+                xu_tile = xu.at[:, pl.ds(mi * mb, mb)] if parts else xu.at[pl.ds(mi * mb, mb)]
+                base._compensator_copies(t == 0, xu_tile, v_t.at[pl.ds(ci * bn, bn)], xu_smem, v_smem, bar)
+            planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
+            zero = jnp.zeros((bn, mb), jnp.float32)
             if not interpret:
-                init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
-            plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
-                                init_carry=init)(*pipe_in)
-            plgpu.wait_smem_to_gmem(0)
+                zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+            acc = lax.cond(first, lambda a: zero, lambda a: a, acc)     # a new column tile
 
-        if xu_in_kernel:
-            pl.when(cta >= producers)(lambda: ranges(cta - producers))
-        else:
-            ranges(cta)
+            def step(acc_ref):
+                base._unpack_and_multiply(acc_ref, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
+                                          bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
+                                          g_block=g_block, plan=plan, interpret=interpret)
+                plgpu.wgmma_wait(0)
+
+            if plan.fold:   # scale and zero folded in float32 per group (mgpu_sm90._fold_unpack_and_multiply)
+                acc = base._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, bits=bits, slab=slab, bn=bn,
+                                                     mb=mb, group_rows=group_rows, g_block=g_block,
+                                                     tile_rows=tile_rows, interpret=interpret)
+            else:
+                acc = base._run_acc(step, acc, interpret)
+            if comp:
+                acc = base._add_compensator(acc, t == 0, v_smem, xu_smem, bar, interpret, parts=parts)
+
+            @pl.when(last & valid)
+            def _store():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # o_smem's last store has read it
+                o_smem[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, out.at[slot, pl.ds(ci * bn, bn), pl.ds(mi * mb, mb)])
+            return acc
+
+        # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
+        # one box per plane moved 64 B rows); x with the widest swizzle its wgmma slices allow
+        in_specs = [
+            plgpu.BlockSpec((bn, wps * slab), lambda s: (tile_of(s)[1], tile_of(s)[2])),
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
+            plgpu.BlockSpec((g_block, bn), lambda s: (scale_index(tile_of(s)[2]), tile_of(s)[1])),
+            plgpu.BlockSpec((mb, tile_rows), lambda s: (tile_of(s)[0], tile_of(s)[2]), transforms=tr_x),
+        ]
+        pipe_in = [codes, scales, zeros, x]
+        if plan.fold:   # the fold blocks' sums of x: [Kp / F, M_pad] float32, nf rows per K tile
+            in_specs.append(plgpu.BlockSpec((base.fold_rows_per_tile(nf), mb),
+                                            lambda s: (tile_of(s)[2], tile_of(s)[0])))
+            pipe_in.append(ins[-1])
+        init = jnp.zeros((bn, mb), jnp.float32)
+        if not interpret:
+            init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
+        plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
+                            init_carry=init)(*pipe_in)
+        plgpu.wait_smem_to_gmem(0)
 
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
     scratch += [plgpu.SMEM((bn, mb), jnp.float32)]
@@ -309,11 +201,9 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         scratch += [plgpu.SMEM((parts, mb, rank_pad) if parts else (mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.Barrier(num_arrivals=2)]
-    out_type = jax.ShapeDtypeStruct((sched.slots, n, m_pad), jnp.float32)
-    if xu_in_kernel:
-        out_type = (out_type, jax.ShapeDtypeStruct((kt, m_pad, rank_pad), jnp.bfloat16))
-    f = plgpu.kernel(kernel, out_type=out_type, grid=(producers + sched.ctas,), grid_names=("cta",),
-                     compiler_params=wg, scratch_types=scratch, **base._interpret_params(interpret))
+    f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((sched.slots, n, m_pad), jnp.float32),
+                     grid=(sched.ctas,), grid_names=("cta",), compiler_params=wg, scratch_types=scratch,
+                     **base._interpret_params(interpret))
     return f, sched
 
 
@@ -350,29 +240,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     tile_rows = kw.tile_rows
     k_tiles = kw.k_pad // tile_rows
     parts = 0
-    x_sums = X_SUMS_IN_KERNEL and fold and not rank_pad
-    in_kernel = (XU_IN_KERNEL and rank_pad and not interpret and cfg.unpack != "magic_f16"
-                 and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows))
-
-    def xla_inputs(comp_input):
-        """[codes, scales, zeros, x padded (by XLA)[, comp_input(xp), v^T][, fold sums (XLA)]]."""
-        xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, kw.k_pad - k)))
-        if cfg.unpack == "magic_f16":
-            xp = xp.astype(jnp.float16)
-        out = [kw.codes, kw.scales, kw.zeros, xp] + ([comp_input(xp), kw.v_t] if rank_pad else [])
-        if fold:
-            out.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
-        return out
-
-    if in_kernel:                   # the kernel takes u itself and computes x @ u
-        args = xla_inputs(lambda xp: kw.u.astype(jnp.bfloat16))
-    elif x_sums:                    # x as it is: TMA's zero fill pads it (a row stride of 16 B multiples)
-        xb = x.astype(jnp.bfloat16)
-        # interpret mode reads no zeros past an array's end; Mosaic GPU takes rows < 8 or a multiple of 8
-        if interpret or k % 8 or (m > 8 and m % 8):
-            xb = jnp.pad(xb, ((0, m_pad - m), (0, kw.k_pad - k)))
-        args = [kw.codes, kw.scales, kw.zeros, xb]
-    elif ((PREPASS and rank_pad or PREPASS_RANK0 and fold and not rank_pad) and cfg.unpack != "magic_f16"
+    if ((PREPASS and rank_pad or PREPASS_RANK0 and fold and not rank_pad) and cfg.unpack != "magic_f16"
             and prepass_sm90.usable(m, k, mb, kw.rank, rank_pad, k_tiles, tile_rows)):
         # one launch for the pad, the fold sums and x @ u (prepass_sm90: the compensator's XLA ops were
         # +4.5 us on a 15.5 us call)
@@ -381,13 +249,18 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
                                           rank_pad=rank_pad, interpret=bool(interpret))
         args = [kw.codes, kw.scales, kw.zeros, xp] + ([xu, kw.v_t] if rank_pad else []) + ([xs] if fold else [])
         parts = k_tiles if rank_pad else 0
-    else:
-        args = xla_inputs(lambda xp: base.compensator_xu(xp, kw.u, k, rank_pad))
+    else:           # x padded, x @ u and the fold sums by XLA
+        xp = jnp.pad(x.astype(jnp.bfloat16), ((0, m_pad - m), (0, kw.k_pad - k)))
+        if cfg.unpack == "magic_f16":
+            xp = xp.astype(jnp.float16)
+        args = [kw.codes, kw.scales, kw.zeros, xp]
+        if rank_pad:
+            args += [base.compensator_xu(xp, kw.u, k, rank_pad), kw.v_t]
+        if fold:
+            args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret), parts, bool(in_kernel), bool(x_sums))
+                             max_ctas, bool(interpret), parts)
     partials = f(*args)                                               # [slots, N, m_pad] f32
-    if in_kernel:
-        partials = partials[0]                                        # (the shares: scratch)
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
     partials = partials.reshape(sched.slots, kw.n // bn, bn, m_pad // mb, mb)
