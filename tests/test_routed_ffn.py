@@ -82,7 +82,8 @@ def sorted_ffn(x, weights, ids, gate_up, down):
     order, inverse, gs = sort_by_expert(ids, E)
     xs = jnp.take(x, order // k, axis=0)
     gu = api.grouped_matmul(xs, gate_up, gs, impl="kernel", interpret=True)
-    h = jax.nn.silu(gu[:, :I]) * gu[:, I:]
+    inter = gate_up.n // 2
+    h = jax.nn.silu(gu[:, :inter]) * gu[:, inter:]
     ys = api.grouped_matmul(h, down, gs, impl="kernel", interpret=True)
     y = jnp.take(ys, inverse, axis=0).reshape(t, k, -1)
     return jnp.sum(y.astype(jnp.float32) * weights[..., None], axis=1)
@@ -139,6 +140,40 @@ def test_row_gather_row_scatter_and_split_sum_forms_agree(monkeypatch):
         outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_allclose(outs[0], outs[2], rtol=1e-2, atol=1e-3)   # same sums, maybe another order
+
+
+def test_rows_out_and_columns_out_give_the_same_ffn(monkeypatch):
+    """ROWS_OUT (fold launches store [rows, splits * N], the one-class and the multi-class kernel) and the
+    column layout ([splits * N, rows]) hold the same numbers, transposed; the FFN and the sorted path
+    (grouped_matmul's read-back) agree across them and with float64, split-K included. (The other tests
+    run the multi-class kernel by rows, the default.)"""
+    rng = _rng(9)
+    gate_up, down, experts64 = _layer(rng, (3,) * E, (3,) * E, inter=1024)   # the down launch splits K
+    x = jnp.asarray(rng.standard_normal((2, H)), jnp.bfloat16)
+    ids, w = routings(2, rng)[0]
+    m = 2 * K_TOP
+    second = rf.launch_for(m, down, interpret=True)
+    assert second.splits > 1
+    dest, counts = rf.padded_rows(ids, second.order, second.mb)
+    h = jnp.asarray(rng.standard_normal((second.rows_pad, down.k)), jnp.bfloat16)
+    outs, ffns, sorted_ys = {}, {}, {}
+    for rows in (True, False):
+        monkeypatch.setattr(mgpu_sm90, "ROWS_OUT", rows)
+        launch = rf.launch_for(m, down, interpret=True)
+        assert launch.rows == rows
+        out = np.asarray(launch.run(h, counts), np.float32)
+        assert out.shape == ((launch.rows_pad, launch.splits * down.n) if rows else
+                             (launch.splits * down.n, launch.rows_pad))
+        outs[rows] = out
+        ffns[rows] = np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32)
+        sorted_ys[rows] = np.asarray(sorted_ffn(x, w, ids, gate_up, down), np.float32)
+    # blocks past the last real one are written by neither layout: compare the real blocks
+    real = int(np.asarray(counts).sum()) * second.mb
+    np.testing.assert_array_equal(outs[True][:real], outs[False][:, :real].T)
+    y64 = ffn64(x, np.asarray(w), np.asarray(ids), experts64)
+    for rows in (True, False):
+        assert rel_err(ffns[rows], y64) < TOL and rel_err(sorted_ys[rows], y64) < TOL
+    np.testing.assert_allclose(ffns[True], ffns[False], rtol=1e-2, atol=1e-3)   # split sums in another order
 
 
 def test_min_split_rows_floors_the_split_k(monkeypatch):

@@ -344,9 +344,31 @@ FOLD_SPAN = 2
 REDUCE_SPLITS = False
 
 
+# REDUCE_SPLITS only for launches of at least this many splits: the zeroed buffer costs a launch of its own
+# (0.9 us for Mixtral's gate/up at 1 token, 2 splits; 0.6 for the down launch, 14; H100 s27a).
+REDUCE_MIN_SPLITS = 2
+
+
 def reduces_splits(cfg: Config, interpret: bool) -> bool:
     """Whether a one-class launch under `cfg` adds its split-K partials in place (REDUCE_SPLITS)."""
-    return REDUCE_SPLITS and not interpret and cfg.unpack == "magic_fold" and cfg.k_splits > 1
+    return (REDUCE_SPLITS and not interpret and cfg.unpack == "magic_fold"
+            and cfg.k_splits >= max(2, REDUCE_MIN_SPLITS))
+
+
+# Decode launches under magic_fold (one-class and multi-class) store their output by padded row:
+# [B*MB, splits*N], row r holding split s's N columns at s*N ([B*MB, N] under REDUCE_SPLITS). Each CTA
+# turns its [BN, MB] accumulator into WGMMA_TRANSPOSED (a register shuffle) and stores it through a
+# transposed view of an [MB, BN] tile, which one TMA box writes. Why: the routed FFN reads a real row's
+# partials contiguously (the combine after Mixtral's 14-split down launch read every padded row's 64-byte
+# stripe of 3.7 MB for 2 real rows: 3.3 us at 1 token, H100 s27a) and SiLU(gate) * up is elementwise on
+# [rows, 2I] (the gate/up split sum + transpose to rows was its own 2.7 us fusion there). False: [splits*N,
+# B*MB] as the other decode paths.
+ROWS_OUT = True
+
+
+def rows_out(cfg: Config) -> bool:
+    """Whether a one-class launch under `cfg` stores its output by padded row (ROWS_OUT)."""
+    return ROWS_OUT and cfg.unpack == "magic_fold"
 
 
 # Pipeline depth of the one-class quantized decode launches under magic_fold (MB <= FOLD_MAX_BLOCK_M; the
@@ -501,13 +523,15 @@ def build_float(k_pad: int, n: int, num_experts: int, num_blocks: int, cfg: Conf
 
 
 def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, comp_refs, ni, *, wps, bits, slab,
-                   bn, mb, n, nf, group_rows, g_block, tile_rows, steps, stages, interpret, reduce=False):
+                   bn, mb, n, nf, group_rows, g_block, tile_rows, steps, stages, interpret, reduce=False,
+                   rows=False):
     """A row block's K range under quant_matmul's magic_fold unpack: the float32 accumulator is the
     pipeline's carry (`mgpu_sm90._fold_unpack_and_multiply` per step), then the compensator (split 0)
     and the store. Blocks past the last real one read no weights and store nothing; a split-0 CTA
     still waits for its compensator copies so none is in flight when the CTA exits. reduce: every split
-    adds its partial into rows [0, N) of `out` (TMA reduce-add; REDUCE_SPLITS) instead of storing it at
-    split ki's."""
+    adds its partial into columns [0, N) of `out` (TMA reduce-add; REDUCE_SPLITS) instead of storing it at
+    split ki's. rows (ROWS_OUT): out is [B*MB, splits*N] and o_smem [MB, BN] (the tile stored transposed);
+    else out is [splits*N, B*MB] and o_smem [BN, MB]."""
     def body(_, *step_refs):
         *step_refs, acc = step_refs
         planes = [r[...] for r in step_refs[:wps]]
@@ -528,11 +552,19 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
         if comp:
             xu_smem, v_smem, bar = comp_refs
             acc = qm._add_compensator(acc, ki == 0, v_smem, xu_smem, bar, interpret)
-        o_smem[...] = acc.astype(o_smem.dtype)
+        col = ni * bn if reduce else ki * n + ni * bn     # in the split-major N axis
+        if not rows:
+            o_smem[...] = acc.astype(o_smem.dtype)
+            dst = out.at[pl.ds(col, bn), pl.ds(mi * mb, mb)]
+        else:
+            if interpret:
+                o_smem[...] = acc.T.astype(o_smem.dtype)
+            else:   # lanes swap 2x2 blocks (WGMMA -> WGMMA_TRANSPOSED), then store through the transposed view
+                tile = plgpu.layout_cast(acc.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+                plgpu.transpose_ref(o_smem, (1, 0))[...] = tile
+            dst = out.at[pl.ds(mi * mb, mb), pl.ds(col, bn)]
         plgpu.commit_smem()
-        row = ni * bn if reduce else ki * n + ni * bn
-        plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(row, bn), pl.ds(mi * mb, mb)],
-                                reduction_op="add" if reduce else None)
+        plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if reduce else None)
         plgpu.wait_smem_to_gmem(0)
 
     if comp:
@@ -543,11 +575,12 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
 
 @functools.lru_cache(maxsize=None)
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts: int, num_blocks: int,
-          rank_pad: int, cfg: Config, interpret: bool, reduce_splits: bool = False):
+          rank_pad: int, cfg: Config, interpret: bool, reduce_splits: bool = False, rows: bool = False):
     """f(block_counts [Ec] int32, codes, scales, zeros, x [B*MB, k_pad] bf16[, xu [B*MB, Rp],
-    v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials).
-    reduce_splits (magic_fold, native only): f(..., acc) with acc a jax Ref [N, B*MB] float32 of zeros
-    that every split adds its partial into (TMA reduce-add); no output.
+    v_t [Ec*N, Rp]]) -> [splits*N, B*MB] (bf16 for one split, else f32 partials); rows (magic_fold only,
+    ROWS_OUT): [B*MB, splits*N].
+    reduce_splits (magic_fold, native only): f(..., acc) with acc a jax Ref [N, B*MB] ([B*MB, N] with rows)
+    float32 of zeros that every split adds its partial into (TMA reduce-add); no output.
 
     block_counts[e] = number of MB-row blocks of local expert e (its rows rounded up).
     cfg.unpack picks quant_matmul's unpack ("magic_*" read planar_pairs codes; x is then f16 for
@@ -614,7 +647,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
             _fold_pipeline(in_specs, (*([codes] * wps), scales, zeros, x, xs), valid, ki, mi, off, out, o_smem,
                            comp, comp_refs, ni, wps=wps, bits=bits, slab=slab, bn=bn, mb=mb, n=n, nf=nf,
                            group_rows=group_rows, g_block=g_block, tile_rows=tile_rows, steps=steps,
-                           stages=cfg.stages, interpret=interpret, reduce=reduce_splits)
+                           stages=cfg.stages, interpret=interpret, reduce=reduce_splits, rows=rows)
             return
 
         def compute(acc_ref):
@@ -639,7 +672,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
                               out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
                               bn, mb, interpret, store=valid)
 
-    scratch = _decode_scratch(plan, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r)
+    if rows and not plan.fold:
+        raise ValueError("grouped build: rows (ROWS_OUT) needs magic_fold")
+    scratch = _decode_scratch(plan, bn, chunk, slab, mb, out_dtype, comp, rank_pad, tr, tr_r, rows_out=rows)
+    out_shape = (num_blocks * mb, splits * n) if rows else (splits * n, num_blocks * mb)
     if reduce_splits:
         if not (plan.fold and splits > 1) or interpret:
             raise ValueError("grouped build: reduce_splits needs magic_fold, split-K and a native run")
@@ -648,7 +684,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, num_experts
         body = lambda *refs: pl.run_scoped(functools.partial(kernel, *refs), *scratch)
         return pl.kernel(body, out_type=(), mesh=plgpu.Mesh(grid=(n // bn, num_blocks, splits),
                                                             grid_names=("n", "m", "k")), compiler_params=wg)
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
                         grid=(n // bn, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
                         scratch_types=scratch, **_interpret_params(interpret))
 
@@ -677,7 +713,8 @@ def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool
     """The class's launch over the padded rows: x_pad [B*MB, >= K] (each local expert's rows from
     a multiple of MB; zero rows pad them), counts [Ec] int32 MB-row blocks per local expert ->
     [splits * N, B * MB] (bf16 for one split, else float32 partials; blocks past the last real one
-    are not written), or [N, B * MB] float32 summed where `reduces_splits`."""
+    are not written), or [N, B * MB] float32 summed where `reduces_splits`; both transposed ([B * MB,
+    splits * N], [B * MB, N]) where `rows_out(cfg)`."""
     k = c.k
     mb = cfg.block_m
     x_pad = x_pad[:, :c.k_pad] if x_pad.shape[1] >= c.k_pad else jnp.pad(x_pad, ((0, 0), (0, c.k_pad - x_pad.shape[1])))
@@ -697,10 +734,11 @@ def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool
     if cfg.unpack == "magic_fold":            # x's sums per fold block, beside x
         args.insert(5, qm.fold_group_sums(x_pad, bits=c.bits, slab=c.slab, group_rows=c.group_rows))
     reduce = reduces_splits(cfg, interpret)
+    rows = rows_out(cfg)
     f = build(c.bits, c.slab, c.group_rows, c.k_pad, c.n, len(c.experts), num_blocks, rank_pad, cfg, bool(interpret),
-              reduce)
-    if reduce:      # [N, B*MB] float32, the splits already summed
-        acc = jax.new_ref(jnp.zeros((c.n, num_blocks * mb), jnp.float32))
+              reduce, rows)
+    if reduce:      # [N, B*MB] ([B*MB, N] by rows) float32, the splits already summed
+        acc = jax.new_ref(jnp.zeros((num_blocks * mb, c.n) if rows else (c.n, num_blocks * mb), jnp.float32))
         f(*args, acc)
         return acc[...]
     return f(*args)
@@ -727,18 +765,22 @@ def _class_matmul(x, group_sizes, c: ExpertClass, cfg: Config | None, interpret:
     dest = jnp.where(in_class, pad_start[lsafe] + jnp.arange(m, dtype=jnp.int32) - offsets[class_ids[lsafe]],
                      num_blocks * mb)
     x_pad = jnp.zeros((num_blocks * mb, c.k_pad), jnp.bfloat16).at[dest, :k].set(x.astype(jnp.bfloat16), mode="drop")
-    out_t = class_kernel(x_pad, counts, c, cfg, num_blocks, interpret)   # [splits * N, B * MB]
+    out = class_kernel(x_pad, counts, c, cfg, num_blocks, interpret)   # [splits * N, B * MB] or by rows
     splits = 1 if reduces_splits(cfg, interpret) else cfg.k_splits
-    return _read_back(out_t, dest, in_class, num_blocks * mb, splits, c.n)
+    return _read_back(out, dest, in_class, num_blocks * mb, splits, c.n, rows_out(cfg))
 
 
-def _read_back(out_t, dest, in_class, rows_pad: int, splits: int, n: int):
-    """[splits*N, rows_pad] kernel output -> [M, N] float32 rows of this class (zeros elsewhere).
+def _read_back(out, dest, in_class, rows_pad: int, splits: int, n: int, rows: bool = False):
+    """[splits*N, rows_pad] kernel output ([rows_pad, splits*N] with rows) -> [M, N] float32 rows of this
+    class (zeros elsewhere).
 
     Blocks the kernel skipped were never written: only the M rows of this class are gathered, and
     the split-K partials are summed after the gather (at decode the buffer is mostly unwritten)."""
-    cols = jnp.take(out_t.reshape(splits, n, rows_pad), jnp.minimum(dest, rows_pad - 1), axis=2)
-    y = cols.astype(jnp.float32).sum(0).T
+    index = jnp.minimum(dest, rows_pad - 1)
+    if rows:
+        y = jnp.take(out.reshape(rows_pad, splits, n), index, axis=0).astype(jnp.float32).sum(1)
+    else:
+        y = jnp.take(out.reshape(splits, n, rows_pad), index, axis=2).astype(jnp.float32).sum(0).T
     return jnp.where(in_class[:, None], y, 0.0)
 
 

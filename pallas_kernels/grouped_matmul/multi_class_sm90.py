@@ -65,12 +65,15 @@ FOLD_STAGES = 2
 
 @functools.lru_cache(maxsize=None)
 def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool,
-          scales_upfront: bool = False, fold: bool = False):
+          scales_upfront: bool = False, fold: bool = False, rows: bool = False):
     """f(counts [E] int32 by position, (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
     -> [splits*N, B*MB] (bf16 for one split, else float32 partials). counts[p] = MB-row blocks of
     the expert at position p (classes in order, each class's experts in order). scales_upfront:
     grouped Config.scales_upfront. fold: quant_matmul's magic_fold unpack in every class; then x's
-    sums per fold block follow x, one array per class (`fold_sums`)."""
+    sums per fold block follow x, one array per class (`fold_sums`). rows (fold only, grouped.ROWS_OUT):
+    the output by padded row, [B*MB, splits*N]."""
+    if rows and not fold:
+        raise ValueError("multi-class build: rows (ROWS_OUT) needs the fold unpack")
     bn = 64
     cls_of = [ci for ci, p in enumerate(plans) for _ in range(p.num_experts)]
     local_of = [e for p in plans for e in range(p.num_experts)]
@@ -143,7 +146,7 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
                                    mi, ki * tl.steps, out, o_smem, False, (), ni, wps=tl.wps, bits=p.bits, slab=p.slab,
                                    bn=bn, mb=mb, n=n, nf=tl.tile_rows // f_rows, group_rows=p.group_rows,
                                    g_block=g_block, tile_rows=tl.tile_rows, steps=tl.steps, stages=FOLD_STAGES,
-                                   interpret=interpret)
+                                   interpret=interpret, rows=rows)
 
         if fold:
             for ci in range(len(plans)):
@@ -159,9 +162,11 @@ def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: 
         _accumulate_and_store(compute, o_smem, out.at[pl.ds(ki * n + ni * bn, bn), pl.ds(mi * mb, mb)],
                               bn, mb, interpret, store=valid)
 
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits * n, num_blocks * mb), out_dtype),
+    out_shape = (num_blocks * mb, splits * n) if rows else (splits * n, num_blocks * mb)
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
                         grid=(n_blocks, num_blocks, splits), grid_names=("n", "m", "k"), compiler_params=wg,
-                        scratch_types=[plgpu.SMEM((bn, mb), out_dtype)], **_interpret_params(interpret))
+                        scratch_types=[plgpu.SMEM((mb, bn) if rows else (bn, mb), out_dtype)],
+                        **_interpret_params(interpret))
 
 
 def plan_layer(m: int, gkw):
@@ -193,22 +198,30 @@ def multi_class_matmul(x: jax.Array, gkw, group_sizes: jax.Array, *, interpret: 
     dest = jnp.where(in_groups, dest, num_blocks * mb)             # rows past the groups: dropped
     x_pad = jnp.zeros((num_blocks * mb, k_pad_x), jnp.bfloat16).at[dest, :k].set(x.astype(jnp.bfloat16),
                                                                                  mode="drop")
-    out_t = multi_class_kernel(x_pad, counts, gkw, m, interpret)   # [splits * N, B * MB]
-    return _read_back(out_t, dest, in_groups, num_blocks * mb, splits, gkw.n)
+    out = multi_class_kernel(x_pad, counts, gkw, m, interpret)   # [splits * N, B * MB] or by rows
+    return _read_back(out, dest, in_groups, num_blocks * mb, splits, gkw.n, rows_out(m, gkw))
 
 
 def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False):
     """The one launch over padded rows: x_pad [B*MB, >= K] bf16 in position order (plan_layer(m,
     gkw)), counts [E] int32 MB-row blocks per position -> [splits*N, B*MB] (bf16 for one split, else
-    float32 partials; blocks past the last real one are not written)."""
+    float32 partials; blocks past the last real one are not written), [B*MB, splits*N] where
+    `rows_out(m, gkw)`."""
     plans, mb, num_blocks, splits, k_pad_x = plan_layer(m, gkw)
     x_pad = x_pad[:, :k_pad_x] if x_pad.shape[1] >= k_pad_x else jnp.pad(x_pad, ((0, 0), (0, k_pad_x - x_pad.shape[1])))
     fold = uses_fold(plans, mb)
-    f = build(plans, gkw.n, num_blocks, mb, splits, k_pad_x, bool(interpret), m <= grouped.UPFRONT_ROWS, fold)
+    f = build(plans, gkw.n, num_blocks, mb, splits, k_pad_x, bool(interpret), m <= grouped.UPFRONT_ROWS, fold,
+              fold and grouped.ROWS_OUT)
     args = [a for c in gkw.classes for a in (c.codes, c.scales, c.zeros)]
     x_pad = x_pad.astype(jnp.bfloat16)
     sums = fold_sums(x_pad, plans) if fold else []
     return f(counts, *args, x_pad, *sums)
+
+
+def rows_out(m: int, gkw) -> bool:
+    """Whether the launch for m rows stores its output by padded row (grouped.ROWS_OUT, under the fold)."""
+    plans, mb = plan_layer(m, gkw)[:2]
+    return grouped.ROWS_OUT and uses_fold(plans, mb)
 
 
 def uses_fold(plans, mb: int) -> bool:

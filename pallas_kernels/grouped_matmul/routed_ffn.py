@@ -66,7 +66,8 @@ class Launch:
     mb: int               # rows per block
     num_blocks: int       # static bound B of row blocks
     splits: int           # split-K partials in the output
-    run: Callable         # (x_pad [B*MB, K'] , counts [E] int32) -> [splits * N, B * MB]
+    run: Callable         # (x_pad [B*MB, K'] , counts [E] int32) -> [splits * N, B * MB], or by rows:
+    rows: bool            # [B * MB, splits * N] (grouped.ROWS_OUT)
 
     @property
     def rows_pad(self) -> int:
@@ -85,12 +86,13 @@ def launch_for(m: int, gkw, interpret: bool = False) -> Launch | None:
         cfg, nb = grouped.class_config(m, c, None)
         run = lambda x_pad, counts: grouped.class_kernel(x_pad, counts, c, cfg, nb, interpret)
         splits = 1 if grouped.reduces_splits(cfg, interpret) else cfg.k_splits   # summed in the launch
-        return Launch(order=tuple(c.experts), mb=cfg.block_m, num_blocks=nb, splits=splits, run=run)
+        return Launch(order=tuple(c.experts), mb=cfg.block_m, num_blocks=nb, splits=splits, run=run,
+                      rows=grouped.rows_out(cfg))
     if multi_class_sm90.applies(gkw):
         _, mb, nb, splits, _ = multi_class_sm90.plan_layer(m, gkw)
         run = lambda x_pad, counts: multi_class_sm90.multi_class_kernel(x_pad, counts, gkw, m, interpret)
-        return Launch(order=gkw.order, mb=mb, num_blocks=nb,
-                      splits=splits, run=run)
+        return Launch(order=gkw.order, mb=mb, num_blocks=nb, splits=splits, run=run,
+                      rows=multi_class_sm90.rows_out(m, gkw))
     return None
 
 
@@ -154,9 +156,16 @@ def scatter_rows(a: jax.Array, dest: jax.Array, rows_pad: int) -> jax.Array:
     return jnp.zeros((rows_pad, a.shape[1]), a.dtype).at[dest].set(a)
 
 
-def _summed(out_t, splits: int, n: int, rows_pad: int) -> jax.Array:
-    """[splits * N, rows_pad] launch output -> [N, rows_pad] float32 (a dense sum over the splits)."""
-    return out_t.astype(jnp.float32).reshape(splits, n, rows_pad).sum(0)
+def _summed(out, launch: Launch, n: int) -> jax.Array:
+    """The launch's output -> [rows_pad, N] float32, its split-K partials added.
+
+    By rows ([rows_pad, splits * N]) the adds are unrolled over column slices: elementwise work that XLA
+    fuses into the consumer (SiLU(gate) * up; the combine's row gather, which then reads only the real
+    rows), where a reduction over a split axis is a fusion of its own. By columns ([splits * N,
+    rows_pad]) a dense sum, transposed (XLA folds the transpose into the consumer's indexing)."""
+    if launch.rows:
+        return sum(out[:, s * n:(s + 1) * n].astype(jnp.float32) for s in range(launch.splits))
+    return out.astype(jnp.float32).reshape(launch.splits, n, launch.rows_pad).sum(0).T
 
 
 def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, *,
@@ -174,8 +183,8 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
     dest, counts = padded_rows(ids, first.order, first.mb)
     src = padded_sources(dest, first.rows_pad)                               # pair p reads token p // k
     x_pad = gather_rows(x.astype(jnp.bfloat16), jnp.where(src >= 0, src // k, -1))
-    gu = _summed(first.run(x_pad, counts), first.splits, gate_up.n, first.rows_pad)   # [2I, R]
-    h = (act(gu[:inter]) * gu[inter:]).T.astype(jnp.bfloat16)                 # [R, I]
+    gu = _summed(first.run(x_pad, counts), first, gate_up.n)                 # [R, 2I]
+    h = (act(gu[:, :inter]) * gu[:, inter:]).astype(jnp.bfloat16)             # [R, I]
     if (second.order, second.mb, second.num_blocks) != (first.order, first.mb, first.num_blocks):
         dest2, counts2 = padded_rows(ids, second.order, second.mb)
         if m <= UNROLL_PAIRS:   # padded row r of the down launch reads the gate/up row of its pair
@@ -187,13 +196,13 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
         else:
             h = scatter_rows(jnp.take(h, dest, axis=0), dest2, second.rows_pad)
         dest, counts = dest2, counts2
-    y_pad = _summed(second.run(h, counts), second.splits, down.n, second.rows_pad)   # [H, R]
+    y_pad = _summed(second.run(h, counts), second, down.n)                   # [R, H]
     if SUM_SPLITS_FIRST:
         y_pad = jax.lax.optimization_barrier(y_pad)
     w = weights.astype(jnp.float32)
     if COMBINE_BY_SLOT:   # k weighted row reads, unrolled: an elementwise fusion, no reduction
         dest = dest.reshape(t, k)
-        y = sum(w[:, j, None] * jnp.take(y_pad, dest[:, j], axis=1).T for j in range(k))
+        y = sum(w[:, j, None] * jnp.take(y_pad, dest[:, j], axis=0) for j in range(k))
     else:
-        y = jnp.sum(jnp.take(y_pad, dest, axis=1).reshape(down.n, t, k) * w[None], axis=-1).T
+        y = jnp.sum(jnp.take(y_pad, dest, axis=0).reshape(t, k, down.n) * w[..., None], axis=1)
     return y.astype(x.dtype)

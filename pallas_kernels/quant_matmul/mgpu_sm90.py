@@ -684,11 +684,12 @@ def _unpack_plan(unpack: str, a_regs: bool, overlap: bool, bits: int, chunk: int
 
 
 def _decode_scratch(plan: _UnpackPlan, bn: int, chunk: int, slab: int, mb: int, out_dtype, comp: bool,
-                    rank_pad: int, tr, tr_r) -> list:
+                    rank_pad: int, tr, tr_r, rows_out: bool = False) -> list:
     """SMEM of the decode kernel: the dequantized A buffers (none with A in registers), the output
-    tile and, with a compensator, the x @ u tile, the v^T tile and their barrier."""
+    tile ([BN, MB], or [MB, BN] where the output is stored by rows: grouped ROWS_OUT) and, with a
+    compensator, the x @ u tile, the v^T tile and their barrier."""
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
-    scratch += [plgpu.SMEM((bn, mb), out_dtype)]
+    scratch += [plgpu.SMEM((mb, bn) if rows_out else (bn, mb), out_dtype)]
     if comp:
         scratch += [plgpu.SMEM((mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
