@@ -561,7 +561,7 @@ def _fold_pipeline(in_specs, operands, valid, ki, mi, off, out, o_smem, comp, co
                 o_smem[...] = acc.T.astype(o_smem.dtype)
             else:   # lanes swap 2x2 blocks (WGMMA -> WGMMA_TRANSPOSED), then store through the transposed view
                 tile = plgpu.layout_cast(acc.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-                plgpu.transpose_ref(o_smem, (1, 0))[...] = tile
+                o_smem.T[...] = tile    # (plgpu.transpose_ref asserts on a plain Ref in jax 0.11.2)
             dst = out.at[pl.ds(mi * mb, mb), pl.ds(col, bn)]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, dst, reduction_op="add" if reduce else None)

@@ -17,12 +17,14 @@ minor (row) axis, the inverse permutation. Here:
 * the padded x is a gather of token rows, one source pair per padded row (-1: a zero row), not a
   scatter of x's rows (XLA's row scatter took 2.4 us at 1 token, stop 20; the gather fuses with x's
   fold sums). Mixtral FFN 3-bit at 1 token with both changes: 82.3 -> 80.0 us (H200, s21a);
-* the gate/up launch's partials are summed over the splits with a dense reduction and SiLU(gate) *
-  up of every padded row IS the down launch's padded x (same experts, same order, same MB): nothing
-  is gathered or scattered between the launches. Padding rows are zero in x, so they are zero in
-  the product (act(0) * 0); blocks past the last real one are written by neither launch and never
-  read;
-* the down launch's partials are summed densely, then each pair's row is read once and weighted.
+* the gate/up launch's partials are summed over the splits and SiLU(gate) * up of every padded row IS
+  the down launch's padded x (same experts, same order, same MB): nothing is gathered or scattered
+  between the launches. Padding rows are zero in x, so they are zero in the product (act(0) * 0);
+  blocks past the last real one are written by neither launch and never read. The decode launches
+  store their output by padded row (grouped.ROWS_OUT): the split sum is elementwise adds of column
+  slices that XLA fuses into SiLU(gate) * up, with no transpose between the launches;
+* the down launch's partials are added the same way inside the combine's row gather, which reads
+  each pair's row once (by rows: only the real rows' bytes) and weights it.
 A down projection whose classes order the experts differently (mixed precision with other bit
 widths than gate/up) gets its own padded rows between the launches: a row gather up to UNROLL_PAIRS
 pairs, a row scatter above (see routed_ffn).
