@@ -65,21 +65,18 @@ FOLD_STAGES = 2
 
 @functools.lru_cache(maxsize=None)
 def build(plans: tuple, n: int, num_blocks: int, mb: int, splits: int, k_pad_x: int, interpret: bool,
-          scales_upfront: bool = False, fold: bool = False, rows: bool = False, slots: tuple | None = None):
+          scales_upfront: bool = False, fold: bool = False, rows: bool = False):
     """f(counts [E] int32 by position, (codes, scales, zeros) per class, x [B*MB, k_pad_x] bf16)
     -> [splits*N, B*MB] (bf16 for one split, else float32 partials). counts[p] = MB-row blocks of
     the expert at position p (classes in order, each class's experts in order). scales_upfront:
     grouped Config.scales_upfront. fold: quant_matmul's magic_fold unpack in every class; then x's
     sums per fold block follow x, one array per class (`fold_sums`). rows (fold only, grouped.ROWS_OUT):
-    the output by padded row, [B*MB, splits*N]. slots: (class, local expert) at each position (default:
-    the classes in order, each class's experts in order)."""
+    the output by padded row, [B*MB, splits*N]."""
     if rows and not fold:
         raise ValueError("multi-class build: rows (ROWS_OUT) needs the fold unpack")
     bn = 64
-    if slots is None:
-        slots = tuple((ci, e) for ci, p in enumerate(plans) for e in range(p.num_experts))
-    cls_of = [ci for ci, _ in slots]
-    local_of = [e for _, e in slots]
+    cls_of = [ci for ci, p in enumerate(plans) for _ in range(p.num_experts)]
+    local_of = [e for p in plans for e in range(p.num_experts)]
     total = len(cls_of)
     n_blocks = n // bn
     out_dtype = jnp.bfloat16 if splits == 1 else jnp.float32
@@ -205,24 +202,16 @@ def multi_class_matmul(x: jax.Array, gkw, group_sizes: jax.Array, *, interpret: 
     return _read_back(out, dest, in_groups, num_blocks * mb, splits, gkw.n, rows_out(m, gkw))
 
 
-def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False, order: tuple | None = None):
+def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False):
     """The one launch over padded rows: x_pad [B*MB, >= K] bf16 in position order (plan_layer(m,
     gkw)), counts [E] int32 MB-row blocks per position -> [splits*N, B*MB] (bf16 for one split, else
     float32 partials; blocks past the last real one are not written), [B*MB, splits*N] where
-    `rows_out(m, gkw)`. order: the global expert at each position (default gkw.order, the classes in
-    order); any permutation works, as a CTA looks its class and local expert up in a static table (the
-    routed FFN runs the down launch in the gate/up launch's order: no re-pad between them)."""
+    `rows_out(m, gkw)`."""
     plans, mb, num_blocks, splits, k_pad_x = plan_layer(m, gkw)
     x_pad = x_pad[:, :k_pad_x] if x_pad.shape[1] >= k_pad_x else jnp.pad(x_pad, ((0, 0), (0, k_pad_x - x_pad.shape[1])))
     fold = uses_fold(plans, mb)
-    slots = None
-    if order is not None and tuple(order) != tuple(gkw.order):
-        where = {e: (ci, j) for ci, c in enumerate(gkw.classes) for j, e in enumerate(c.experts)}
-        if sorted(order) != sorted(where):
-            raise ValueError(f"multi-class launch: order {order} is not a permutation of the layer's experts")
-        slots = tuple(where[e] for e in order)
     f = build(plans, gkw.n, num_blocks, mb, splits, k_pad_x, bool(interpret), m <= grouped.UPFRONT_ROWS, fold,
-              fold and grouped.ROWS_OUT, slots)
+              fold and grouped.ROWS_OUT)
     args = [a for c in gkw.classes for a in (c.codes, c.scales, c.zeros)]
     x_pad = x_pad.astype(jnp.bfloat16)
     sums = fold_sums(x_pad, plans) if fold else []

@@ -25,11 +25,9 @@ minor (row) axis, the inverse permutation. Here:
   slices that XLA fuses into SiLU(gate) * up, with no transpose between the launches;
 * the down launch's partials are added the same way inside the combine's row gather, which reads
   each pair's row once (by rows: only the real rows' bytes) and weights it.
-A multi-class down launch (mixed precision) runs in the gate/up launch's expert order whatever its
-own classes' order (its CTAs look their class up per position). Only a one-class down launch after a
-multi-class gate/up launch keeps its own order and gets its own padded rows between the launches: a
-row gather up to UNROLL_PAIRS pairs, a row scatter above (see routed_ffn). Mixtral's mixed 2/3/4-bit
-FFN at 1 token spent 5 us on that re-pad (H100, s27b).
+A down projection whose classes order the experts differently (mixed precision with other bit
+widths than gate/up) gets its own padded rows between the launches: a row gather up to UNROLL_PAIRS
+pairs, a row scatter above (see routed_ffn).
 
 Scope (`applies`): both projections quantized GroupedKernelWeights that run as one launch each (one
 class holding every expert, or the multi-class launch), fewer rows than the prefill path takes.
@@ -78,10 +76,9 @@ class Launch:
         return self.num_blocks * self.mb
 
 
-def launch_for(m: int, gkw, interpret: bool = False, order: tuple | None = None) -> Launch | None:
+def launch_for(m: int, gkw, interpret: bool = False) -> Launch | None:
     """The padded-row launch of `gkw` for m pairs, or None when it takes several launches (classes
-    that the multi-class kernel does not cover) or the prefill path. order: the expert at each padded
-    position for a multi-class launch (default gkw.order; a one-class launch keeps its class's order)."""
+    that the multi-class kernel does not cover) or the prefill path."""
     if grouped.prefill_applies(m, gkw):
         return None
     if grouped._uniform(gkw):
@@ -95,9 +92,8 @@ def launch_for(m: int, gkw, interpret: bool = False, order: tuple | None = None)
                       rows=grouped.rows_out(cfg))
     if multi_class_sm90.applies(gkw):
         _, mb, nb, splits, _ = multi_class_sm90.plan_layer(m, gkw)
-        order = tuple(order or gkw.order)
-        run = lambda x_pad, counts: multi_class_sm90.multi_class_kernel(x_pad, counts, gkw, m, interpret, order)
-        return Launch(order=order, mb=mb, num_blocks=nb, splits=splits, run=run,
+        run = lambda x_pad, counts: multi_class_sm90.multi_class_kernel(x_pad, counts, gkw, m, interpret)
+        return Launch(order=gkw.order, mb=mb, num_blocks=nb, splits=splits, run=run,
                       rows=multi_class_sm90.rows_out(m, gkw))
     return None
 
@@ -185,8 +181,7 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
         raise ValueError(f"routed_ffn: projections {gate_up.shape} / {down.shape} at {m} pairs do not run as one "
                          "padded launch each (see routed_ffn.applies)")
     inter = down.k
-    first = launch_for(m, gate_up, interpret)
-    second = launch_for(m, down, interpret, order=first.order)   # multi-class: in first's order, no re-pad
+    first, second = launch_for(m, gate_up, interpret), launch_for(m, down, interpret)
     dest, counts = padded_rows(ids, first.order, first.mb)
     src = padded_sources(dest, first.rows_pad)                               # pair p reads token p // k
     x_pad = gather_rows(x.astype(jnp.bfloat16), jnp.where(src >= 0, src // k, -1))
