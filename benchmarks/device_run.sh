@@ -702,22 +702,23 @@ PY
     TAIL=5 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
     pack
     ;;
-  s27b)  # stop 27: the decode launches' output by padded row (grouped ROWS_OUT): native grouped + routed suites, then
-          # the FFN by rows vs by columns (same call), REDUCE_SPLITS on the down launch only / on both, the mixed layer
+  s28a)  # next stop: the native grouped + routed suites, then the FFN (uniform and mixed, by rows: the default) against
+          # the mixed re-pad gather without its barrier (routed_ffn.REPAD_BARRIER), the multi-class launch at 3 stages, and
+          # REDUCE_SPLITS on the down launch (>= 4 splits; s27b/c: 78.7 / 78.5 us against 79.8 / 79.2 at 1 token)
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_grouped 200 python3 -m pytest tests/test_routed_ffn.py \
       tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
     pack
-    TAIL=6 step moe_rows 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model --tokens 1,16,64 --budget-s 80 --out "$OUT/moe_layer_s27b_rows.json"
-    TAIL=4 step moe_cols 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model --tokens 1,16,64 --budget-s 50 --set pallas_kernels.grouped_matmul.mgpu_sm90.ROWS_OUT=0 \
-      --out "$OUT/moe_layer_s27b_cols.json"
+    TAIL=6 step moe_default 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 1,16 --budget-s 80 --out "$OUT/moe_layer_s28a.json"
+    TAIL=4 step moe_no_barrier 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls mixed234_model --tokens 1,16 --budget-s 50 \
+      --set pallas_kernels.grouped_matmul.routed_ffn.REPAD_BARRIER=0 --out "$OUT/moe_layer_s28a_no_barrier.json"
+    TAIL=3 step moe_mc_stages3 50 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls mixed234_model --tokens 1 --budget-s 40 \
+      --set pallas_kernels.grouped_matmul.multi_class_sm90.FOLD_STAGES=3 --out "$OUT/moe_layer_s28a_mc_stages3.json"
     TAIL=3 step moe_reduce_down 50 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model --tokens 1,16 --budget-s 40 --set pallas_kernels.grouped_matmul.mgpu_sm90.REDUCE_SPLITS=1 \
-      --set pallas_kernels.grouped_matmul.mgpu_sm90.REDUCE_MIN_SPLITS=4 --out "$OUT/moe_layer_s27b_reduce_down.json"
-    TAIL=3 step moe_reduce_all 50 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model --tokens 1,16 --budget-s 40 --set pallas_kernels.grouped_matmul.mgpu_sm90.REDUCE_SPLITS=1 \
-      --out "$OUT/moe_layer_s27b_reduce_all.json"
+      --set pallas_kernels.grouped_matmul.mgpu_sm90.REDUCE_MIN_SPLITS=4 --out "$OUT/moe_layer_s28a_reduce_down.json"
     grep -h "KERNELS" "$OUT"/moe_*.txt | cut -c1-400
     pack
     ;;

@@ -124,7 +124,7 @@ def test_row_gather_row_scatter_and_split_sum_forms_agree(monkeypatch):
     """The padded buffers built by gathering rows or scattering them (the mixed re-pad takes the gather up
     to UNROLL_PAIRS pairs, the scatter above), and the down partials summed before the combine
     (SUM_SPLITS_FIRST) or inside it, give the same FFN, also for a down projection with its own expert
-    order (the re-pad between the launches)."""
+    order (the re-pad between the launches, its gather with and without REPAD_BARRIER)."""
     rng = _rng(5)
     gate_up, down, _ = _layer(rng, (2, 3, 4, 3), (4, 4, 2, 3))
     x = jnp.asarray(rng.standard_normal((2, H)), jnp.bfloat16)   # 4 pairs: the unrolled re-pad gather
@@ -134,12 +134,14 @@ def test_row_gather_row_scatter_and_split_sum_forms_agree(monkeypatch):
     np.testing.assert_array_equal(np.asarray(rf.gather_rows(x, jnp.where(src >= 0, src // K_TOP, -1))),
                                   np.asarray(rf.scatter_rows(jnp.take(x, jnp.arange(4) // K_TOP, axis=0), dest, 32)))
     outs = []
-    for unroll, first in ((8, False), (0, False), (8, True)):
+    for unroll, first, barrier in ((8, False, True), (0, False, True), (8, True, True), (8, False, False)):
         monkeypatch.setattr(rf, "UNROLL_PAIRS", unroll)
         monkeypatch.setattr(rf, "SUM_SPLITS_FIRST", first)
+        monkeypatch.setattr(rf, "REPAD_BARRIER", barrier)
         outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_allclose(outs[0], outs[2], rtol=1e-2, atol=1e-3)   # same sums, maybe another order
+    np.testing.assert_allclose(outs[0], outs[3], rtol=1e-2, atol=1e-3)   # the re-pad gather without the barrier
 
 
 def test_rows_out_and_columns_out_give_the_same_ffn(monkeypatch):

@@ -55,6 +55,13 @@ COMBINE_BY_SLOT = False
 # 79.6 vs 80.0 us (H200, 2026-12-04, s21a): two fusions of 1.9 + 1.6 us instead of one of 3.5; left off.
 SUM_SPLITS_FIRST = False
 
+# The mixed re-pad's row gather reads a materialized h (an optimization barrier). By columns that is needed:
+# fused into the gather, XLA recomputed SiLU(gate) * up from the strided partials per gathered element (9.2 us
+# at 1 token, H200 s21a). By rows (grouped.ROWS_OUT) a gathered row's partials are contiguous, so False lets
+# the gather compute SiLU(gate) * up of the rows it reads; the materialized h and the gather took 2.5 + 2.5 us
+# in Mixtral's mixed FFN at 1 token (H100, s27b). False is NOT yet timed natively.
+REPAD_BARRIER = True
+
 # Routing bookkeeping (padded rows and each padded row's source pair) as unrolled compares for at most
 # this many (token, slot) pairs, else cumulative sums and an int32 scatter (0: always the latter). The
 # unrolled work grows as pairs squared; 8 covers decode of up to 4 tokens at top-2.
@@ -194,7 +201,9 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
             # partials per gathered element (9.2 us at 1 token, 62 us at 64; H200, s21a). From 16 tokens on
             # the row scatter stays: the gather + the fold sums of h took 28 us there (s21b), the scatter 11
             src2 = padded_sources(dest2, second.rows_pad)
-            h = gather_rows(jax.lax.optimization_barrier(h), jnp.where(src2 >= 0, dest[jnp.maximum(src2, 0)], -1))
+            if REPAD_BARRIER or not first.rows:
+                h = jax.lax.optimization_barrier(h)
+            h = gather_rows(h, jnp.where(src2 >= 0, dest[jnp.maximum(src2, 0)], -1))
         else:
             h = scatter_rows(jnp.take(h, dest, axis=0), dest2, second.rows_pad)
         dest, counts = dest2, counts2
