@@ -339,8 +339,10 @@ FOLD_SPAN = 2
 # Ref aliased through the launch; TMA reduce-add) instead of writing [splits * N, rows] for an XLA sum: the
 # routed FFN's combine would read 1/splits of the bytes (Mixtral's down launch: 14 splits, 3.3 us combine at
 # 1 token). Native only (GPU interpret mode has no reduce-add: interpret runs keep the partials). The adds
-# of the splits land in any order: not bit-reproducible run to run. Lowers from the CPU; NOT yet run
-# natively. Off.
+# of the splits land in any order: not bit-reproducible run to run, hence off. Its native tests pass (H100,
+# 2026-12-07, s27a-c). Mixtral FFN 3-bit (H100, same calls): by columns 80.0 vs 80.5 us at 1 token (s27a); by
+# rows, on every split launch 79.8 vs 79.8, on the down launch only (REDUCE_MIN_SPLITS 4) 78.7 vs 79.8 (s27b)
+# and 78.5 vs 79.2 (s27c); 16 tokens 269.8 vs 268.8 and 268.1 vs 269.0.
 REDUCE_SPLITS = False
 
 
@@ -362,7 +364,8 @@ def reduces_splits(cfg: Config, interpret: bool) -> bool:
 # partials contiguously (the combine after Mixtral's 14-split down launch read every padded row's 64-byte
 # stripe of 3.7 MB for 2 real rows: 3.3 us at 1 token, H100 s27a) and SiLU(gate) * up is elementwise on
 # [rows, 2I] (the gate/up split sum + transpose to rows was its own 2.7 us fusion there). False: [splits*N,
-# B*MB] as the other decode paths.
+# B*MB] as the other decode paths. Mixtral FFN 3-bit (H100, 2026-12-07, s27b, same call): 79.8 vs 82.2 us at
+# 1 token, 268.8 vs 276.2 at 16, 527.4 vs 528.3 at 64 (MB 24: not a fold launch); native suites pass.
 ROWS_OUT = True
 
 
@@ -375,7 +378,8 @@ def rows_out(cfg: Config) -> bool:
 # others keep 2, as the multi-class launch). Mixtral FFN 3-bit on the H100 (2026-12-07, s26g, same call,
 # fold span 2): 1 token 80.7 us at 3 stages vs 84.4 at 2 (the two launches 69.1 vs 73.2 us), 16 tokens
 # 267.3 vs 267.6; the benchmark's relative error against float64 unchanged (1.7e-3). The native test
-# suite of that call ran at 2 stages. emit_pipeline shrinks the depth to a CTA's step count (2 for
+# suite of that call ran at 2 stages (at 3 it passed in s27a). 4 stages: 83.4 vs 80.5 us at 1 token, 285.9 vs
+# 267.2 at 16 (s27a, one process each). emit_pipeline shrinks the depth to a CTA's step count (2 for
 # Mixtral's down launch at 1 token).
 DECODE_STAGES = 3
 
