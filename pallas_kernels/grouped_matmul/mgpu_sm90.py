@@ -384,7 +384,6 @@ def rows_out(cfg: Config) -> bool:
 DECODE_STAGES = 3
 
 
-
 # Split-K of quantized decode launches never leaves a split fewer K rows than this (0: no floor). The
 # partials are [splits * N, B * MB] float32 whatever the rows, so a deep-K, narrow-N projection (Mixtral's
 # down at 1 token: 14 splits of 1024 rows) writes and reads back 3.7 MB for 2 real rows.

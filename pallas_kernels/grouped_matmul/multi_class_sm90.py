@@ -212,7 +212,7 @@ def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False):
     x_pad = x_pad[:, :k_pad_x] if x_pad.shape[1] >= k_pad_x else jnp.pad(x_pad, ((0, 0), (0, k_pad_x - x_pad.shape[1])))
     fold = uses_fold(plans, mb)
     f = build(plans, gkw.n, num_blocks, mb, splits, k_pad_x, bool(interpret), m <= grouped.UPFRONT_ROWS, fold,
-              fold and grouped.ROWS_OUT)
+              rows_out(m, gkw))
     args = [a for c in gkw.classes for a in (c.codes, c.scales, c.zeros)]
     x_pad = x_pad.astype(jnp.bfloat16)
     sums = fold_sums(x_pad, plans) if fold else []
