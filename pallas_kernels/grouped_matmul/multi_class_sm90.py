@@ -59,9 +59,9 @@ def applies(gkw) -> bool:
 
 
 # Pipeline depth of the launch under magic_fold. The one-class launches take 3 (grouped.DECODE_STAGES: Mixtral
-# FFN 80.7 vs 84.4 us at 1 token, H100 s26g). Here 3 took 86.8 vs 87.3 us for the mixed 2/3/4-bit FFN at 1 token
-# (H100, s27a, one process each, by columns): within run-to-run spread, so 2 stays until a same-call timing.
-FOLD_STAGES = 2
+# FFN 80.7 vs 84.4 us at 1 token, H100 s26g). Here the mixed 2/3/4-bit FFN at 1 token took 86.8 us at 3 against
+# 87.3 at 2 (H100, s27a, one process each), then 86.3 against 87.8 (s28a, one call): 3.
+FOLD_STAGES = 3
 
 
 @functools.lru_cache(maxsize=None)

@@ -55,12 +55,13 @@ COMBINE_BY_SLOT = False
 # 79.6 vs 80.0 us (H200, 2026-12-04, s21a): two fusions of 1.9 + 1.6 us instead of one of 3.5; left off.
 SUM_SPLITS_FIRST = False
 
-# The mixed re-pad's row gather reads a materialized h (an optimization barrier). By columns that is needed:
-# fused into the gather, XLA recomputed SiLU(gate) * up from the strided partials per gathered element (9.2 us
-# at 1 token, H200 s21a). By rows (grouped.ROWS_OUT) a gathered row's partials are contiguous, so False lets
-# the gather compute SiLU(gate) * up of the rows it reads; the materialized h and the gather took 2.5 + 2.5 us
-# in Mixtral's mixed FFN at 1 token (H100, s27b). False is NOT yet timed natively.
-REPAD_BARRIER = True
+# The mixed re-pad's row gather reads a materialized h (an optimization barrier: True) or computes SiLU(gate) * up
+# of the rows it reads (False). By columns the barrier is needed: fused into the gather, XLA recomputed
+# SiLU(gate) * up from the strided partials per gathered element (9.2 us at 1 token, H200 s21a), so by columns it
+# stays whatever this says. By rows (grouped.ROWS_OUT) a gathered row's partials are contiguous: Mixtral's mixed
+# 2/3/4-bit FFN at 1 token took 83.9 us without the barrier against 87.8 with it (H100, 2026-12-07, s28a, one
+# call; 282.9 at 16 tokens both, where the row scatter takes over).
+REPAD_BARRIER = False
 
 # Routing bookkeeping (padded rows and each padded row's source pair) as unrolled compares for at most
 # this many (token, slot) pairs, else cumulative sums and an int32 scatter (0: always the latter). The
