@@ -11,8 +11,9 @@ CTAs per SM, each with a single `emit_pipeline` over its L steps, so loads stay 
 first step to the last, across column tiles. A range that crosses into a new column tile stores the
 finished partial sum and starts a new one (the accumulator is the pipeline's carry). A column tile is
 shared by at most `slots` consecutive CTAs; each writes its float32 partial to its own slot of
-out [slots, N, M_pad] (slot = CTA index - first CTA of the tile) and the wrapper sums the slots that
-were written (a static mask: which slots a tile has follows from T, L and the tiling alone).
+out [slots, M_pad, N] (slot = CTA index - first CTA of the tile; [slots, N, M_pad] without ROWS_OUT) and
+the wrapper sums the slots that were written (a static mask: which slots a tile has follows from T, L
+and the tiling alone).
 
 The per-step work (unpack + wgmma into acc[BN, MB] += A[BN, BK] @ x^T) is the split-K kernel's
 (`mgpu_sm90._unpack_and_multiply`), or under unpack="magic_fold" (the default up to 16 tokens per
@@ -47,6 +48,10 @@ PREPASS = True
 # (1.4 us): slower, so off (4096 x 14336 M = 1, H100: 17.3 vs 16.1 us on full boxes, s25a; 16.8 vs 16.2 on
 # short boxes, s26a).
 PREPASS_RANK0 = False
+# The partials by token row, [slots, M_pad, N] (each CTA's [BN, MB] accumulator turned WGMMA_TRANSPOSED and
+# stored through the transposed view of an [MB, BN] tile, as grouped_matmul's ROWS_OUT), so the slot sum reads
+# only the M real rows; False: [slots, N, M_pad], where at M = 1 the sum read MB = 8 padded rows per real one.
+ROWS_OUT = True
 # Two other forms were built, timed and removed (NOTES.md, stop 26): x @ u inside the decode launch (producer
 # CTAs and GMEM semaphores; 20.6 vs 18.4 us at M = 1, rank 32) and x's fold sums inside the kernel (a ones @
 # x^T wgmma per MMA chunk; 16.6 vs 16.3 us at M = 1, 23.7 vs 18.3 at M = 16), H100 2026-12-07.
@@ -80,9 +85,10 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
 
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
-          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0):
+          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0, rows: bool = False):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu, v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
-    float32 partial sums [slots, N, m_pad] (slots the schedule does not write are garbage).
+    float32 partial sums [slots, N, m_pad] ([slots, m_pad, N] with rows; slots the schedule does not
+    write are garbage).
     xu: x @ u [m_pad, Rp] bf16 (xu_parts = 0) or its per-K-tile shares [xu_parts, m_pad, Rp] from the
     pre-pass (prepass_sm90), which the compensator step multiplies by v^T one by one.
     xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums)."""
@@ -170,9 +176,17 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             @pl.when(last & valid)
             def _store():
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # o_smem's last store has read it
-                o_smem[...] = acc
+                if not rows:
+                    o_smem[...] = acc
+                    dst = out.at[slot, pl.ds(ci * bn, bn), pl.ds(mi * mb, mb)]
+                else:
+                    if interpret:
+                        o_smem[...] = acc.T
+                    else:   # lanes swap 2x2 blocks, then the store goes through the transposed view
+                        o_smem.T[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
+                    dst = out.at[slot, pl.ds(mi * mb, mb), pl.ds(ci * bn, bn)]
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, out.at[slot, pl.ds(ci * bn, bn), pl.ds(mi * mb, mb)])
+                plgpu.copy_smem_to_gmem(o_smem, dst)
             return acc
 
         # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
@@ -196,12 +210,13 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
-    scratch += [plgpu.SMEM((bn, mb), jnp.float32)]
+    scratch += [plgpu.SMEM((mb, bn) if rows else (bn, mb), jnp.float32)]
     if comp:
         scratch += [plgpu.SMEM((parts, mb, rank_pad) if parts else (mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.Barrier(num_arrivals=2)]
-    f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((sched.slots, n, m_pad), jnp.float32),
+    out_shape = (sched.slots, m_pad, n) if rows else (sched.slots, n, m_pad)
+    f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(out_shape, jnp.float32),
                      grid=(sched.ctas,), grid_names=("cta",), compiler_params=wg, scratch_types=scratch,
                      **base._interpret_params(interpret))
     return f, sched
@@ -259,10 +274,14 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         if fold:
             args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret), parts)
-    partials = f(*args)                                               # [slots, N, m_pad] f32
+                             max_ctas, bool(interpret), parts, ROWS_OUT)
+    partials = f(*args)                                               # [slots, N, m_pad] f32 (by rows: [slots, m_pad, N])
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
+    if ROWS_OUT:   # the real rows only; a slot's mask is per (token block, column tile)
+        mask = np.repeat(written, mb, axis=1)[:, :m, :, None]                   # [slots, m, col_tiles, 1]
+        real = partials[:, :m].reshape(sched.slots, m, kw.n // bn, bn)
+        return jnp.where(jnp.asarray(mask), real, 0.0).sum(0).reshape(m, kw.n).astype(jnp.bfloat16)
     partials = partials.reshape(sched.slots, kw.n // bn, bn, m_pad // mb, mb)
     mask = jnp.asarray(written.transpose(0, 2, 1))[:, :, None, :, None]
     y_t = jnp.where(mask, partials, 0.0).sum(0).reshape(kw.n, m_pad)
