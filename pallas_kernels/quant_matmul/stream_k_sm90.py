@@ -51,6 +51,8 @@ PREPASS_RANK0 = False
 # The partials by token row, [slots, M_pad, N] (each CTA's [BN, MB] accumulator turned WGMMA_TRANSPOSED and
 # stored through the transposed view of an [MB, BN] tile, as grouped_matmul's ROWS_OUT), so the slot sum reads
 # only the M real rows; False: [slots, N, M_pad], where at M = 1 the sum read MB = 8 padded rows per real one.
+# 4096 x 14336 3-bit g64, us at M = 1 / 4 / 16 / 64 (H100, 2026-12-07, s28b, same call): 16.0 / 16.3 / 17.9 / 28.9
+# against 16.1 / 16.3 / 18.0 / 30.2; rank 32 at M = 1 18.2 vs 18.4. Native tests pass with it (31, s28b).
 ROWS_OUT = True
 # Two other forms were built, timed and removed (NOTES.md, stop 26): x @ u inside the decode launch (producer
 # CTAs and GMEM semaphores; 20.6 vs 18.4 us at M = 1, rank 32) and x's fold sums inside the kernel (a ones @
