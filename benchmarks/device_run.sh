@@ -748,5 +748,17 @@ PY
     grep -l "mosaic_gpu" /tmp/hlo/*after_optimizations.txt | head -4 | xargs -r tar -cf "$OUT/hlo.tar"
     pack
     ;;
+  s29a)  # next stop: the mixed FFN at the stop-28 defaults (re-pad without barrier + multi-class 3 stages: each timed alone
+          # in s28a, never together), then the 1-token FFN's optimized HLO (which XLA fusions the glue is)
+    TAIL=6 step moe 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 1,16 --budget-s 180 --out "$OUT/moe_layer_s29a.json"
+    grep -h "KERNELS" "$OUT"/moe.txt | cut -c1-400
+    pack
+    mkdir -p /tmp/hlo
+    XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" TAIL=2 step moe_hlo 90 python3 -m benchmarks.moe_layer \
+      --models mixtral-8x7b --impls q3_model --tokens 1 --budget-s 40 --out /tmp/moe_hlo.json
+    grep -l "mosaic_gpu" /tmp/hlo/*after_optimizations.txt | head -4 | xargs -r tar -cf "$OUT/hlo.tar"
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
