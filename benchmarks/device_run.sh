@@ -749,10 +749,17 @@ PY
     pack
     ;;
   s29a)  # next stop: the mixed FFN at the stop-28 defaults (re-pad without barrier + multi-class 3 stages: each timed alone
-          # in s28a, never together), then the 1-token FFN's optimized HLO (which XLA fusions the glue is)
+          # in s28a, never together), FUSED_BOOKKEEPING natively and timed, then the 1-token FFN's optimized HLO
     TAIL=6 step moe 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model,mixed234_model --tokens 1,16 --budget-s 180 --out "$OUT/moe_layer_s29a.json"
     grep -h "KERNELS" "$OUT"/moe.txt | cut -c1-400
+    pack
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_fused 150 python3 -m pytest tests/test_routed_ffn.py -q \
+      -m gpu -k fused_bookkeeping -rfEs -p no:cacheprovider -n 2
+    TAIL=4 step moe_fused 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
+      --impls q3_model,mixed234_model --tokens 1 --budget-s 70 \
+      --set pallas_kernels.grouped_matmul.routed_ffn.FUSED_BOOKKEEPING=1 --out "$OUT/moe_layer_s29a_fused.json"
+    grep -h "KERNELS" "$OUT"/moe_fused.txt | cut -c1-400
     pack
     mkdir -p /tmp/hlo
     XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" TAIL=2 step moe_hlo 90 python3 -m benchmarks.moe_layer \

@@ -53,6 +53,23 @@ def test_stream_k_interpret(k, n, m, rank, ctas):
         assert rel_err(y, ref64(x, qt, compensator=False)) > 5 * err
 
 
+@pytest.mark.parametrize("k,n,m,rank,ctas", [CASES[1], CASES[2]])
+def test_stream_k_rows_and_columns_out_agree(monkeypatch, k, n, m, rank, ctas):
+    """ROWS_OUT (partials [slots, M_pad, N], only the M real rows summed) and the column layout ([slots, N,
+    M_pad]) hold the same partials: the same sums in the same slot order, so equal outputs; two token blocks
+    (M = 70) and a compensated M = 5 inside one block."""
+    rng = _rng()
+    qt = make_weight(k, n, 3, 64, rank, rng)
+    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+    x = make_x(m, k, rng)
+    outs = []
+    for rows in (True, False):
+        monkeypatch.setattr(sk, "ROWS_OUT", rows)
+        outs.append(np.asarray(sk.matmul_stream_k(x, kw, max_ctas=ctas, interpret=True), np.float32))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert rel_err(jnp.asarray(outs[0]), ref64(x, qt)) < TOL
+
+
 def test_stream_k_interpret_f32_unpack_per_channel():
     """The planar f32 unpack (other bit widths) and per-channel scales through the same schedule."""
     rng = _rng()

@@ -120,6 +120,41 @@ def test_padded_rows_unrolled_and_cumsum_forms_agree(monkeypatch, unroll):
         assert (src >= 0).sum() == t * k and set(src[src < 0]) <= {-1}
 
 
+def test_decode_bookkeeping_is_the_separate_arrays_concatenated():
+    """decode_bookkeeping = [padded_rows' counts | its dest | the token of each padded row (-1: padding)]."""
+    rng = np.random.default_rng(7160)
+    for e, t, k, mb in ((8, 1, 2, 8), (8, 4, 2, 8), (4, 2, 2, 16), (60, 2, 4, 8)):
+        order = tuple(int(i) for i in rng.permutation(e))
+        ids = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32))
+        dest, counts = (np.asarray(a) for a in rf.padded_rows(ids, order, mb))
+        rows_pad = int(counts.sum()) * mb + mb
+        src = np.asarray(rf.padded_sources(jnp.asarray(dest), rows_pad))
+        meta = np.asarray(jax.jit(rf.decode_bookkeeping, static_argnums=(1, 2, 3))(ids, order, mb, rows_pad))
+        assert meta.dtype == np.int32 and meta.shape == (e + t * k + rows_pad,)
+        np.testing.assert_array_equal(meta[:e], counts)
+        np.testing.assert_array_equal(meta[e:e + t * k], dest)
+        np.testing.assert_array_equal(meta[e + t * k:], np.where(src >= 0, src // k, -1))
+
+
+@pytest.mark.parametrize("case", ["rank8", "mixed_other_order"])
+def test_fused_bookkeeping_gives_the_same_ffn(monkeypatch, case):
+    """FUSED_BOOKKEEPING: the launches read their counts from the front of one bookkeeping array (a class
+    with a compensator slices it for its x @ u groups; a mixed layer re-pads for its down order): bit-equal
+    to the separate arrays."""
+    rng = _rng(11)
+    gate_bits, down_bits, rank = {"rank8": ((3,) * E, (3,) * E, 8),
+                                  "mixed_other_order": ((2, 3, 4, 3), (4, 4, 2, 3), 0)}[case]
+    gate_up, down, experts64 = _layer(rng, gate_bits, down_bits, rank)
+    x = jnp.asarray(rng.standard_normal((2, H)), jnp.bfloat16)
+    ids, w = routings(2, rng)[0]
+    outs = []
+    for fused in (False, True):
+        monkeypatch.setattr(rf, "FUSED_BOOKKEEPING", fused)
+        outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert rel_err(jnp.asarray(outs[1]), ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL
+
+
 def test_row_gather_row_scatter_and_split_sum_forms_agree(monkeypatch):
     """The padded buffers built by gathering rows or scattering them (the mixed re-pad takes the gather up
     to UNROLL_PAIRS pairs, the scatter above), and the down partials summed before the combine
@@ -233,11 +268,14 @@ def test_applies_and_refuses():
                       gate_up, mixed_rank, interpret=True)
 
 
-def test_routed_ffn_lowers_natively_on_cpu():
-    """Two Mosaic GPU launches and no sort in the lowered FFN (1 token, top-2)."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_routed_ffn_lowers_natively_on_cpu(monkeypatch, fused):
+    """Two Mosaic GPU launches and no sort in the lowered FFN (1 token, top-2), with the bookkeeping as
+    separate arrays and as one (FUSED_BOOKKEEPING)."""
     reason = cuda_lowering_unavailable()
     if reason:
         pytest.skip(reason)
+    monkeypatch.setattr(rf, "FUSED_BOOKKEEPING", fused)
     rng = _rng(2)
     gate_up, down, _ = _layer(rng, (3,) * E, (3,) * E)
     f = jax.jit(lambda x, w, i: rf.routed_ffn(x, w, i, gate_up, down))
@@ -245,6 +283,7 @@ def test_routed_ffn_lowers_natively_on_cpu():
                    jax.ShapeDtypeStruct((1, 2), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
     assert "stablehlo.sort" not in text
+    assert ("stablehlo.concatenate" in text) == fused
 
 
 @pytest.mark.gpu
@@ -262,6 +301,23 @@ def test_sm90_native_routed_ffn(case):
         assert rf.launch_for(2, down).splits > 1
     f = jax.jit(lambda x, w, i, a, b: api.routed_ffn(x, w, i, a, b))
     for t in (1, 3, 40):
+        x = jnp.asarray(rng.standard_normal((t, H)), jnp.bfloat16)
+        for ids, w in routings(t, rng):
+            y = f(x, w, ids, gate_up, down)
+            assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL, (case, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
+@pytest.mark.parametrize("case", ["uniform3", "mixed_split_k"])
+def test_sm90_native_fused_bookkeeping(monkeypatch, case):
+    """FUSED_BOOKKEEPING natively: the launches read their counts from the front of the one array."""
+    monkeypatch.setattr(rf, "FUSED_BOOKKEEPING", True)
+    rng = _rng(12)
+    gate_bits, down_bits = ((3,) * E, (3,) * E) if case == "uniform3" else ((2, 3, 4, 3), (4, 4, 2, 3))
+    gate_up, down, experts64 = _layer(rng, gate_bits, down_bits, inter=I if case == "uniform3" else 1024)
+    f = jax.jit(lambda x, w, i, a, b: api.routed_ffn(x, w, i, a, b))
+    for t in (1, 3):
         x = jnp.asarray(rng.standard_normal((t, H)), jnp.bfloat16)
         for ids, w in routings(t, rng):
             y = f(x, w, ids, gate_up, down)

@@ -277,7 +277,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
             args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
                              max_ctas, bool(interpret), parts, ROWS_OUT)
-    partials = f(*args)                                               # [slots, N, m_pad] f32 (by rows: [slots, m_pad, N])
+    partials = f(*args)                                # [slots, N, m_pad] f32; by rows [slots, m_pad, N]
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
     if ROWS_OUT:   # the real rows only; a slot's mask is per (token block, column tile)
