@@ -57,8 +57,8 @@ SUM_SPLITS_FIRST = False
 
 # The mixed re-pad's row gather reads a materialized h (an optimization barrier: True) or computes SiLU(gate) * up
 # of the rows it reads (False). By columns the barrier is needed: fused into the gather, XLA recomputed
-# SiLU(gate) * up from the strided partials per gathered element (9.2 us at 1 token, H200 s21a), so by columns it
-# stays whatever this says. By rows (grouped.ROWS_OUT) a gathered row's partials are contiguous: Mixtral's mixed
+# SiLU(gate) * up from the strided partials per gathered element (9.2 us at 1 token, H200 s21a), so by columns the
+# barrier stays whatever this says. By rows (grouped.ROWS_OUT) a gathered row's partials are contiguous: Mixtral's mixed
 # 2/3/4-bit FFN at 1 token took 83.9 us without the barrier against 87.8 with it (H100, 2026-12-07, s28a, one
 # call; 282.9 at 16 tokens both, where the row scatter takes over).
 REPAD_BARRIER = False
