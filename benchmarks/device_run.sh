@@ -702,52 +702,6 @@ PY
     TAIL=5 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
     pack
     ;;
-  s28a)  # next stop: the native grouped + routed suites, then the FFN (uniform and mixed, by rows: the default) against
-          # the mixed re-pad gather without its barrier (routed_ffn.REPAD_BARRIER), the multi-class launch at 3 stages, and
-          # REDUCE_SPLITS on the down launch (>= 4 splits; s27b/c: 78.7 / 78.5 us against 79.8 / 79.2 at 1 token)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=8 step native_grouped 200 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    pack
-    TAIL=6 step moe_default 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model --tokens 1,16 --budget-s 80 --out "$OUT/moe_layer_s28a.json"
-    TAIL=4 step moe_no_barrier 60 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls mixed234_model --tokens 1,16 --budget-s 50 \
-      --set pallas_kernels.grouped_matmul.routed_ffn.REPAD_BARRIER=0 --out "$OUT/moe_layer_s28a_no_barrier.json"
-    TAIL=3 step moe_mc_stages3 50 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls mixed234_model --tokens 1 --budget-s 40 \
-      --set pallas_kernels.grouped_matmul.multi_class_sm90.FOLD_STAGES=3 --out "$OUT/moe_layer_s28a_mc_stages3.json"
-    TAIL=3 step moe_reduce_down 50 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model --tokens 1,16 --budget-s 40 --set pallas_kernels.grouped_matmul.mgpu_sm90.REDUCE_SPLITS=1 \
-      --set pallas_kernels.grouped_matmul.mgpu_sm90.REDUCE_MIN_SPLITS=4 --out "$OUT/moe_layer_s28a_reduce_down.json"
-    grep -h "KERNELS" "$OUT"/moe_*.txt | cut -c1-400
-    pack
-    ;;
-  s28b)  # the new defaults natively (grouped / routed suites at multi-class FOLD_STAGES 3 and no re-pad barrier; stream-K
-          # with its partials by row), the issue-6 table with stream-K ROWS_OUT on and off, the FFN at 1 / 16 / 64 tokens
-          # beside ragged_dot bf16 (same call), and XLA's optimized HLO of the 1-token FFN (the glue's fusions)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_grouped 200 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_stream_k 200 python3 -m pytest tests/test_quant_matmul_stream_k.py \
-      tests/test_quant_matmul_prepass.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    pack
-    TAIL=3 step qm 100 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 --ours-bits 3,4 \
-      --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s28b.json"
-    grep -E "KERNELS" "$OUT/qm.txt" | cut -c1-300
-    TAIL=3 step qm_cols 60 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 --ours-bits 3 \
-      --peers '' --ranks 0,32 --breakdown --no-torch --set pallas_kernels.quant_matmul.stream_k_sm90.ROWS_OUT=0 \
-      --out "$OUT/quant_matmul_s28b_cols.json"
-    grep -E "KERNELS" "$OUT/qm_cols.txt" | cut -c1-300
-    pack
-    TAIL=8 step moe 120 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls ragged_dot_bf16,q3_model,mixed234_model --tokens 1,16,64 --budget-s 110 --out "$OUT/moe_layer_s28b.json"
-    grep -h "KERNELS" "$OUT"/moe.txt | cut -c1-400
-    pack
-    mkdir -p /tmp/hlo
-    XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" TAIL=2 step moe_hlo 60 python3 -m benchmarks.moe_layer \
-      --models mixtral-8x7b --impls q3_model --tokens 1 --budget-s 30 --out /tmp/moe_hlo.json
-    grep -l "mosaic_gpu" /tmp/hlo/*after_optimizations.txt | head -4 | xargs -r tar -cf "$OUT/hlo.tar"
-    pack
-    ;;
   s29a)  # next stop: the mixed FFN at the stop-28 defaults (re-pad without barrier + multi-class 3 stages: each timed alone
           # in s28a, never together), FUSED_BOOKKEEPING natively and timed, then the 1-token FFN's optimized HLO
     TAIL=6 step moe 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
@@ -755,7 +709,7 @@ PY
     grep -h "KERNELS" "$OUT"/moe.txt | cut -c1-400
     pack
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_fused 150 python3 -m pytest tests/test_routed_ffn.py -q \
-      -m gpu -k fused_bookkeeping -rfEs -p no:cacheprovider -n 2
+      -m gpu -k "native_routed_ffn and fused" -rfEs -p no:cacheprovider -n 2
     TAIL=4 step moe_fused 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
       --impls q3_model,mixed234_model --tokens 1 --budget-s 70 \
       --set pallas_kernels.grouped_matmul.routed_ffn.FUSED_BOOKKEEPING=1 --out "$OUT/moe_layer_s29a_fused.json"

@@ -60,6 +60,13 @@ def ffn64(x, weights, ids, experts64):
     return y
 
 
+def _ffn_under(monkeypatch, settings: dict, x, w, ids, gate_up, down):
+    """The interpret-mode routed FFN as float32 numpy with routed_ffn's module constants set to `settings`."""
+    for name, value in settings.items():
+        monkeypatch.setattr(rf, name, value)
+    return np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32)
+
+
 def rel_err(y, y64):
     y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
     assert np.all(np.isfinite(y))
@@ -120,22 +127,6 @@ def test_padded_rows_unrolled_and_cumsum_forms_agree(monkeypatch, unroll):
         assert (src >= 0).sum() == t * k and set(src[src < 0]) <= {-1}
 
 
-def test_decode_bookkeeping_is_the_separate_arrays_concatenated():
-    """decode_bookkeeping = [padded_rows' counts | its dest | the token of each padded row (-1: padding)]."""
-    rng = np.random.default_rng(7160)
-    for e, t, k, mb in ((8, 1, 2, 8), (8, 4, 2, 8), (4, 2, 2, 16), (60, 2, 4, 8)):
-        order = tuple(int(i) for i in rng.permutation(e))
-        ids = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32))
-        dest, counts = (np.asarray(a) for a in rf.padded_rows(ids, order, mb))
-        rows_pad = int(counts.sum()) * mb + mb
-        src = np.asarray(rf.padded_sources(jnp.asarray(dest), rows_pad))
-        meta = np.asarray(jax.jit(rf.decode_bookkeeping, static_argnums=(1, 2, 3))(ids, order, mb, rows_pad))
-        assert meta.dtype == np.int32 and meta.shape == (e + t * k + rows_pad,)
-        np.testing.assert_array_equal(meta[:e], counts)
-        np.testing.assert_array_equal(meta[e:e + t * k], dest)
-        np.testing.assert_array_equal(meta[e + t * k:], np.where(src >= 0, src // k, -1))
-
-
 @pytest.mark.parametrize("case", ["rank8", "mixed_other_order"])
 def test_fused_bookkeeping_gives_the_same_ffn(monkeypatch, case):
     """FUSED_BOOKKEEPING: the launches read their counts from the front of one bookkeeping array (a class
@@ -147,10 +138,7 @@ def test_fused_bookkeeping_gives_the_same_ffn(monkeypatch, case):
     gate_up, down, experts64 = _layer(rng, gate_bits, down_bits, rank)
     x = jnp.asarray(rng.standard_normal((1, H)), jnp.bfloat16)
     ids, w = routings(1, rng)[0]
-    outs = []
-    for fused in (False, True):
-        monkeypatch.setattr(rf, "FUSED_BOOKKEEPING", fused)
-        outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
+    outs = [_ffn_under(monkeypatch, dict(FUSED_BOOKKEEPING=fused), x, w, ids, gate_up, down) for fused in (False, True)]
     np.testing.assert_array_equal(outs[1], outs[0])
     assert rel_err(jnp.asarray(outs[1]), ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL
 
@@ -168,12 +156,9 @@ def test_row_gather_row_scatter_and_split_sum_forms_agree(monkeypatch):
     src = rf.padded_sources(dest, 32)
     np.testing.assert_array_equal(np.asarray(rf.gather_rows(x, jnp.where(src >= 0, src // K_TOP, -1))),
                                   np.asarray(rf.scatter_rows(jnp.take(x, jnp.arange(4) // K_TOP, axis=0), dest, 32)))
-    outs = []
-    for unroll, first, barrier in ((8, False, True), (0, False, True), (8, True, True), (8, False, False)):
-        monkeypatch.setattr(rf, "UNROLL_PAIRS", unroll)
-        monkeypatch.setattr(rf, "SUM_SPLITS_FIRST", first)
-        monkeypatch.setattr(rf, "REPAD_BARRIER", barrier)
-        outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
+    outs = [_ffn_under(monkeypatch, dict(UNROLL_PAIRS=unroll, SUM_SPLITS_FIRST=first, REPAD_BARRIER=barrier),
+                       x, w, ids, gate_up, down)
+            for unroll, first, barrier in ((8, False, True), (0, False, True), (8, True, True), (8, False, False))]
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_allclose(outs[0], outs[2], rtol=1e-2, atol=1e-3)   # same sums, maybe another order
     np.testing.assert_allclose(outs[0], outs[3], rtol=1e-2, atol=1e-3)   # the re-pad gather without the barrier
@@ -288,10 +273,15 @@ def test_routed_ffn_lowers_natively_on_cpu(monkeypatch, fused):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
-@pytest.mark.parametrize("case", ["uniform3", "mixed_other_order", "mixed_split_k"])
-def test_sm90_native_routed_ffn(case):
+@pytest.mark.parametrize("case,fused", [("uniform3", False), ("mixed_other_order", False), ("mixed_split_k", False),
+                                        ("uniform3", True), ("mixed_split_k", True)],
+                         ids=["uniform3", "mixed_other_order", "mixed_split_k", "uniform3_fused",
+                              "mixed_split_k_fused"])
+def test_sm90_native_routed_ffn(monkeypatch, case, fused):
     """mixed_split_k: the multi-class down launch splits K (Mixtral's does: 14 splits), which the E = 4,
-    I = 128 layers do not; a change that passed the other cases natively failed there (grouped NOTES, stop 27)."""
+    I = 128 layers do not; a change that passed the other cases natively failed there (grouped NOTES, stop 27).
+    fused: FUSED_BOOKKEEPING (the launches read their counts from the front of one bookkeeping array)."""
+    monkeypatch.setattr(rf, "FUSED_BOOKKEEPING", fused)
     rng = _rng(3)
     gate_bits, down_bits = {"uniform3": ((3,) * E, (3,) * E), "mixed_other_order": ((2, 3, 4, 3), (4, 4, 2, 3)),
                             "mixed_split_k": ((2, 3, 4, 3), (4, 4, 2, 3))}[case]
@@ -307,33 +297,14 @@ def test_sm90_native_routed_ffn(case):
             assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL, (case, t)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
-@pytest.mark.parametrize("case", ["uniform3", "mixed_split_k"])
-def test_sm90_native_fused_bookkeeping(monkeypatch, case):
-    """FUSED_BOOKKEEPING natively: the launches read their counts from the front of the one array."""
-    monkeypatch.setattr(rf, "FUSED_BOOKKEEPING", True)
-    rng = _rng(12)
-    gate_bits, down_bits = ((3,) * E, (3,) * E) if case == "uniform3" else ((2, 3, 4, 3), (4, 4, 2, 3))
-    gate_up, down, experts64 = _layer(rng, gate_bits, down_bits, inter=I if case == "uniform3" else 1024)
-    f = jax.jit(lambda x, w, i, a, b: api.routed_ffn(x, w, i, a, b))
-    for t in (1, 3):
-        x = jnp.asarray(rng.standard_normal((t, H)), jnp.bfloat16)
-        for ids, w in routings(t, rng):
-            y = f(x, w, ids, gate_up, down)
-            assert rel_err(y, ffn64(x, np.asarray(w), np.asarray(ids), experts64)) < TOL, (case, t)
-
-
 def test_combine_orders_agree(monkeypatch):
     """The two forms of the weighted combine (COMBINE_BY_SLOT) give the same FFN."""
     rng = _rng(4)
     gate_up, down, _ = _layer(rng, (3,) * E, (3,) * E)
     x = jnp.asarray(rng.standard_normal((3, H)), jnp.bfloat16)
     ids, w = routings(3, rng)[0]
-    outs = []
-    for by_slot in (False, True):
-        monkeypatch.setattr(rf, "COMBINE_BY_SLOT", by_slot)
-        outs.append(np.asarray(rf.routed_ffn(x, w, ids, gate_up, down, interpret=True), np.float32))
+    outs = [_ffn_under(monkeypatch, dict(COMBINE_BY_SLOT=by_slot), x, w, ids, gate_up, down)
+            for by_slot in (False, True)]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-2, atol=1e-3)
 
 

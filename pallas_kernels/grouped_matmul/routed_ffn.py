@@ -68,10 +68,10 @@ REPAD_BARRIER = False
 # unrolled work grows as pairs squared; 8 covers decode of up to 4 tokens at top-2.
 UNROLL_PAIRS = 8
 
-# Decode bookkeeping (at most UNROLL_PAIRS pairs) as ONE int32 array, [E block counts | P padded rows | R tokens]
-# (`decode_bookkeeping`), for one XLA fusion where the separate arrays made two (1.18 + 1.02 us at 1 token,
-# H100 s28b): the launches read its first E entries as their counts, the x gather and the combine slice the
-# rest (slices fuse into their consumers). False: the separate arrays. NOT yet timed natively.
+# Decode bookkeeping (at most UNROLL_PAIRS pairs) packed into ONE int32 array, [E block counts | P padded rows |
+# R tokens], for one XLA fusion where the separate arrays made two (1.18 + 1.02 us at 1 token, H100 s28b): the
+# launches read its first E entries as their counts, the x gather and the combine slice the rest (slices fuse
+# into their consumers). Same values either way. False: the separate arrays. NOT yet timed natively.
 FUSED_BOOKKEEPING = False
 
 
@@ -82,7 +82,7 @@ class Launch:
     mb: int               # rows per block
     num_blocks: int       # static bound B of row blocks
     splits: int           # split-K partials in the output
-    run: Callable         # (x_pad [B*MB, K'] , counts [E] int32) -> [splits * N, B * MB], or by rows:
+    run: Callable         # (x_pad [B*MB, K'] , counts [>= E] int32) -> [splits * N, B * MB], or by rows:
     rows: bool            # [B * MB, splits * N] (grouped.ROWS_OUT)
 
     @property
@@ -160,15 +160,6 @@ def padded_sources(dest: jax.Array, rows_pad: int) -> jax.Array:
     return jnp.full((rows_pad,), -1, jnp.int32).at[dest].set(jnp.arange(p, dtype=jnp.int32))
 
 
-def decode_bookkeeping(ids: jax.Array, order: tuple, mb: int, rows_pad: int) -> jax.Array:
-    """ids [T, k] int32 (T * k <= UNROLL_PAIRS) -> int32 [E + T*k + rows_pad]: `padded_rows`' counts (by
-    position) and padded row of each pair, then the token each padded row reads (-1: a padding row)."""
-    k = ids.shape[1]
-    dest, counts = padded_rows(ids, order, mb)
-    src = padded_sources(dest, rows_pad)
-    return jnp.concatenate([counts.astype(jnp.int32), dest.astype(jnp.int32), jnp.where(src >= 0, src // k, -1)])
-
-
 def gather_rows(a: jax.Array, index: jax.Array) -> jax.Array:
     """a [N, C], index [R] (-1: none) -> [R, C]: row index[r] of a, zeros where index < 0."""
     rows = jnp.take(a, jnp.maximum(index, 0), axis=0)
@@ -205,14 +196,13 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
                          "padded launch each (see routed_ffn.applies)")
     inter = down.k
     first, second = launch_for(m, gate_up, interpret), launch_for(m, down, interpret)
+    dest, counts = padded_rows(ids, first.order, first.mb)
+    src = padded_sources(dest, first.rows_pad)                               # pair p reads token p // k
+    tokens = jnp.where(src >= 0, src // k, -1)
     if FUSED_BOOKKEEPING and m <= UNROLL_PAIRS:   # one array; the launches read its first E entries
         e = len(first.order)
-        counts = decode_bookkeeping(ids, first.order, first.mb, first.rows_pad)
+        counts = jnp.concatenate([counts.astype(jnp.int32), dest.astype(jnp.int32), tokens.astype(jnp.int32)])
         dest, tokens = counts[e:e + m], counts[e + m:]
-    else:
-        dest, counts = padded_rows(ids, first.order, first.mb)
-        src = padded_sources(dest, first.rows_pad)                           # pair p reads token p // k
-        tokens = jnp.where(src >= 0, src // k, -1)
     x_pad = gather_rows(x.astype(jnp.bfloat16), tokens)
     gu = _summed(first.run(x_pad, counts), first, gate_up.n)                 # [R, 2I]
     h = (act(gu[:, :inter]) * gu[:, inter:]).astype(jnp.bfloat16)             # [R, I]
