@@ -721,5 +721,11 @@ PY
     grep -l "mosaic_gpu" /tmp/hlo/*after_optimizations.txt | head -4 | xargs -r tar -cf "$OUT/hlo.tar"
     pack
     ;;
+  s29b)  # issue 6's ceiling on the H100: the stream-K magic_fold kernel against its loads alone, a constant A (MMAs +
+          # folds, no conversion) and L2-resident weights (compute-bound), 4096 x 14336 3-bit M = 1 and 16
+    TAIL=8 step probes 200 python3 -m benchmarks.profile_decode --time --variants sk,skstream,sknoconv,skhot
+    TAIL=8 step probes16 150 python3 -m benchmarks.profile_decode --time --m 16 --variants sk,skstream,sknoconv,skhot
+    pack
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

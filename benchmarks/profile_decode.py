@@ -11,7 +11,7 @@ Variants (4096 x 14336 3-bit g64 planar_pairs, M=1 unless --m):
             pipeline's own ceiling; the output is meaningless)
   splitN    split-K with k_splits=N
   sk        the stream-K kernel (stream_k_sm90.py) with default_config's unpack; +ctas=N caps its CTAs
-            (default 2 per SM); skstream: its loads alone (unpack + MMA removed); skcompute: its unpack
+            (default 2 per SM); skstream: its loads alone (unpack + MMA (+ fold) removed); skcompute: its unpack
             and MMA without the weight traffic (codes, scales and zeros cut to one TMA box: every other
             box reads out of bounds, which TMA fills with zeros without touching memory); skhot: the
             stream-K kernel timed on one weight, not rotated (25.7 MB: it stays in the 50 MB L2, so the
@@ -47,6 +47,12 @@ from benchmarks.quant_matmul_variants import kernel_breakdown, random_weights
 
 def _no_unpack(acc, a_buf, planes, s_ref, z_ref, x_ref, **kw):
     del acc, a_buf, planes, s_ref, z_ref, x_ref, kw
+
+
+def _no_fold(acc, *args, **kw):
+    """skstream under magic_fold: the step returns its carry unchanged (loads alone)."""
+    del args, kw
+    return acc
 
 
 def _conv_then_one_mma(acc, a_buf, planes, s_ref, z_ref, x_ref, *, bits, slab, bn, chunk, nchunks,
@@ -125,6 +131,8 @@ def run(variant: str, k: int, n: int, m: int, reps: int, interpret: bool):
         name, val = o.split("=")
         patches[name] = val not in ("0", "False", "false") if isinstance(getattr(mgpu_sm90, name), bool) else int(val)
     opts = [o for o in opts if not o.split("=")[0].isupper()]
+    if base == "skstream":   # magic_fold (the stream-K default up to 16 tokens) multiplies in its own function
+        patches["_fold_unpack_and_multiply"] = _no_fold
     if base == "sknomma":
         patches["_unpack_and_multiply"] = _conv_then_one_mma
     elif base == "sknoconv":
