@@ -715,6 +715,8 @@ PY
       --set pallas_kernels.grouped_matmul.routed_ffn.FUSED_BOOKKEEPING=1 --out "$OUT/moe_layer_s29a_fused.json"
     grep -h "KERNELS" "$OUT"/moe_fused.txt | cut -c1-400
     pack
+    TAIL=8 step probes 110 python3 -m benchmarks.profile_decode --time --variants sk,skstream,sknoconv,skhot
+    pack
     mkdir -p /tmp/hlo
     XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" TAIL=2 step moe_hlo 90 python3 -m benchmarks.moe_layer \
       --models mixtral-8x7b --impls q3_model --tokens 1 --budget-s 40 --out /tmp/moe_hlo.json
