@@ -553,8 +553,6 @@ def main(argv=None):
                     help="override quant_matmul.mgpu_sm90.FOLD_SPAN (fold blocks per accumulator scope)")
     ap.add_argument("--sorted-ffn", action="store_true",
                     help="model path through grouped_matmul per projection (sorted rows), not routed_ffn's padded rows")
-    ap.add_argument("--routed-combine", choices=("slots", "reduce"), default=None,
-                    help="grouped_matmul.routed_ffn.COMBINE_BY_SLOT: k unrolled row reads or a gather + sum")
     ap.add_argument("--hlo-dir", default=None, help="write each case's optimized HLO (one layer) into this folder")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.ATTR=VALUE",
                     help="override a module constant before timing (an int; 0/1 for a switch), e.g. "
@@ -563,9 +561,6 @@ def main(argv=None):
     apply_overrides(args.set, log)
     global HLO_DIR
     HLO_DIR = args.hlo_dir
-    if args.routed_combine:
-        from pallas_kernels.grouped_matmul import routed_ffn as routed_ffn_mod
-        routed_ffn_mod.COMBINE_BY_SLOT = args.routed_combine == "slots"
     from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped_mgpu
     if args.grouped_cta_target:
         grouped_mgpu.CTA_TARGET = args.grouped_cta_target

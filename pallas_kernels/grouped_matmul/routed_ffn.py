@@ -44,16 +44,10 @@ import jax.numpy as jnp
 from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, multi_class_sm90
 
 
-# The weighted combine as k unrolled row reads (True) or one gather then a sum over the k slots
-# (False). Mixtral FFN at 1 token: 87.5 vs 86.0-86.2 us (H200, 2026-12-02, moe_layer s16a/s16b,
-# --routed-combine), so the gather + sum stays.
-COMBINE_BY_SLOT = False
-
-# The down launch's split-K partials summed in a dense reduction of their own before the combine's
-# gather (True: an optimization barrier keeps XLA from fusing the sum into the gather, where each output
-# element reads splits * k strided partials), or fused into the combine (False). Mixtral FFN at 1 token:
-# 79.6 vs 80.0 us (H200, 2026-12-04, s21a): two fusions of 1.9 + 1.6 us instead of one of 3.5; left off.
-SUM_SPLITS_FIRST = False
+# Two other forms were timed and removed (grouped NOTES, stops 16, 21 and 29): the weighted combine as k unrolled
+# row reads (87.5 vs 86.0-86.2 us at 1 token, H200 s16a/b) and the down partials summed in a reduction of their
+# own before the combine's gather (79.6 vs 80.0, H200 s21a; 88.5 vs 88.0, H100 s26e): neither
+# paid for its branch. Commit 3bdd085 holds them.
 
 # The mixed re-pad's row gather reads a materialized h (an optimization barrier: True) or computes SiLU(gate) * up
 # of the rows it reads (False). By columns the barrier is needed: fused into the gather, XLA recomputed
@@ -220,12 +214,7 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
             h = scatter_rows(jnp.take(h, dest, axis=0), dest2, second.rows_pad)
         dest, counts = dest2, counts2
     y_pad = _summed(second.run(h, counts), second, down.n)                   # [R, H]
-    if SUM_SPLITS_FIRST:
-        y_pad = jax.lax.optimization_barrier(y_pad)
+    # the pairs' rows gathered and weighted; XLA fuses the down partials' split adds into this gather
     w = weights.astype(jnp.float32)
-    if COMBINE_BY_SLOT:   # k weighted row reads, unrolled: an elementwise fusion, no reduction
-        dest = dest.reshape(t, k)
-        y = sum(w[:, j, None] * jnp.take(y_pad, dest[:, j], axis=0) for j in range(k))
-    else:
-        y = jnp.sum(jnp.take(y_pad, dest, axis=0).reshape(t, k, down.n) * w[..., None], axis=1)
+    y = jnp.sum(jnp.take(y_pad, dest, axis=0).reshape(t, k, down.n) * w[..., None], axis=1)
     return y.astype(x.dtype)
