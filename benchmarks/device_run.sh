@@ -702,31 +702,11 @@ PY
     TAIL=5 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
     pack
     ;;
-  s29a)  # next stop: the mixed FFN at the stop-28 defaults (re-pad without barrier + multi-class 3 stages: each timed alone
-          # in s28a, never together), FUSED_BOOKKEEPING natively and timed, then the 1-token FFN's optimized HLO
-    TAIL=6 step moe 200 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model --tokens 1,16 --budget-s 180 --out "$OUT/moe_layer_s29a.json"
-    grep -h "KERNELS" "$OUT"/moe.txt | cut -c1-400
+  s29c)  # stop 29's close: the native routed + grouped suites after the removed switches, then the ceiling probes at M = 16
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_grouped 200 python3 -m pytest tests/test_routed_ffn.py \
+      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
     pack
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_fused 150 python3 -m pytest tests/test_routed_ffn.py -q \
-      -m gpu -k "native_routed_ffn and fused" -rfEs -p no:cacheprovider -n 2
-    TAIL=4 step moe_fused 90 python3 -m benchmarks.moe_layer --models mixtral-8x7b --breakdown \
-      --impls q3_model,mixed234_model --tokens 1 --budget-s 70 \
-      --set pallas_kernels.grouped_matmul.routed_ffn.FUSED_BOOKKEEPING=1 --out "$OUT/moe_layer_s29a_fused.json"
-    grep -h "KERNELS" "$OUT"/moe_fused.txt | cut -c1-400
-    pack
-    TAIL=8 step probes 110 python3 -m benchmarks.profile_decode --time --variants sk,skstream,sknoconv,skhot
-    pack
-    mkdir -p /tmp/hlo
-    XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" TAIL=2 step moe_hlo 90 python3 -m benchmarks.moe_layer \
-      --models mixtral-8x7b --impls q3_model --tokens 1 --budget-s 40 --out /tmp/moe_hlo.json
-    grep -l "mosaic_gpu" /tmp/hlo/*after_optimizations.txt | head -4 | xargs -r tar -cf "$OUT/hlo.tar"
-    pack
-    ;;
-  s29b)  # issue 6's ceiling on the H100: the stream-K magic_fold kernel against its loads alone, a constant A (MMAs +
-          # folds, no conversion) and L2-resident weights (compute-bound), 4096 x 14336 3-bit M = 1 and 16
-    TAIL=8 step probes 200 python3 -m benchmarks.profile_decode --time --variants sk,skstream,sknoconv,skhot
-    TAIL=8 step probes16 150 python3 -m benchmarks.profile_decode --time --m 16 --variants sk,skstream,sknoconv,skhot
+    TAIL=8 step probes16 100 python3 -m benchmarks.profile_decode --time --m 16 --variants sk,skstream,sknoconv,skhot
     pack
     ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;

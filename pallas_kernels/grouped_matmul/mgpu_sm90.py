@@ -714,8 +714,7 @@ def class_config(m: int, c, cfg: Config | None) -> tuple[Config, int]:
 
 def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool):
     """The class's launch over the padded rows: x_pad [B*MB, >= K] (each local expert's rows from
-    a multiple of MB; zero rows pad them), counts [>= Ec] int32 MB-row blocks per local expert (entries
-    past Ec are not read: the routed FFN may pass its whole bookkeeping array) ->
+    a multiple of MB; zero rows pad them), counts [Ec] int32 MB-row blocks per local expert ->
     [splits * N, B * MB] (bf16 for one split, else float32 partials; blocks past the last real one
     are not written), or [N, B * MB] float32 summed where `reduces_splits`; both transposed ([B * MB,
     splits * N], [B * MB, N]) where `rows_out(cfg)`."""
@@ -730,7 +729,7 @@ def class_kernel(x_pad, counts, c, cfg: Config, num_blocks: int, interpret: bool
     if c.u is not None:
         rank_pad = c.v_t.shape[1]
         # x @ u per padded row: groups = each local expert's padded segment (zero rows add 0)
-        xu = jax.lax.ragged_dot(x_pad[:, :k], c.u, counts[:len(c.experts)] * mb, preferred_element_type=jnp.float32)
+        xu = jax.lax.ragged_dot(x_pad[:, :k], c.u, counts * mb, preferred_element_type=jnp.float32)
         xu = jnp.pad(xu.astype(jnp.bfloat16), ((0, 0), (0, rank_pad - c.u.shape[2])))   # only split 0 reads it
         args += [xu, c.v_t]
     if cfg.unpack == "magic_f16":

@@ -205,8 +205,8 @@ def multi_class_matmul(x: jax.Array, gkw, group_sizes: jax.Array, *, interpret: 
 
 def multi_class_kernel(x_pad, counts, gkw, m: int, interpret: bool = False):
     """The one launch over padded rows: x_pad [B*MB, >= K] bf16 in position order (plan_layer(m,
-    gkw)), counts [>= E] int32 MB-row blocks per position (entries past E are not read) -> [splits*N,
-    B*MB] (bf16 for one split, else float32 partials; blocks past the last real one are not written),
+    gkw)), counts [E] int32 MB-row blocks per position -> [splits*N, B*MB] (bf16 for one split, else
+    float32 partials; blocks past the last real one are not written),
     [B*MB, splits*N] where `rows_out(m, gkw)`."""
     plans, mb, num_blocks, splits, k_pad_x = plan_layer(m, gkw)
     x_pad = x_pad[:, :k_pad_x] if x_pad.shape[1] >= k_pad_x else jnp.pad(x_pad, ((0, 0), (0, k_pad_x - x_pad.shape[1])))

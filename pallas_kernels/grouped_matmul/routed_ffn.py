@@ -47,7 +47,8 @@ from pallas_kernels.grouped_matmul import mgpu_sm90 as grouped, multi_class_sm90
 # Two other forms were timed and removed (grouped NOTES, stops 16, 21 and 29): the weighted combine as k unrolled
 # row reads (87.5 vs 86.0-86.2 us at 1 token, H200 s16a/b) and the down partials summed in a reduction of their
 # own before the combine's gather (79.6 vs 80.0, H200 s21a; 88.5 vs 88.0, H100 s26e): neither
-# paid for its branch. Commit 3bdd085 holds them.
+# paid for its branch. Nor did the decode bookkeeping packed into one int32 array (FUSED_BOOKKEEPING: XLA still
+# made two fusions; mixed 87.5 vs 83.2 us at 1 token, H100 s29a). Commit 3bdd085 holds all three.
 
 # The mixed re-pad's row gather reads a materialized h (an optimization barrier: True) or computes SiLU(gate) * up
 # of the rows it reads (False). By columns the barrier is needed: fused into the gather, XLA recomputed
@@ -61,12 +62,6 @@ REPAD_BARRIER = False
 # this many (token, slot) pairs, else cumulative sums and an int32 scatter (0: always the latter). The
 # unrolled work grows as pairs squared; 8 covers decode of up to 4 tokens at top-2.
 UNROLL_PAIRS = 8
-
-# Decode bookkeeping (at most UNROLL_PAIRS pairs) packed into ONE int32 array, [E block counts | P padded rows |
-# R tokens], for one XLA fusion where the separate arrays made two (1.18 + 1.02 us at 1 token, H100 s28b): the
-# launches read its first E entries as their counts, the x gather and the combine slice the rest (slices fuse
-# into their consumers). Same values either way. False: the separate arrays. NOT yet timed natively.
-FUSED_BOOKKEEPING = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +188,6 @@ def routed_ffn(x: jax.Array, weights: jax.Array, ids: jax.Array, gate_up, down, 
     dest, counts = padded_rows(ids, first.order, first.mb)
     src = padded_sources(dest, first.rows_pad)                               # pair p reads token p // k
     tokens = jnp.where(src >= 0, src // k, -1)
-    if FUSED_BOOKKEEPING and m <= UNROLL_PAIRS:   # one array; the launches read its first E entries
-        e = len(first.order)
-        counts = jnp.concatenate([counts.astype(jnp.int32), dest.astype(jnp.int32), tokens.astype(jnp.int32)])
-        dest, tokens = counts[e:e + m], counts[e + m:]
     x_pad = gather_rows(x.astype(jnp.bfloat16), tokens)
     gu = _summed(first.run(x_pad, counts), first, gate_up.n)                 # [R, 2I]
     h = (act(gu[:, :inter]) * gu[:, inter:]).astype(jnp.bfloat16)             # [R, I]
