@@ -702,12 +702,5 @@ PY
     TAIL=5 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
     pack
     ;;
-  s29c)  # stop 29's close: the native routed + grouped suites after the removed switches, then the ceiling probes at M = 16
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=4 step native_grouped 200 python3 -m pytest tests/test_routed_ffn.py \
-      tests/test_grouped_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
-    pack
-    TAIL=8 step probes16 100 python3 -m benchmarks.profile_decode --time --m 16 --variants sk,skstream,sknoconv,skhot
-    pack
-    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac
