@@ -702,5 +702,18 @@ PY
     TAIL=5 step time_m1 100 python3 -m benchmarks.profile_decode --time --variants sk,sk+ctas=396,sk+stages=3,sk+ctas=396+stages=3
     pack
     ;;
+  s30a)  # next stop: the warp-specialized stream-K decode kernel (stream_k_sm90.WARP_SPECIALIZED, prepared in stop 29, never
+          # run natively): its native tests, then 4096 x 14336 3-bit at M = 1 / 4 / 16 against the default, same call
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_ws 200 python3 -m pytest tests/test_quant_matmul_stream_k.py \
+      -q -m gpu -k warp_specialized -rfEs -p no:cacheprovider -n 3
+    pack
+    SK=pallas_kernels.quant_matmul.stream_k_sm90
+    for v in "0" "1" "1 --set $SK.WS_STAGES=3" "1 --set $SK.WS_STAGES=6"; do
+      name=$(echo "$v" | tr -c 'A-Za-z0-9' _)
+      TAIL=10 step qm_ws_$name 90 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16 --ours-bits 3 \
+        --peers '' --ranks 0 --breakdown --no-torch --set $SK.WARP_SPECIALIZED=$v --out "$OUT/quant_matmul_s30a_ws_$name.json"
+      pack
+    done
+    ;;
   *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]"; exit 2 ;;
 esac

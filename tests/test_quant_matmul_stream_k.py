@@ -237,3 +237,53 @@ def test_fold_span_cap():
     assert mgpu_sm90.fold_span(8, 8, 2) == 2
     assert mgpu_sm90.fold_span(6, 8, 4) == 3
     assert mgpu_sm90.fold_span(8, 64, 4) == 1
+
+
+@pytest.mark.parametrize("k,n,m,rank,ctas", [CASES[0], (1536, 128, 12, 0, 5)])
+def test_stream_k_warp_specialized_matches(monkeypatch, k, n, m, rank, ctas):
+    """WARP_SPECIALIZED (a producer warpgroup issuing the loads, a compute warpgroup running the same step
+    body): the same partials as the one-warpgroup pipeline, so the same output; magic_fold (its scope: up
+    to 16 tokens, no compensator) with ranges that cross tiles, at M = 1 and 12."""
+    rng = _rng()
+    qt = make_weight(k, n, 3, 64, rank, rng)
+    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+    x = make_x(m, k, rng)
+    outs = []
+    for ws in (False, True):
+        monkeypatch.setattr(sk, "WARP_SPECIALIZED", ws)
+        outs.append(np.asarray(sk.matmul_stream_k(x, kw, max_ctas=ctas, interpret=True), np.float32))
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert rel_err(jnp.asarray(outs[1]), ref64(x, qt)) < TOL
+
+
+def test_stream_k_warp_specialized_lowers_for_sm90_on_cpu(monkeypatch):
+    reason = cuda_lowering_unavailable()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setattr(sk, "WARP_SPECIALIZED", True)
+    rng = _rng()
+    kw = layout.prepare(make_weight(1024, 128, 3, 64, 0, rng), layout=layout.PAIRS_LAYOUT)
+    f = jax.jit(lambda x, kw: sk.matmul_stream_k(x, kw, max_ctas=264))
+    text = f.trace(jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), kw).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not api._on_sm90(), reason="needs an sm90 (Hopper) GPU")
+@pytest.mark.parametrize("bits,group", [(3, 64), (2, 64), (4, 128)])
+def test_stream_k_warp_specialized_native_gpu(monkeypatch, bits, group):
+    """WARP_SPECIALIZED natively: against float64 and bit-equal to the one-warpgroup pipeline (the same step
+    body on the same partials), M in its scope (magic_fold, up to 16 tokens), several CTA counts."""
+    rng = _rng()
+    k, n = 2048, 1408
+    qt = make_weight(k, n, bits, group, 0, rng)
+    kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
+    for m in (1, 5, 16):
+        x = make_x(m, k, rng)
+        for ctas in (None, 7):
+            outs = []
+            for ws in (False, True):
+                monkeypatch.setattr(sk, "WARP_SPECIALIZED", ws)
+                outs.append(np.asarray(sk.matmul_stream_k(x, kw, max_ctas=ctas), np.float32))
+            np.testing.assert_array_equal(outs[1], outs[0], err_msg=str((bits, group, m, ctas)))
+            assert rel_err(jnp.asarray(outs[1]), ref64(x, qt)) < TOL, (bits, group, m, ctas)

@@ -54,6 +54,14 @@ PREPASS_RANK0 = False
 # 4096 x 14336 3-bit g64, us at M = 1 / 4 / 16 / 64 (H100, 2026-12-07, s28b, same call): 16.0 / 16.3 / 17.9 / 28.9
 # against 16.1 / 16.3 / 18.0 / 30.2; rank 32 at M = 1 18.2 vs 18.4. Native tests pass with it (31, s28b).
 ROWS_OUT = True
+# A producer warpgroup per CTA (`plgpu.emit_pipeline_warp_specialized`): one warpgroup only issues the TMA loads,
+# WS_STAGES steps ahead, the other unpacks and multiplies, so loads are never held up behind a step's compute.
+# Why (NOTES.md, stop 29): the kernel's loads alone reach 81% of copy with this pipeline, the whole kernel 63%.
+# magic_fold (the default up to 16 tokens) without a compensator only: the other steps allocate scoped buffers,
+# which a one-warpgroup region cannot (interpret mode refuses it). Prepared, NOT yet timed or run natively (interpret and CUDA lowering tests only); off.
+WARP_SPECIALIZED = False
+WS_STAGES = 4
+WS_MEMORY_REGISTERS = 40   # the producer warpgroup's register budget (setmaxnreg), as jax's Hopper examples use
 # Two other forms were built, timed and removed (NOTES.md, stop 26): x @ u inside the decode launch (producer
 # CTAs and GMEM semaphores; 20.6 vs 18.4 us at M = 1, rank 32) and x's fold sums inside the kernel (a ones @
 # x^T wgmma per MMA chunk; 16.6 vs 16.3 us at M = 1, 23.7 vs 18.3 at M = 16), H100 2026-12-07.
@@ -87,13 +95,16 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
 
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
-          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0, rows: bool = False):
+          cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0, rows: bool = False,
+          warp_specialized: bool = False):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu, v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
     float32 partial sums [slots, N, m_pad] ([slots, m_pad, N] with rows; slots the schedule does not
     write are garbage).
     xu: x @ u [m_pad, Rp] bf16 (xu_parts = 0) or its per-K-tile shares [xu_parts, m_pad, Rp] from the
     pre-pass (prepass_sm90), which the compensator step multiplies by v^T one by one.
-    xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums)."""
+    xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums).
+    warp_specialized: two warpgroups per CTA, one issuing the loads WS_STAGES steps ahead, one computing
+    (see WARP_SPECIALIZED)."""
     cfg = dataclasses.replace(cfg, k_splits=1)
     tl = base._tiling(bits, slab, k_pad, n, cfg)
     wps, tile_rows, kt = tl.wps, tl.tile_rows, tl.steps
@@ -107,6 +118,9 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     comp = rank_pad > 0
     parts = xu_parts
     plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab, scales_upfront=True)
+    # the compensator step and the non-fold steps allocate scoped buffers, which a one-warpgroup region cannot
+    # (interpret mode refuses it): warp specialization for magic_fold without a compensator only
+    warp_specialized = warp_specialized and plan.fold and not comp
     tr = base._swizzle_transforms(slab)
     tr_r = base.compensator_transforms(rank_pad)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
@@ -204,12 +218,21 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             in_specs.append(plgpu.BlockSpec((base.fold_rows_per_tile(nf), mb),
                                             lambda s: (tile_of(s)[2], tile_of(s)[0])))
             pipe_in.append(ins[-1])
-        init = jnp.zeros((bn, mb), jnp.float32)
-        if not interpret:
-            init = plgpu.layout_cast(init, plgpu.Layout.WGMMA)
-        plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
-                            init_carry=init)(*pipe_in)
-        plgpu.wait_smem_to_gmem(0)
+        def init():
+            zero = jnp.zeros((bn, mb), jnp.float32)
+            return zero if interpret else plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+
+        if warp_specialized:
+            def compute(pipeline):   # runs in the compute warpgroup only; the body's stores are its own
+                pipeline(init())
+                plgpu.wait_smem_to_gmem(0)
+            plgpu.emit_pipeline_warp_specialized(
+                body, grid=(per,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
+                max_concurrent_steps=WS_STAGES, wg_axis="wg", num_compute_wgs=1, compute_context=compute)(*pipe_in)
+        else:
+            plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
+                                init_carry=init())(*pipe_in)
+            plgpu.wait_smem_to_gmem(0)
 
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
     scratch += [plgpu.SMEM((mb, bn) if rows else (bn, mb), jnp.float32)]
@@ -218,9 +241,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.Barrier(num_arrivals=2)]
     out_shape = (sched.slots, m_pad, n) if rows else (sched.slots, n, m_pad)
+    threads = dict(num_threads=2, thread_name="wg") if warp_specialized else {}
     f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(out_shape, jnp.float32),
                      grid=(sched.ctas,), grid_names=("cta",), compiler_params=wg, scratch_types=scratch,
-                     **base._interpret_params(interpret))
+                     **threads, **base._interpret_params(interpret))
     return f, sched
 
 
@@ -276,7 +300,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         if fold:
             args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret), parts, ROWS_OUT)
+                             max_ctas, bool(interpret), parts, ROWS_OUT, WARP_SPECIALIZED)
     partials = f(*args)                                # [slots, N, m_pad] f32; by rows [slots, m_pad, N]
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
