@@ -58,7 +58,8 @@ ROWS_OUT = True
 # WS_STAGES steps ahead, the other unpacks and multiplies, so loads are never held up behind a step's compute.
 # Why (NOTES.md, stop 29): the kernel's loads alone reach 81% of copy with this pipeline, the whole kernel 63%.
 # magic_fold (the default up to 16 tokens) without a compensator only: the other steps allocate scoped buffers,
-# which a one-warpgroup region cannot (interpret mode refuses it). Prepared, NOT yet timed or run natively (interpret and CUDA lowering tests only); off.
+# which a one-warpgroup region cannot (interpret mode refuses it). Prepared, NOT yet timed or run natively
+# (interpret and CUDA lowering tests only); off.
 WARP_SPECIALIZED = False
 WS_STAGES = 4
 WS_MEMORY_REGISTERS = 40   # the producer warpgroup's register budget (setmaxnreg), as jax's Hopper examples use
@@ -96,14 +97,14 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
           cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0, rows: bool = False,
-          warp_specialized: bool = False):
+          ws_stages: int = 0):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu, v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
     float32 partial sums [slots, N, m_pad] ([slots, m_pad, N] with rows; slots the schedule does not
     write are garbage).
     xu: x @ u [m_pad, Rp] bf16 (xu_parts = 0) or its per-K-tile shares [xu_parts, m_pad, Rp] from the
     pre-pass (prepass_sm90), which the compensator step multiplies by v^T one by one.
     xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums).
-    warp_specialized: two warpgroups per CTA, one issuing the loads WS_STAGES steps ahead, one computing
+    ws_stages > 0: two warpgroups per CTA, one issuing the loads ws_stages steps ahead, one computing
     (see WARP_SPECIALIZED)."""
     cfg = dataclasses.replace(cfg, k_splits=1)
     tl = base._tiling(bits, slab, k_pad, n, cfg)
@@ -120,7 +121,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     plan = base._unpack_plan(cfg.unpack, cfg.a_regs, cfg.overlap, bits, chunk, nchunks, slab, scales_upfront=True)
     # the compensator step and the non-fold steps allocate scoped buffers, which a one-warpgroup region cannot
     # (interpret mode refuses it): warp specialization for magic_fold without a compensator only
-    warp_specialized = warp_specialized and plan.fold and not comp
+    warp_specialized = ws_stages > 0 and plan.fold and not comp
     tr = base._swizzle_transforms(slab)
     tr_r = base.compensator_transforms(rank_pad)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
@@ -228,7 +229,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 plgpu.wait_smem_to_gmem(0)
             plgpu.emit_pipeline_warp_specialized(
                 body, grid=(per,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
-                max_concurrent_steps=WS_STAGES, wg_axis="wg", num_compute_wgs=1, compute_context=compute)(*pipe_in)
+                max_concurrent_steps=ws_stages, wg_axis="wg", num_compute_wgs=1, compute_context=compute)(*pipe_in)
         else:
             plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
                                 init_carry=init())(*pipe_in)
@@ -300,7 +301,8 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         if fold:
             args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret), parts, ROWS_OUT, WARP_SPECIALIZED)
+                             max_ctas, bool(interpret), parts, ROWS_OUT,
+                             WS_STAGES if WARP_SPECIALIZED else 0)
     partials = f(*args)                                # [slots, N, m_pad] f32; by rows [slots, m_pad, N]
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
