@@ -39,6 +39,15 @@ CASES = [
 ]
 
 
+def _outputs_under(monkeypatch, name: str, values, x, kw, **kwargs) -> list:
+    """matmul_stream_k's output (float32 numpy) with stream_k_sm90.<name> set to each of `values`."""
+    outs = []
+    for value in values:
+        monkeypatch.setattr(sk, name, value)
+        outs.append(np.asarray(sk.matmul_stream_k(x, kw, **kwargs), np.float32))
+    return outs
+
+
 @pytest.mark.parametrize("k,n,m,rank,ctas", CASES)
 def test_stream_k_interpret(k, n, m, rank, ctas):
     rng = _rng()
@@ -62,10 +71,7 @@ def test_stream_k_rows_and_columns_out_agree(monkeypatch, k, n, m, rank, ctas):
     qt = make_weight(k, n, 3, 64, rank, rng)
     kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
     x = make_x(m, k, rng)
-    outs = []
-    for rows in (True, False):
-        monkeypatch.setattr(sk, "ROWS_OUT", rows)
-        outs.append(np.asarray(sk.matmul_stream_k(x, kw, max_ctas=ctas, interpret=True), np.float32))
+    outs = _outputs_under(monkeypatch, "ROWS_OUT", (True, False), x, kw, max_ctas=ctas, interpret=True)
     np.testing.assert_array_equal(outs[0], outs[1])
     assert rel_err(jnp.asarray(outs[0]), ref64(x, qt)) < TOL
 
@@ -80,12 +86,15 @@ def test_stream_k_interpret_f32_unpack_per_channel():
     assert rel_err(y, ref64(x, qt)) < TOL
 
 
-def test_stream_k_lowers_for_sm90_on_cpu():
+@pytest.mark.parametrize("ws,rank", [(False, 32), (True, 0)], ids=["rank32", "warp_specialized"])
+def test_stream_k_lowers_for_sm90_on_cpu(monkeypatch, ws, rank):
+    """The kernel lowers for CUDA from the CPU: with a compensator, and WARP_SPECIALIZED (its scope: rank 0)."""
     reason = cuda_lowering_unavailable()
     if reason:
         pytest.skip(reason)
+    monkeypatch.setattr(sk, "WARP_SPECIALIZED", ws)
     rng = _rng()
-    kw = layout.prepare(make_weight(1024, 128, 3, 64, 32, rng), layout=layout.PAIRS_LAYOUT)
+    kw = layout.prepare(make_weight(1024, 128, 3, 64, rank, rng), layout=layout.PAIRS_LAYOUT)
     f = jax.jit(lambda x, kw: sk.matmul_stream_k(x, kw, max_ctas=264))
     text = f.trace(jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), kw).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
@@ -248,24 +257,9 @@ def test_stream_k_warp_specialized_matches(monkeypatch, k, n, m, rank, ctas):
     qt = make_weight(k, n, 3, 64, rank, rng)
     kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
     x = make_x(m, k, rng)
-    outs = []
-    for ws in (False, True):
-        monkeypatch.setattr(sk, "WARP_SPECIALIZED", ws)
-        outs.append(np.asarray(sk.matmul_stream_k(x, kw, max_ctas=ctas, interpret=True), np.float32))
+    outs = _outputs_under(monkeypatch, "WARP_SPECIALIZED", (False, True), x, kw, max_ctas=ctas, interpret=True)
     np.testing.assert_array_equal(outs[1], outs[0])
     assert rel_err(jnp.asarray(outs[1]), ref64(x, qt)) < TOL
-
-
-def test_stream_k_warp_specialized_lowers_for_sm90_on_cpu(monkeypatch):
-    reason = cuda_lowering_unavailable()
-    if reason:
-        pytest.skip(reason)
-    monkeypatch.setattr(sk, "WARP_SPECIALIZED", True)
-    rng = _rng()
-    kw = layout.prepare(make_weight(1024, 128, 3, 64, 0, rng), layout=layout.PAIRS_LAYOUT)
-    f = jax.jit(lambda x, kw: sk.matmul_stream_k(x, kw, max_ctas=264))
-    text = f.trace(jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), kw).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
 
 
 @pytest.mark.gpu
@@ -281,9 +275,6 @@ def test_stream_k_warp_specialized_native_gpu(monkeypatch, bits, group):
     for m in (1, 5, 16):
         x = make_x(m, k, rng)
         for ctas in (None, 7):
-            outs = []
-            for ws in (False, True):
-                monkeypatch.setattr(sk, "WARP_SPECIALIZED", ws)
-                outs.append(np.asarray(sk.matmul_stream_k(x, kw, max_ctas=ctas), np.float32))
+            outs = _outputs_under(monkeypatch, "WARP_SPECIALIZED", (False, True), x, kw, max_ctas=ctas)
             np.testing.assert_array_equal(outs[1], outs[0], err_msg=str((bits, group, m, ctas)))
             assert rel_err(jnp.asarray(outs[1]), ref64(x, qt)) < TOL, (bits, group, m, ctas)
