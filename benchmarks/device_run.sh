@@ -27,6 +27,7 @@ step() {  # step NAME TIMEOUT CMD...: run, keep the log, show its tail
   local rc=$?
   echo "=== $name: rc $rc in $(( $(date +%s) - t0 )) s"
   tail -n "${TAIL:-25}" "$OUT/$name.txt"
+  return $rc
 }
 pack() {  # move what $OUT holds into $OUT/results.tar (the device returns at most 8 files)
   (cd "$OUT" && ls | grep -v '^results.tar$' | xargs -r tar -rf results.tar --remove-files)
@@ -704,13 +705,16 @@ PY
     ;;
   s30a)  # next stop: the warp-specialized stream-K decode kernel (stream_k_sm90.WARP_SPECIALIZED, prepared in stop 29, never
           # run natively): its native tests, then 4096 x 14336 3-bit at M = 1 / 4 / 16 against the default, same call
-    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_ws 200 python3 -m pytest tests/test_quant_matmul_stream_k.py \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_ws 150 python3 -m pytest tests/test_quant_matmul_stream_k.py \
       -q -m gpu -k warp_specialized -rfEs -p no:cacheprovider -n 3
+    ws_rc=$?
     pack
     SK=pallas_kernels.quant_matmul.stream_k_sm90
-    for v in "0" "1" "1 --set $SK.WS_STAGES=3" "1 --set $SK.WS_STAGES=6"; do
+    variants=("0" "1" "1 --set $SK.WS_STAGES=6" "1 --set $SK.WS_CTAS_PER_SM=2" "1 --set $SK.WS_STAGES=2 --set $SK.WS_CTAS_PER_SM=2")
+    [ $ws_rc = 124 ] && variants=("0")   # a hang: time the default only
+    for v in "${variants[@]}"; do
       name=$(echo "$v" | tr -c 'A-Za-z0-9' _)
-      TAIL=10 step qm_ws_$name 90 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16 --ours-bits 3 \
+      TAIL=10 step qm_ws_$name 80 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16 --ours-bits 3 \
         --peers '' --ranks 0 --breakdown --no-torch --set $SK.WARP_SPECIALIZED=$v --out "$OUT/quant_matmul_s30a_ws_$name.json"
       pack
     done

@@ -63,6 +63,9 @@ ROWS_OUT = True
 WARP_SPECIALIZED = False
 WS_STAGES = 4
 WS_MEMORY_REGISTERS = 40   # the producer warpgroup's register budget (setmaxnreg), as jax's Hopper examples use
+# CTAs per SM under WARP_SPECIALIZED: two warpgroups per CTA, the compute one raised to 256 registers, so two CTAs
+# (2 x 296 x 128 registers) do not fit an SM's 64K; the schedule deals its steps to one CTA per SM instead.
+WS_CTAS_PER_SM = 1
 # Two other forms were built, timed and removed (NOTES.md, stop 26): x @ u inside the decode launch (producer
 # CTAs and GMEM semaphores; 20.6 vs 18.4 us at M = 1, rank 32) and x's fold sums inside the kernel (a ones @
 # x^T wgmma per MMA chunk; 16.6 vs 16.3 us at M = 1, 23.7 vs 18.3 at M = 16), H100 2026-12-07.
@@ -249,15 +252,15 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     return f, sched
 
 
-def max_ctas_default() -> int:
-    """CTAs the schedule may use: 2 per SM of the local GPU (132 SMs on the H100; 4 in interpret runs,
+def max_ctas_default(per_sm: int = 2) -> int:
+    """CTAs the schedule may use: per_sm per SM of the local GPU (132 SMs on the H100; 4 in interpret runs,
     enough to give tiles several ranges)."""
     try:
         dev = jax.devices()[0]
         sms = getattr(dev, "core_count", None) if dev.platform == "gpu" else None
     except RuntimeError:
         sms = None
-    return 2 * (sms or H100_SMS)
+    return per_sm * (sms or H100_SMS)
 
 
 def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | None = None,
@@ -274,11 +277,12 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         cfg = dataclasses.replace(cfg, chunk_slots=per)
     if cfg.unpack.startswith("magic") != (kw.layout == layout.PAIRS_LAYOUT):
         raise ValueError(f"quant_matmul: unpack={cfg.unpack!r} does not read weights in layout {kw.layout!r}")
-    max_ctas = max_ctas or (4 if interpret else max_ctas_default())
     mb = cfg.block_m
     m_pad = -(-m // mb) * mb
     rank_pad = 0 if kw.u is None else kw.v_t.shape[1]
     fold = cfg.unpack == "magic_fold"
+    ws_stages = WS_STAGES if WARP_SPECIALIZED and fold and not rank_pad else 0   # where build can specialize
+    max_ctas = max_ctas or (4 if interpret else max_ctas_default(WS_CTAS_PER_SM if ws_stages else 2))
     tile_rows = kw.tile_rows
     k_tiles = kw.k_pad // tile_rows
     parts = 0
@@ -301,8 +305,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         if fold:
             args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret), parts, ROWS_OUT,
-                             WS_STAGES if WARP_SPECIALIZED else 0)
+                             max_ctas, bool(interpret), parts, ROWS_OUT, ws_stages)
     partials = f(*args)                                # [slots, N, m_pad] f32; by rows [slots, m_pad, N]
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
