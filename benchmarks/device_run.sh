@@ -84,5 +84,14 @@ case "$1" in
       pack
     done
     ;;
-  *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]|profile [VARIANTS]|s30a"; exit 2 ;;
+  s30b)  # after s30a, with WARP_SPECIALIZED on by default: the dense decode suites natively, then issue 6's table
+    XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_stream_k 200 python3 -m pytest tests/test_quant_matmul_stream_k.py \
+      tests/test_quant_matmul_prepass.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
+    pack
+    TAIL=3 step qm 120 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 --ours-bits 2,3,4 \
+      --peers torch_int4_g128 --ranks 0,32 --breakdown --out "$OUT/quant_matmul_s30b.json"
+    grep -E "KERNELS" "$OUT/qm.txt" | cut -c1-300
+    pack
+    ;;
+  *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]|profile [VARIANTS]|s30a|s30b"; exit 2 ;;
 esac
