@@ -6,7 +6,7 @@
 #   bash benchmarks/device_run.sh qm_rest     # quant_matmul: DeepSeek and 4096^2 shapes (append)
 #   bash benchmarks/device_run.sh moe MODEL   # moe_layer, one model per call, every impl (resumable)
 #   bash benchmarks/device_run.sh profile [VARIANTS]   # CUPTI times of decode probes + Nsight Compute counters
-#   bash benchmarks/device_run.sh s30a        # this stop's run (the modes of stops 11-29, which the NOTES cite by
+#   bash benchmarks/device_run.sh s30c        # this stop's run (the modes of stops 11-29, which the NOTES cite by
 #                                             # name, are in git history: `git show 85c245b:benchmarks/device_run.sh`)
 # Needs .whl (carry): pytest-xdist + execnet for the native tests, hqq (+ termcolor) for the quantize-speed peer, gemlite for quant_matmul's
 # peers, tokamax + qwix (+ deps) for moe_layer's int4 peer. Everything lands in $OUT.
@@ -68,21 +68,38 @@ case "$1" in
     ncu --import "$OUT/decode.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
     grep -E "^  [a-z_]+|Duration|DRAM Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Issued Warp|Eligible|L2 Hit|Dynamic Shared|One or More" "$OUT/ncu_details.txt" | head -120
     ;;
-  s30a)  # next stop: the warp-specialized stream-K decode kernel (stream_k_sm90.WARP_SPECIALIZED, prepared in stop 29, never
-          # run natively): its native tests, then 4096 x 14336 3-bit at M = 1 / 4 / 16 against the default, same call
+  s30c)  # two compute warpgroups per CTA (stream_k_sm90.WS_COMPUTE_WGS = 2, BN 128): native tests, then the default
+          # against it at 3 / 4 / 6 stages; where it wins at M = 1, issue 6's table with it on (same call)
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_ws 150 python3 -m pytest tests/test_quant_matmul_stream_k.py \
       -q -m gpu -k warp_specialized -rfEs -p no:cacheprovider -n 3
     ws_rc=$?
     pack
     SK=pallas_kernels.quant_matmul.stream_k_sm90
-    variants=("0" "1" "1 --set $SK.WS_STAGES=6" "1 --set $SK.WS_CTAS_PER_SM=2" "1 --set $SK.WS_STAGES=2 --set $SK.WS_CTAS_PER_SM=2")
-    [ $ws_rc = 124 ] && variants=("0")   # a hang: time the default only
+    variants=("0 --ms 1,4,16" "1 --ms 1,4,16" "1 --set $SK.WS_STAGES=3 --ms 1,4,16" "1 --set $SK.WS_STAGES=6 --ms 1,4")
+    [ $ws_rc = 124 ] && variants=("0 --ms 1,4,16")   # a hang: time the default only
     for v in "${variants[@]}"; do
-      name=$(echo "$v" | tr -c 'A-Za-z0-9' _)
-      TAIL=10 step qm_ws_$name 80 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16 --ours-bits 3 \
-        --peers '' --ranks 0 --breakdown --no-torch --set $SK.WARP_SPECIALIZED=$v --out "$OUT/quant_matmul_s30a_ws_$name.json"
+      name=$(echo "$v" | sed 's/ --ms.*//' | tr -c 'A-Za-z0-9' _)
+      TAIL=4 step qm_ws2_$name 80 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ours-bits 3 \
+        --peers '' --ranks 0 --breakdown --no-torch --set $SK.WARP_SPECIALIZED=$v --out "$OUT/quant_matmul_s30c_ws2_$name.json"
+      grep -h KERNELS "$OUT/qm_ws2_$name.txt" | cut -c1-160
       pack
     done
+    mkdir -p /tmp/s30c && (cd /tmp/s30c && tar xf "$OUT/results.tar" --wildcards '*.json')
+    if [ $ws_rc = 0 ] && python3 - /tmp/s30c <<'PY'
+import glob, json, sys
+t = {f: {r["m"]: r["time_us"] for r in json.load(open(f))["records"] if r.get("impl") == "milo"}
+     for f in glob.glob(sys.argv[1] + "/quant_matmul_s30c_ws2_*.json")}
+base = [v for f, v in t.items() if f.endswith("ws2_0_.json")][0][1]
+best = min(v[1] for f, v in t.items() if not f.endswith("ws2_0_.json"))
+print("M=1 default", base, "best WS", best)
+sys.exit(0 if best < base else 1)
+PY
+    then
+      TAIL=3 step qm_table 150 python3 -m benchmarks.quant_matmul --shapes 4096x14336 --ms 1,4,16,64 --ours-bits 2,3,4 \
+        --peers torch_int4_g128 --ranks 0,32 --breakdown --set $SK.WARP_SPECIALIZED=1 --out "$OUT/quant_matmul_s30c.json"
+      grep -E "KERNELS" "$OUT/qm_table.txt" | cut -c1-300
+    fi
+    pack
     ;;
   s30b)  # after s30a, with WARP_SPECIALIZED on by default: the dense decode suites natively, then issue 6's table
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_stream_k 200 python3 -m pytest tests/test_quant_matmul_stream_k.py \
@@ -93,5 +110,5 @@ case "$1" in
     grep -E "KERNELS" "$OUT/qm.txt" | cut -c1-300
     pack
     ;;
-  *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]|profile [VARIANTS]|s30a|s30b"; exit 2 ;;
+  *) echo "usage: $0 kernels|bench|native|qm_rest|moe [MODEL]|profile [VARIANTS]|s30b|s30c"; exit 2 ;;
 esac

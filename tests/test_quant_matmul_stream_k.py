@@ -7,6 +7,8 @@ GPU interpret mode, `gpu` tests run it natively on sm90.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,18 +250,24 @@ def test_fold_span_cap():
     assert mgpu_sm90.fold_span(8, 64, 4) == 1
 
 
-@pytest.mark.parametrize("k,n,m,rank,ctas", [CASES[0], (1536, 128, 12, 0, 5)])
-def test_stream_k_warp_specialized_matches(monkeypatch, k, n, m, rank, ctas):
-    """WARP_SPECIALIZED (a producer warpgroup issuing the loads, a compute warpgroup running the same step
-    body): the same partials as the one-warpgroup pipeline, so the same output; magic_fold (its scope: up
-    to 16 tokens, no compensator) with ranges that cross tiles, at M = 1 and 12."""
+@pytest.mark.parametrize("wgs", [1, 2])
+@pytest.mark.parametrize("k,n,m,rank,ctas", [(1536, 256, 1, 0, 4), (1536, 256, 12, 0, 5)])
+def test_stream_k_warp_specialized_matches(monkeypatch, k, n, m, rank, ctas, wgs):
+    """WARP_SPECIALIZED (a producer warpgroup issuing the loads, `wgs` compute warpgroups each running the
+    step body on BN / wgs columns): the same partials as the one-warpgroup pipeline at the same BN and
+    schedule, so the same output; magic_fold (its scope: up to 16 tokens, no compensator) with ranges that
+    cross tiles, at M = 1 and 12; and the WS default config (BN = 64 per compute warpgroup) near float64."""
+    monkeypatch.setattr(sk, "WS_COMPUTE_WGS", wgs)
     rng = _rng()
     qt = make_weight(k, n, 3, 64, rank, rng)
     kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
     x = make_x(m, k, rng)
-    outs = _outputs_under(monkeypatch, "WARP_SPECIALIZED", (False, True), x, kw, max_ctas=ctas, interpret=True)
+    cfg = dataclasses.replace(mgpu_sm90.default_config(m, kw), block_n=64 * wgs)
+    outs = _outputs_under(monkeypatch, "WARP_SPECIALIZED", (False, True), x, kw, config=cfg, max_ctas=ctas,
+                          interpret=True)
     np.testing.assert_array_equal(outs[1], outs[0])
-    assert rel_err(jnp.asarray(outs[1]), ref64(x, qt)) < TOL
+    y = sk.matmul_stream_k(x, kw, max_ctas=ctas, interpret=True)     # WARP_SPECIALIZED still set
+    assert rel_err(y, ref64(x, qt)) < TOL
 
 
 @pytest.mark.gpu
@@ -274,7 +282,10 @@ def test_stream_k_warp_specialized_native_gpu(monkeypatch, bits, group):
     kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
     for m in (1, 5, 16):
         x = make_x(m, k, rng)
-        for ctas in (None, 7):
-            outs = _outputs_under(monkeypatch, "WARP_SPECIALIZED", (False, True), x, kw, max_ctas=ctas)
+        cfg = dataclasses.replace(mgpu_sm90.default_config(m, kw), block_n=64 * sk.WS_COMPUTE_WGS)
+        for ctas in (7, 132):   # the same schedule for both pipelines: bit-equal
+            outs = _outputs_under(monkeypatch, "WARP_SPECIALIZED", (False, True), x, kw, config=cfg, max_ctas=ctas)
             np.testing.assert_array_equal(outs[1], outs[0], err_msg=str((bits, group, m, ctas)))
             assert rel_err(jnp.asarray(outs[1]), ref64(x, qt)) < TOL, (bits, group, m, ctas)
+        y = sk.matmul_stream_k(x, kw)    # WARP_SPECIALIZED's own config and CTA count
+        assert rel_err(y, ref64(x, qt)) < TOL, (bits, group, m)

@@ -804,7 +804,8 @@ def matmul_mgpu(x: jax.Array, kw: KernelWeights, *, config: Config | None = None
             raise ValueError(f"quant_matmul: k_splits={cfg.k_splits} with schedule='stream_k' (which splits K "
                              "by its own schedule); use schedule='split_k'")
         from pallas_kernels.quant_matmul import stream_k_sm90
-        return stream_k_sm90.matmul_stream_k(x, kw, config=cfg, interpret=interpret)
+        # the caller's config as given: without one stream-K picks its own (BN follows WARP_SPECIALIZED)
+        return stream_k_sm90.matmul_stream_k(x, kw, config=config, interpret=interpret)
     if cfg.schedule != "split_k":
         raise ValueError(f"quant_matmul: schedule={cfg.schedule!r} is not 'split_k' or 'stream_k'")
     if cfg.block_m == 0:

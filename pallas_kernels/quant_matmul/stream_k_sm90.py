@@ -58,13 +58,19 @@ ROWS_OUT = True
 # WS_STAGES steps ahead, the other unpacks and multiplies, so loads are never held up behind a step's compute.
 # Why (NOTES.md, stop 29): the kernel's loads alone reach 81% of copy with this pipeline, the whole kernel 63%.
 # magic_fold (the default up to 16 tokens) without a compensator only: the other steps allocate scoped buffers,
-# which a one-warpgroup region cannot (interpret mode refuses it). Prepared, NOT yet timed or run natively
-# (interpret and CUDA lowering tests only); off.
+# which a one-warpgroup region cannot (interpret mode refuses it).
+# With ONE compute warpgroup (WS_COMPUTE_WGS = 1) it was slower: 4096 x 14336 3-bit, kernel us at M = 1 / 4 / 16,
+# 15.21 / 15.41 / 16.71 against 13.57 / 13.68 / 14.91 (6 stages 15.50; two CTAs per SM 17.5; H100, 2026-12-08,
+# s30a): the default's two CTAs per SM are two compute warpgroups per SM, and the kernel is issue-bound (NOTES,
+# stops 15 and 23). So WS_COMPUTE_WGS = 2: two compute warpgroups per CTA (one CTA per SM), each running the
+# step on its half of BN = 128 columns (a cond on the warpgroup index picks the static half), both reading
+# the step's x and fold sums; the producer keeps WS_STAGES steps in flight for both. Off until timed.
 WARP_SPECIALIZED = False
 WS_STAGES = 4
+WS_COMPUTE_WGS = 2
 WS_MEMORY_REGISTERS = 40   # the producer warpgroup's register budget (setmaxnreg), as jax's Hopper examples use
-# CTAs per SM under WARP_SPECIALIZED: two warpgroups per CTA, the compute one raised to 256 registers, so two CTAs
-# (2 x 296 x 128 registers) do not fit an SM's 64K; the schedule deals its steps to one CTA per SM instead.
+# CTAs per SM under WARP_SPECIALIZED: the compute warpgroups are raised to (512 - 40) / WS_COMPUTE_WGS registers
+# (256 at most), so a CTA takes most of an SM's 64K registers; the schedule deals its steps to one CTA per SM.
 WS_CTAS_PER_SM = 1
 # Two other forms were built, timed and removed (NOTES.md, stop 26): x @ u inside the decode launch (producer
 # CTAs and GMEM semaphores; 20.6 vs 18.4 us at M = 1, rank 32) and x's fold sums inside the kernel (a ones @
@@ -100,15 +106,15 @@ def schedule(total: int, k_tiles: int, max_ctas: int) -> Schedule:
 
 def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int, rank_pad: int,
           cfg: base.Config, max_ctas: int, interpret: bool, xu_parts: int = 0, rows: bool = False,
-          ws_stages: int = 0):
+          ws_stages: int = 0, ws_wgs: int = 1):
     """f(codes, scales, zeros, x [m_pad, k_pad] bf16[, xu, v_t [N, Rp]][, xs [Kp / F, m_pad]]) ->
     float32 partial sums [slots, N, m_pad] ([slots, m_pad, N] with rows; slots the schedule does not
     write are garbage).
     xu: x @ u [m_pad, Rp] bf16 (xu_parts = 0) or its per-K-tile shares [xu_parts, m_pad, Rp] from the
     pre-pass (prepass_sm90), which the compensator step multiplies by v^T one by one.
     xs (unpack magic_fold only): x's sums over fold blocks of F rows (mgpu_sm90.fold_group_sums).
-    ws_stages > 0: two warpgroups per CTA, one issuing the loads ws_stages steps ahead, one computing
-    (see WARP_SPECIALIZED)."""
+    ws_stages > 0: a producer warpgroup issuing the loads ws_stages steps ahead and ws_wgs compute
+    warpgroups, each on BN / ws_wgs of the step's columns (see WARP_SPECIALIZED)."""
     cfg = dataclasses.replace(cfg, k_splits=1)
     tl = base._tiling(bits, slab, k_pad, n, cfg)
     wps, tile_rows, kt = tl.wps, tl.tile_rows, tl.steps
@@ -125,6 +131,10 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
     # the compensator step and the non-fold steps allocate scoped buffers, which a one-warpgroup region cannot
     # (interpret mode refuses it): warp specialization for magic_fold without a compensator only
     warp_specialized = ws_stages > 0 and plan.fold and not comp
+    wgs = ws_wgs if warp_specialized else 1
+    if bn % (64 * wgs):
+        raise ValueError(f"{wgs} compute warpgroups need BN = {bn} to hold 64 columns each")
+    bw = bn // wgs                                  # columns per compute warpgroup
     tr = base._swizzle_transforms(slab)
     tr_r = base.compensator_transforms(rank_pad)
     # x is wgmma's B operand; with A in registers its swizzle is free: 128 B (64 K columns) when the
@@ -163,7 +173,6 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             *step_refs, acc = step_refs
             codes_s, s_ref, z_ref, x_ref = step_refs[:4]
             xs_ref = step_refs[4] if plan.fold else None
-            plane_refs = [codes_s.at[:, pl.ds(p * slab, slab)] for p in range(wps)]
             valid, mi, ci, t, first, last, slot = where_is(j, s)
             if comp:
                 xu, v_t = ins[4:6]
@@ -172,22 +181,31 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 # step's unpack and MMA, and are multiplied in at the end of the same step
                 xu_tile = xu.at[:, pl.ds(mi * mb, mb)] if parts else xu.at[pl.ds(mi * mb, mb)]
                 base._compensator_copies(t == 0, xu_tile, v_t.at[pl.ds(ci * bn, bn)], xu_smem, v_smem, bar)
-            planes = [r[...] for r in plane_refs]                        # [BN, slab] uint32
-            zero = jnp.zeros((bn, mb), jnp.float32)
+            zero = jnp.zeros((bw, mb), jnp.float32)
             if not interpret:
                 zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
             acc = lax.cond(first, lambda a: zero, lambda a: a, acc)     # a new column tile
 
+            def planes_of(h):   # the code words of column half h (of wgs): wps arrays [bw, slab] uint32
+                return [codes_s[pl.ds(h * bw, bw), pl.ds(p * slab, slab)] for p in range(wps)]
+
             def step(acc_ref):
-                base._unpack_and_multiply(acc_ref, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
+                base._unpack_and_multiply(acc_ref, a_buf, planes_of(0), s_ref, z_ref, x_ref, bits=bits, slab=slab,
                                           bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
                                           g_block=g_block, plan=plan, interpret=interpret)
                 plgpu.wgmma_wait(0)
 
             if plan.fold:   # scale and zero folded in float32 per group (mgpu_sm90._fold_unpack_and_multiply)
-                acc = base._fold_unpack_and_multiply(acc, planes, s_ref, z_ref, x_ref, xs_ref, bits=bits, slab=slab, bn=bn,
-                                                     mb=mb, group_rows=group_rows, g_block=g_block,
-                                                     tile_rows=tile_rows, interpret=interpret)
+                def fold(h, a):
+                    cols = pl.ds(h * bw, bw)
+                    return base._fold_unpack_and_multiply(
+                        a, planes_of(h), s_ref.at[:, cols], z_ref.at[:, cols], x_ref, xs_ref, bits=bits, slab=slab,
+                        bn=bw, mb=mb, group_rows=group_rows, g_block=g_block, tile_rows=tile_rows,
+                        interpret=interpret)
+                if wgs == 1:
+                    acc = fold(0, acc)
+                else:       # each compute warpgroup its own static half (the branch index is the warpgroup's)
+                    acc = lax.switch(lax.axis_index("wg"), [functools.partial(fold, h) for h in range(wgs)], acc)
             else:
                 acc = base._run_acc(step, acc, interpret)
             if comp:
@@ -195,18 +213,21 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
 
             @pl.when(last & valid)
             def _store():
+                h = lax.axis_index("wg") if wgs > 1 else 0     # this warpgroup's columns and staging buffer
+                o_h = o_smem.at[h]
+                col0 = ci * bn + h * bw
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # o_smem's last store has read it
                 if not rows:
-                    o_smem[...] = acc
-                    dst = out.at[slot, pl.ds(ci * bn, bn), pl.ds(mi * mb, mb)]
+                    o_h[...] = acc
+                    dst = out.at[slot, pl.ds(col0, bw), pl.ds(mi * mb, mb)]
                 else:
                     if interpret:
-                        o_smem[...] = acc.T
+                        o_h[...] = acc.T
                     else:   # lanes swap 2x2 blocks, then the store goes through the transposed view
-                        o_smem.T[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
-                    dst = out.at[slot, pl.ds(mi * mb, mb), pl.ds(ci * bn, bn)]
+                        o_h.T[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
+                    dst = out.at[slot, pl.ds(mi * mb, mb), pl.ds(col0, bw)]
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, dst)
+                plgpu.copy_smem_to_gmem(o_h, dst)
             return acc
 
         # one TMA box for the tile's wps planes (wps * slab words per row: 192 B at 3 bits, where
@@ -223,7 +244,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                                             lambda s: (tile_of(s)[2], tile_of(s)[0])))
             pipe_in.append(ins[-1])
         def init():
-            zero = jnp.zeros((bn, mb), jnp.float32)
+            zero = jnp.zeros((bw, mb), jnp.float32)
             return zero if interpret else plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
 
         if warp_specialized:
@@ -232,20 +253,20 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 plgpu.wait_smem_to_gmem(0)
             plgpu.emit_pipeline_warp_specialized(
                 body, grid=(per,), memory_registers=WS_MEMORY_REGISTERS, in_specs=in_specs,
-                max_concurrent_steps=ws_stages, wg_axis="wg", num_compute_wgs=1, compute_context=compute)(*pipe_in)
+                max_concurrent_steps=ws_stages, wg_axis="wg", num_compute_wgs=wgs, compute_context=compute)(*pipe_in)
         else:
             plgpu.emit_pipeline(body, grid=(per,), in_specs=in_specs, max_concurrent_steps=cfg.stages,
                                 init_carry=init())(*pipe_in)
             plgpu.wait_smem_to_gmem(0)
 
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
-    scratch += [plgpu.SMEM((mb, bn) if rows else (bn, mb), jnp.float32)]
+    scratch += [plgpu.SMEM((wgs,) + ((mb, bw) if rows else (bw, mb)), jnp.float32)]
     if comp:
         scratch += [plgpu.SMEM((parts, mb, rank_pad) if parts else (mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.Barrier(num_arrivals=2)]
     out_shape = (sched.slots, m_pad, n) if rows else (sched.slots, n, m_pad)
-    threads = dict(num_threads=2, thread_name="wg") if warp_specialized else {}
+    threads = dict(num_threads=wgs + 1, thread_name="wg") if warp_specialized else {}
     f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(out_shape, jnp.float32),
                      grid=(sched.ctas,), grid_names=("cta",), compiler_params=wg, scratch_types=scratch,
                      **threads, **base._interpret_params(interpret))
@@ -282,6 +303,11 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
     rank_pad = 0 if kw.u is None else kw.v_t.shape[1]
     fold = cfg.unpack == "magic_fold"
     ws_stages = WS_STAGES if WARP_SPECIALIZED and fold and not rank_pad else 0   # where build can specialize
+    ws_wgs = WS_COMPUTE_WGS if ws_stages else 1
+    if ws_wgs > 1 and config is None and kw.n % (64 * ws_wgs) == 0:   # 64 of the tile's columns per warpgroup
+        cfg = dataclasses.replace(cfg, block_n=64 * ws_wgs)
+    if cfg.block_n % (64 * ws_wgs):
+        ws_wgs = 1
     max_ctas = max_ctas or (4 if interpret else max_ctas_default(WS_CTAS_PER_SM if ws_stages else 2))
     tile_rows = kw.tile_rows
     k_tiles = kw.k_pad // tile_rows
@@ -305,7 +331,7 @@ def matmul_stream_k(x: jax.Array, kw: KernelWeights, *, config: base.Config | No
         if fold:
             args.append(base.fold_group_sums(xp, bits=kw.bits, slab=kw.slab, group_rows=kw.group_rows))
     f, sched = _build_cached(kw.bits, kw.slab, kw.group_rows, kw.k_pad, kw.n, m_pad, rank_pad, cfg,
-                             max_ctas, bool(interpret), parts, ROWS_OUT, ws_stages)
+                             max_ctas, bool(interpret), parts, ROWS_OUT, ws_stages, ws_wgs)
     partials = f(*args)                                # [slots, N, m_pad] f32; by rows [slots, m_pad, N]
     bn = cfg.block_n
     written = sched.written().reshape(sched.slots, m_pad // mb, kw.n // bn)
