@@ -63,7 +63,7 @@ ROWS_OUT = True
 # 15.21 / 15.41 / 16.71 against 13.57 / 13.68 / 14.91 (6 stages 15.50; two CTAs per SM 17.5; H100, 2026-12-08,
 # s30a): the default's two CTAs per SM are two compute warpgroups per SM, and the kernel is issue-bound (NOTES,
 # stops 15 and 23). So WS_COMPUTE_WGS = 2: two compute warpgroups per CTA (one CTA per SM), each running the
-# step on its half of BN = 128 columns (a cond on the warpgroup index picks the static half), both reading
+# step on its half of BN = 128 columns (a switch on the warpgroup index picks the static half), both reading
 # the step's x and fold sums; the producer keeps WS_STAGES steps in flight for both. Off until timed.
 WARP_SPECIALIZED = False
 WS_STAGES = 4
@@ -181,27 +181,30 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 # step's unpack and MMA, and are multiplied in at the end of the same step
                 xu_tile = xu.at[:, pl.ds(mi * mb, mb)] if parts else xu.at[pl.ds(mi * mb, mb)]
                 base._compensator_copies(t == 0, xu_tile, v_t.at[pl.ds(ci * bn, bn)], xu_smem, v_smem, bar)
+            def planes_of(h):   # the code words of column part h (of wgs): wps arrays [bw, slab] uint32
+                rows_h = slice(None) if wgs == 1 else pl.ds(h * bw, bw)
+                return [codes_s.at[rows_h, pl.ds(p * slab, slab)][...] for p in range(wps)]
+
+            planes = planes_of(0) if wgs == 1 else None                 # [BN, slab] uint32
             zero = jnp.zeros((bw, mb), jnp.float32)
             if not interpret:
                 zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
             acc = lax.cond(first, lambda a: zero, lambda a: a, acc)     # a new column tile
 
-            def planes_of(h):   # the code words of column half h (of wgs): wps arrays [bw, slab] uint32
-                return [codes_s[pl.ds(h * bw, bw), pl.ds(p * slab, slab)] for p in range(wps)]
-
             def step(acc_ref):
-                base._unpack_and_multiply(acc_ref, a_buf, planes_of(0), s_ref, z_ref, x_ref, bits=bits, slab=slab,
+                base._unpack_and_multiply(acc_ref, a_buf, planes, s_ref, z_ref, x_ref, bits=bits, slab=slab,
                                           bn=bn, chunk=chunk, nchunks=nchunks, group_rows=group_rows,
                                           g_block=g_block, plan=plan, interpret=interpret)
                 plgpu.wgmma_wait(0)
 
             if plan.fold:   # scale and zero folded in float32 per group (mgpu_sm90._fold_unpack_and_multiply)
                 def fold(h, a):
+                    one = wgs == 1      # the whole tile: the refs as they come
                     cols = pl.ds(h * bw, bw)
                     return base._fold_unpack_and_multiply(
-                        a, planes_of(h), s_ref.at[:, cols], z_ref.at[:, cols], x_ref, xs_ref, bits=bits, slab=slab,
-                        bn=bw, mb=mb, group_rows=group_rows, g_block=g_block, tile_rows=tile_rows,
-                        interpret=interpret)
+                        a, planes if one else planes_of(h), s_ref if one else s_ref.at[:, cols],
+                        z_ref if one else z_ref.at[:, cols], x_ref, xs_ref, bits=bits, slab=slab, bn=bw, mb=mb,
+                        group_rows=group_rows, g_block=g_block, tile_rows=tile_rows, interpret=interpret)
                 if wgs == 1:
                     acc = fold(0, acc)
                 else:       # each compute warpgroup its own static half (the branch index is the warpgroup's)
@@ -213,19 +216,19 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
 
             @pl.when(last & valid)
             def _store():
-                h = lax.axis_index("wg") if wgs > 1 else 0     # this warpgroup's columns and staging buffer
-                o_h = o_smem.at[h]
-                col0 = ci * bn + h * bw
+                h = lax.axis_index("wg") if wgs > 1 else None      # this warpgroup's buffer and columns
+                o_h = o_smem if h is None else o_smem.at[h]
+                col0 = lambda: ci * bn if h is None else ci * bn + h * bw
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # o_smem's last store has read it
                 if not rows:
                     o_h[...] = acc
-                    dst = out.at[slot, pl.ds(col0, bw), pl.ds(mi * mb, mb)]
+                    dst = out.at[slot, pl.ds(col0(), bw), pl.ds(mi * mb, mb)]
                 else:
                     if interpret:
                         o_h[...] = acc.T
                     else:   # lanes swap 2x2 blocks, then the store goes through the transposed view
                         o_h.T[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
-                    dst = out.at[slot, pl.ds(mi * mb, mb), pl.ds(col0, bw)]
+                    dst = out.at[slot, pl.ds(mi * mb, mb), pl.ds(col0(), bw)]
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_h, dst)
             return acc
@@ -260,7 +263,8 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             plgpu.wait_smem_to_gmem(0)
 
     scratch = [] if plan.a_regs else [plgpu.SMEM((plan.nbuf, bn, chunk * slab), plan.a_dtype, transforms=tr)]
-    scratch += [plgpu.SMEM((wgs,) + ((mb, bw) if rows else (bw, mb)), jnp.float32)]
+    staging = (mb, bw) if rows else (bw, mb)                # per compute warpgroup
+    scratch += [plgpu.SMEM(staging if wgs == 1 else (wgs,) + staging, jnp.float32)]
     if comp:
         scratch += [plgpu.SMEM((parts, mb, rank_pad) if parts else (mb, rank_pad), jnp.bfloat16, transforms=tr_r),
                     plgpu.SMEM((bn, rank_pad), jnp.bfloat16, transforms=tr_r),
