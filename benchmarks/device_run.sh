@@ -101,7 +101,7 @@ PY
     fi
     pack
     ;;
-  s30b)  # after s30a, with WARP_SPECIALIZED on by default: the dense decode suites natively, then issue 6's table
+  s30b)  # after s30c, once WARP_SPECIALIZED is on by default: the dense decode suites natively, then issue 6's table
     XLA_PYTHON_CLIENT_PREALLOCATE=false TAIL=6 step native_stream_k 200 python3 -m pytest tests/test_quant_matmul_stream_k.py \
       tests/test_quant_matmul_prepass.py tests/test_quant_matmul.py -q -m gpu -rfEs -p no:cacheprovider -n 6
     pack
