@@ -251,15 +251,15 @@ def test_fold_span_cap():
 
 
 @pytest.mark.parametrize("wgs", [1, 2])
-@pytest.mark.parametrize("k,n,m,rank,ctas", [(1536, 256, 1, 0, 4), (1536, 256, 12, 0, 5)])
-def test_stream_k_warp_specialized_matches(monkeypatch, k, n, m, rank, ctas, wgs):
+@pytest.mark.parametrize("k,n,m,ctas", [(1536, 256, 1, 4), (1536, 256, 12, 5)])
+def test_stream_k_warp_specialized_matches(monkeypatch, k, n, m, ctas, wgs):
     """WARP_SPECIALIZED (a producer warpgroup issuing the loads, `wgs` compute warpgroups each running the
     step body on BN / wgs columns): the same partials as the one-warpgroup pipeline at the same BN and
     schedule, so the same output; magic_fold (its scope: up to 16 tokens, no compensator) with ranges that
     cross tiles, at M = 1 and 12; and the WS default config (BN = 64 per compute warpgroup) near float64."""
     monkeypatch.setattr(sk, "WS_COMPUTE_WGS", wgs)
     rng = _rng()
-    qt = make_weight(k, n, 3, 64, rank, rng)
+    qt = make_weight(k, n, 3, 64, 0, rng)
     kw = layout.prepare(qt, layout=layout.PAIRS_LAYOUT)
     x = make_x(m, k, rng)
     cfg = dataclasses.replace(mgpu_sm90.default_config(m, kw), block_n=64 * wgs)

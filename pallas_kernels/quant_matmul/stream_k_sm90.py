@@ -198,12 +198,12 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
                 plgpu.wgmma_wait(0)
 
             if plan.fold:   # scale and zero folded in float32 per group (mgpu_sm90._fold_unpack_and_multiply)
-                def fold(h, a):
-                    one = wgs == 1      # the whole tile: the refs as they come
+                def fold(h, a):   # column part h: its code words, scales and zeros (one part: the whole tile)
                     cols = pl.ds(h * bw, bw)
+                    words, sc, zr = ((planes, s_ref, z_ref) if wgs == 1 else
+                                     (planes_of(h), s_ref.at[:, cols], z_ref.at[:, cols]))
                     return base._fold_unpack_and_multiply(
-                        a, planes if one else planes_of(h), s_ref if one else s_ref.at[:, cols],
-                        z_ref if one else z_ref.at[:, cols], x_ref, xs_ref, bits=bits, slab=slab, bn=bw, mb=mb,
+                        a, words, sc, zr, x_ref, xs_ref, bits=bits, slab=slab, bn=bw, mb=mb,
                         group_rows=group_rows, g_block=g_block, tile_rows=tile_rows, interpret=interpret)
                 if wgs == 1:
                     acc = fold(0, acc)
@@ -218,6 +218,7 @@ def build(bits: int, slab: int, group_rows: int, k_pad: int, n: int, m_pad: int,
             def _store():
                 h = lax.axis_index("wg") if wgs > 1 else None      # this warpgroup's buffer and columns
                 o_h = o_smem if h is None else o_smem.at[h]
+                # evaluated where the destination is built: the one-warpgroup kernel's ops in their old order
                 col0 = lambda: ci * bn if h is None else ci * bn + h * bw
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)          # o_smem's last store has read it
                 if not rows:
